@@ -1,0 +1,20 @@
+// Backward, stage 3: dx = a*dy + b*(x - center) + c, one element per thread.
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> dy: array<f32>;
+@group(0) @binding(3) var<storage, read> coef: array<vec4<f32>>;   // (center, a, b, c)
+@group(0) @binding(4) var<storage, read_write> dx: array<f32>;
+
+@compute @workgroup_size(256)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = linear_workgroup(wid, nwg) * WG + lid;
+    if i >= p.total {
+        return;
+    }
+    let k = coef[channel_of(p, i)];
+    dx[i] = k.y * dy[i] + k.z * (x[i] - k.x) + k.w;
+}

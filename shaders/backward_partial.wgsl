@@ -1,0 +1,48 @@
+// Backward, stage 1: per (channel, slice), S1 = sum(dy) and
+// S2 = sum(dy * (x - center)), centred on the batch or running mean.
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> dy: array<f32>;
+@group(0) @binding(3) var<storage, read> stats: array<vec2<f32>>;   // (mean, invstd or var)
+@group(0) @binding(4) var<storage, read_write> partials: array<vec2<f32>>;   // (S1, S2)
+
+var<workgroup> sh_s1: array<f32, WG>;
+var<workgroup> sh_s2: array<f32, WG>;
+
+@compute @workgroup_size(256)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let g = linear_workgroup(wid, nwg);
+    let c = g / p.slices;
+    let s = g % p.slices;
+    if c >= p.channels {
+        return;
+    }
+    let center = stats[c].x;
+    let begin = s * p.slice_len;
+    let end = begin + slice_count(p, s);
+    var s1 = 0.0;
+    var s2 = 0.0;
+    for (var m = begin + lid; m < end; m += WG) {
+        let idx = element_index(p, c, m);
+        let gy = dy[idx];
+        s1 += gy;
+        s2 += gy * (x[idx] - center);
+    }
+    sh_s1[lid] = s1;
+    sh_s2[lid] = s2;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
+        if lid < stride {
+            sh_s1[lid] += sh_s1[lid + stride];
+            sh_s2[lid] += sh_s2[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    if lid == 0u {
+        partials[c * p.slices + s] = vec2<f32>(sh_s1[0], sh_s2[0]);
+    }
+}

@@ -1,0 +1,46 @@
+// Shared by every kernel: prepended to each shader file by src/gpu/kernels.rs.
+//
+// Keep `Params` in sync with `Params` in src/gpu/kernels.rs.
+struct Params {
+    channels: u32,     // C
+    outer: u32,        // runs per channel: N (channels-first) or N*spatial (channels-last)
+    inner: u32,        // contiguous elements per run: spatial (channels-first) or 1
+    total: u32,        // elements in the tensor
+    slices: u32,       // partial reductions per channel
+    slice_len: u32,    // elements of a channel per slice
+    per_channel: u32,  // M = outer * inner
+    flags: u32,        // FLAG_*
+    eps: f32,
+    momentum: f32,     // factor of this step (PyTorch convention)
+    unbias: f32,       // M / (M - 1)
+    inv_m: f32,        // 1 / M
+}
+
+const FLAG_UPDATE_RUNNING: u32 = 1u;
+const FLAG_BATCH_STATS: u32 = 2u;
+
+const WG: u32 = 256u;
+
+// Workgroups are dispatched on a 2-D grid when one dimension is not enough.
+fn linear_workgroup(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.x + wid.y * nwg.x;
+}
+
+// Flat index of element `m` (0..M) of channel `c`.
+fn element_index(p: Params, c: u32, m: u32) -> u32 {
+    let o = m / p.inner;
+    let i = m - o * p.inner;
+    return (o * p.channels + c) * p.inner + i;
+}
+
+// Channel of flat index `idx`.
+fn channel_of(p: Params, idx: u32) -> u32 {
+    return (idx / p.inner) % p.channels;
+}
+
+// Elements in slice `s` of a channel.
+fn slice_count(p: Params, s: u32) -> u32 {
+    let begin = s * p.slice_len;
+    return min(p.slice_len, p.per_channel - begin);
+}
+

@@ -1,0 +1,58 @@
+// Training statistics, stage 1: Welford mean and M2 of one slice of one channel.
+// One workgroup per (channel, slice); each thread runs Welford over a strided
+// part of the slice, then the workgroup merges the threads with Chan's formula.
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+// (mean, M2) per (channel, slice); the count follows from the slice bounds.
+@group(0) @binding(2) var<storage, read_write> partials: array<vec2<f32>>;
+
+var<workgroup> sh_n: array<f32, WG>;
+var<workgroup> sh_mean: array<f32, WG>;
+var<workgroup> sh_m2: array<f32, WG>;
+
+@compute @workgroup_size(256)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let g = linear_workgroup(wid, nwg);
+    let c = g / p.slices;
+    let s = g % p.slices;
+    if c >= p.channels {
+        return;
+    }
+    let begin = s * p.slice_len;
+    let end = begin + slice_count(p, s);
+    var n = 0.0;
+    var mean = 0.0;
+    var m2 = 0.0;
+    for (var m = begin + lid; m < end; m += WG) {
+        let v = x[element_index(p, c, m)];
+        n += 1.0;
+        let d = v - mean;
+        mean += d / n;
+        m2 += d * (v - mean);
+    }
+    sh_n[lid] = n;
+    sh_mean[lid] = mean;
+    sh_m2[lid] = m2;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
+        if lid < stride {
+            let na = sh_n[lid];
+            let nb = sh_n[lid + stride];
+            let nt = na + nb;
+            if nb > 0.0 {
+                let d = sh_mean[lid + stride] - sh_mean[lid];
+                sh_mean[lid] += d * (nb / nt);
+                sh_m2[lid] += sh_m2[lid + stride] + d * d * (na * nb / nt);
+                sh_n[lid] = nt;
+            }
+        }
+        workgroupBarrier();
+    }
+    if lid == 0u {
+        partials[c * p.slices + s] = vec2<f32>(sh_mean[0], sh_m2[0]);
+    }
+}

@@ -1,0 +1,65 @@
+//! One interface over every implementation, so one test body runs on all of them.
+
+use crate::config::{BatchNormConfig, Mode};
+use crate::error::Result;
+use crate::state::{BatchNormState, Gradients, SavedStats};
+use ndarray::{ArrayD, ArrayViewD};
+
+/// A BatchNorm layer on some backend (the CPU reference, a wgpu adapter, ...),
+/// with ndarray tensors at the edge. Tensors are in the layer's
+/// [`BatchNormConfig::layout`].
+///
+/// Every method leaves the layer unchanged when it returns `Err`.
+pub trait BatchNormBackend {
+    /// A short name of the backend, e.g. `cpu-reference` or `vulkan:llvmpipe`.
+    fn backend_name(&self) -> String;
+
+    /// The layer's configuration.
+    fn config(&self) -> &BatchNormConfig;
+
+    /// Training forward: normalizes with batch statistics, keeps them for backward,
+    /// and updates the running statistics (when tracked).
+    ///
+    /// # Errors
+    /// Shape, channel and one-value-per-channel errors; device errors on GPUs.
+    fn forward_train(&mut self, x: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>>;
+
+    /// Evaluation forward: normalizes with the running statistics, or with batch
+    /// statistics (kept for backward) when they are not tracked.
+    ///
+    /// # Errors
+    /// Shape and channel errors; device errors on GPUs.
+    fn forward_eval(&mut self, x: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>>;
+
+    /// Backward of the forward in `mode` at input `x` with upstream gradient `dy`.
+    ///
+    /// `Mode::Train` (and `Mode::Eval` without tracked statistics) uses the batch
+    /// statistics kept by the last forward on an input of this shape.
+    ///
+    /// # Errors
+    /// Shape mismatches, missing saved statistics; device errors on GPUs.
+    fn backward(
+        &mut self,
+        x: ArrayViewD<'_, f32>,
+        dy: ArrayViewD<'_, f32>,
+        mode: Mode,
+    ) -> Result<Gradients>;
+
+    /// Batch statistics kept by the last forward that computed them.
+    ///
+    /// # Errors
+    /// Device errors on GPUs.
+    fn saved_stats(&self) -> Result<Option<SavedStats>>;
+
+    /// Parameters and running statistics.
+    ///
+    /// # Errors
+    /// Device errors on GPUs.
+    fn state(&self) -> Result<BatchNormState>;
+
+    /// Replaces parameters and running statistics.
+    ///
+    /// # Errors
+    /// [`crate::Error::ParameterLength`], [`crate::Error::MissingParameter`]; device errors.
+    fn set_state(&mut self, state: &BatchNormState) -> Result<()>;
+}

@@ -1,0 +1,182 @@
+//! The crate's error type.
+
+use crate::config::Layout;
+
+/// Everything that can go wrong in this crate. Each message names the value
+/// or shape that was wrong.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No wgpu adapter matched the request.
+    #[error(
+        "no GPU adapter found{selection}; install a GPU driver (on headless Linux, `apt-get install mesa-vulkan-drivers` gives the software Vulkan device lavapipe) or pick another backend with WGPU_BACKEND"
+    )]
+    NoAdapter {
+        /// What was asked for, e.g. " for backend gl and name \"llvmpipe\"".
+        selection: String,
+    },
+    /// The adapter refused to open a device.
+    #[error("could not open a device on adapter {adapter:?}: {message}")]
+    RequestDevice {
+        /// Adapter name.
+        adapter: String,
+        /// wgpu's message.
+        message: String,
+    },
+    /// The configuration is invalid.
+    #[error("invalid BatchNorm configuration: {0}")]
+    Config(String),
+    /// The tensor has a rank the layout does not support.
+    #[error(
+        "expected a tensor of rank {min_rank} to 5 for layout {layout} (got shape {shape:?}, rank {rank})"
+    )]
+    Rank {
+        /// Shape given.
+        shape: Vec<usize>,
+        /// Its rank.
+        rank: usize,
+        /// Smallest rank the layout takes.
+        min_rank: usize,
+        /// Layout used.
+        layout: Layout,
+    },
+    /// The tensor's channel count does not match `num_features`.
+    #[error(
+        "channel count mismatch: the BatchNorm has {expected} features but the tensor of shape {shape:?} ({layout}) has {got} channels"
+    )]
+    ChannelMismatch {
+        /// `num_features`.
+        expected: usize,
+        /// Channels found in the tensor.
+        got: usize,
+        /// Shape given.
+        shape: Vec<usize>,
+        /// Layout used.
+        layout: Layout,
+    },
+    /// The tensor has no elements.
+    #[error("empty tensor: shape {shape:?} has no elements")]
+    Empty {
+        /// Shape given.
+        shape: Vec<usize>,
+    },
+    /// Training statistics need at least two values per channel.
+    #[error(
+        "expected more than 1 value per channel when training, got input of shape {shape:?} (1 value per channel)"
+    )]
+    SingleValuePerChannel {
+        /// Shape given.
+        shape: Vec<usize>,
+    },
+    /// Two tensors that must match in shape do not.
+    #[error("shape mismatch: {what} has shape {got:?}, expected {expected:?}")]
+    ShapeMismatch {
+        /// Which tensor.
+        what: String,
+        /// Expected shape.
+        expected: Vec<usize>,
+        /// Shape given.
+        got: Vec<usize>,
+    },
+    /// A tensor's layout differs from the BatchNorm's.
+    #[error("layout mismatch: {what} is {got}, the BatchNorm expects {expected}")]
+    LayoutMismatch {
+        /// Which tensor.
+        what: String,
+        /// Expected layout.
+        expected: Layout,
+        /// Layout given.
+        got: Layout,
+    },
+    /// A tensor's element type differs from what the call expects.
+    #[error("dtype mismatch: {what} is {got}, expected {expected}")]
+    DTypeMismatch {
+        /// Which tensor.
+        what: String,
+        /// Expected dtype.
+        expected: String,
+        /// Dtype given.
+        got: String,
+    },
+    /// A tensor is too large for the device and cannot be split.
+    #[error(
+        "tensor too large for the device: {what} needs {bytes} bytes but the device's {limit_name} is {limit} bytes"
+    )]
+    TooLarge {
+        /// Which tensor.
+        what: String,
+        /// Bytes needed.
+        bytes: u64,
+        /// Limit name in wgpu::Limits.
+        limit_name: &'static str,
+        /// Device limit.
+        limit: u64,
+    },
+    /// A tensor was created on another device than the BatchNorm's.
+    #[error(
+        "device mismatch: {what} lives on device #{got} ({got_name}) but the BatchNorm runs on device #{expected} ({expected_name})"
+    )]
+    DeviceMismatch {
+        /// Which tensor.
+        what: String,
+        /// Context id of the BatchNorm.
+        expected: u64,
+        /// Adapter name of the BatchNorm.
+        expected_name: String,
+        /// Context id of the tensor.
+        got: u64,
+        /// Adapter name of the tensor.
+        got_name: String,
+    },
+    /// A parameter vector has the wrong length.
+    #[error("{name} has length {got}, expected {expected} (num_features)")]
+    ParameterLength {
+        /// Parameter name (PyTorch's).
+        name: String,
+        /// `num_features`.
+        expected: usize,
+        /// Length given.
+        got: usize,
+    },
+    /// A parameter or statistic that the configuration does not have was given or asked for.
+    #[error("{name} does not exist: {why}")]
+    MissingParameter {
+        /// Parameter name (PyTorch's).
+        name: String,
+        /// Which config flag rules it out.
+        why: String,
+    },
+    /// Backward in training mode needs the statistics of a training forward.
+    #[error(
+        "no saved batch statistics for backward: run forward_train (or forward_eval without tracked statistics) on this input first{detail}"
+    )]
+    NoSavedStatistics {
+        /// Extra context (the shape that was saved).
+        detail: String,
+    },
+    /// The device does not support something the call needs.
+    #[error("unsupported on adapter {adapter:?}: {what}")]
+    Unsupported {
+        /// Adapter name.
+        adapter: String,
+        /// What is missing.
+        what: String,
+    },
+    /// A wgpu validation, out-of-memory or internal error.
+    #[error("wgpu error during {during}: {message}")]
+    Wgpu {
+        /// Which operation.
+        during: String,
+        /// wgpu's message.
+        message: String,
+    },
+    /// The device was lost (driver reset, GPU removed).
+    #[error("GPU device lost: {0}")]
+    DeviceLost(String),
+    /// Reading a buffer back failed.
+    #[error("buffer readback failed: {0}")]
+    Readback(String),
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,573 @@
+//! BatchNorm on a wgpu device: training forward, evaluation forward and backward.
+
+use super::context::GpuContext;
+use super::kernels::{self, FLAG_BATCH_STATS, FLAG_UPDATE_RUNNING, Kernel, Params, WG, WG_CHANNEL};
+use super::tensor::GpuTensor;
+use crate::backend::BatchNormBackend;
+use crate::config::{BatchNormConfig, Mode};
+use crate::error::{Error, Result};
+use crate::reference::{check_same_shape, input_walk, uses_batch_stats};
+use crate::shape::ChannelWalk;
+use crate::state::{BatchNormState, Gradients, SavedStats};
+use ndarray::{ArrayD, ArrayViewD};
+use wgpu::util::DeviceExt;
+
+/// Smallest slice of a channel one reduction workgroup takes by default.
+const MIN_SLICE_LEN: u32 = 4096;
+/// Most slices a channel is split into by default.
+const MAX_SLICES: u32 = 256;
+
+/// Gradients of a GPU backward pass, left on the device.
+#[derive(Debug, Clone)]
+pub struct GpuGradients {
+    /// Gradient with respect to the input.
+    pub dx: GpuTensor,
+    /// Gradient with respect to `weight`, shape `(C,)` (affine only).
+    pub dweight: Option<GpuTensor>,
+    /// Gradient with respect to `bias`, shape `(C,)` (affine only).
+    pub dbias: Option<GpuTensor>,
+}
+
+/// A BatchNorm layer whose parameters, running statistics and saved batch
+/// statistics live on a GPU.
+///
+/// All passes of one call go into one command encoder and one submit; the
+/// pipelines come from the [`GpuContext`], and the scratch buffers are kept
+/// and reused across calls.
+///
+/// ```no_run
+/// use ndarray::{Array, IxDyn};
+/// use wgpu_batchnorm::{BatchNormConfig, GpuBatchNorm, GpuContext, GpuTensor, Mode};
+/// let ctx = GpuContext::new()?;
+/// let mut bn = GpuBatchNorm::new(&ctx, BatchNormConfig::new(3))?;
+/// let x = Array::from_shape_fn(IxDyn(&[4, 3, 8, 8]), |i| (i[0] * 7 + i[1] * 3 + i[2] + i[3]) as f32);
+/// let x = GpuTensor::from_array(&ctx, x.view(), bn.config().layout)?;
+/// let y = bn.forward_train(&x)?;               // stays on the GPU
+/// let grads = bn.backward(&x, &y, Mode::Train)?; // y as the upstream gradient, for show
+/// let dx = grads.dx.to_array()?;               // read back when needed
+/// assert_eq!(dx.shape(), &[4, 3, 8, 8]);
+/// # Ok::<(), wgpu_batchnorm::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct GpuBatchNorm {
+    ctx: GpuContext,
+    config: BatchNormConfig,
+    params: wgpu::Buffer,
+    /// (weight, bias) per channel; (1, 0) without affine.
+    wb: wgpu::Buffer,
+    /// (running_mean, running_var) per channel, double-buffered: a training
+    /// forward reads `running[cur]` and writes the other one, and `cur` flips
+    /// only when the whole call succeeded.
+    running: [wgpu::Buffer; 2],
+    cur: usize,
+    num_batches_tracked: u64,
+    /// (mean, invstd) of the last forward with batch statistics.
+    saved: wgpu::Buffer,
+    saved_dims: Option<Vec<usize>>,
+    coef: wgpu::Buffer,
+    eval_coef: wgpu::Buffer,
+    eval_coef_fresh: bool,
+    dx_coef: wgpu::Buffer,
+    scratch: wgpu::Buffer,
+    scratch_bytes: u64,
+    slice_len: Option<u32>,
+}
+
+fn interleave(a: &[f32], b: &[f32]) -> Vec<f32> {
+    a.iter().zip(b).flat_map(|(&u, &v)| [u, v]).collect()
+}
+
+fn split(v: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    v.chunks_exact(2).map(|p| (p[0], p[1])).unzip()
+}
+
+impl GpuBatchNorm {
+    /// A layer on `ctx` in PyTorch's initial state.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an invalid configuration; [`Error::TooLarge`] when the
+    /// per-channel buffers pass the device limits.
+    pub fn new(ctx: &GpuContext, config: BatchNormConfig) -> Result<Self> {
+        config.validate()?;
+        let c = config.num_features;
+        ctx.check_storage_size("per-channel coefficients", (c * 16) as u64)?;
+        let device = ctx.device();
+        let state = BatchNormState::new(&config);
+        let ones = vec![1.0f32; c];
+        let zeros = vec![0.0f32; c];
+        let wb = interleave(&ones, &zeros);
+        let running = interleave(&zeros, &ones);
+        let params = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("batchnorm.params"),
+            contents: bytemuck::bytes_of(&Params::default()),
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        });
+        let per_channel = |label: &str, floats: usize| ctx.storage_buffer(label, (c * floats * 4) as u64);
+        let mut bn = Self {
+            params,
+            wb: ctx.storage_buffer_init("batchnorm.weight_bias", bytemuck::cast_slice(&wb)),
+            running: [
+                ctx.storage_buffer_init("batchnorm.running.0", bytemuck::cast_slice(&running)),
+                ctx.storage_buffer_init("batchnorm.running.1", bytemuck::cast_slice(&running)),
+            ],
+            cur: 0,
+            num_batches_tracked: 0,
+            saved: per_channel("batchnorm.saved", 2),
+            saved_dims: None,
+            coef: per_channel("batchnorm.coef", 4),
+            eval_coef: per_channel("batchnorm.eval_coef", 4),
+            eval_coef_fresh: false,
+            dx_coef: per_channel("batchnorm.dx_coef", 4),
+            scratch: ctx.storage_buffer("batchnorm.partials", 16),
+            scratch_bytes: 16,
+            slice_len: None,
+            ctx: ctx.clone(),
+            config,
+        };
+        bn.set_state(&state)?;
+        Ok(bn)
+    }
+
+    /// Sets how many elements of a channel one reduction workgroup takes
+    /// (`None`: chosen from the shape, at least 4096 and at most 256 slices a
+    /// channel). Smaller slices spread a channel over more workgroups.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for `Some(0)`.
+    pub fn set_slice_len(&mut self, slice_len: Option<u32>) -> Result<()> {
+        if slice_len == Some(0) {
+            return Err(Error::Config("slice length must be at least 1".into()));
+        }
+        self.slice_len = slice_len;
+        Ok(())
+    }
+
+    /// The layer's configuration.
+    pub fn config(&self) -> &BatchNormConfig {
+        &self.config
+    }
+
+    /// The context (device) the layer runs on.
+    pub fn context(&self) -> &GpuContext {
+        &self.ctx
+    }
+
+    /// Training steps counted so far (`None` without tracked statistics).
+    pub fn num_batches_tracked(&self) -> Option<u64> {
+        self.config
+            .track_running_stats
+            .then_some(self.num_batches_tracked)
+    }
+
+    fn check_device(&self, what: &str, t: &GpuTensor) -> Result<()> {
+        if t.context().id() != self.ctx.id() {
+            return Err(Error::DeviceMismatch {
+                what: what.into(),
+                expected: self.ctx.id(),
+                expected_name: self.ctx.label(),
+                got: t.context().id(),
+                got_name: t.context().label(),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_tensor(&self, what: &str, t: &GpuTensor) -> Result<()> {
+        self.check_device(what, t)?;
+        if t.layout() != self.config.layout {
+            return Err(Error::LayoutMismatch {
+                what: what.into(),
+                expected: self.config.layout,
+                got: t.layout(),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_output(&self, what: &str, out: &GpuTensor, dims: &[usize]) -> Result<()> {
+        self.check_tensor(what, out)?;
+        if out.shape() != dims {
+            return Err(Error::ShapeMismatch {
+                what: what.into(),
+                expected: dims.to_vec(),
+                got: out.shape().to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Parameters of one call on `walk`.
+    fn params(&self, walk: &ChannelWalk, flags: u32, momentum: f64) -> Params {
+        let m = walk.per_channel() as u32;
+        let slice_len = self
+            .slice_len
+            .unwrap_or_else(|| MIN_SLICE_LEN.max(m.div_ceil(MAX_SLICES)))
+            .min(m);
+        Params {
+            channels: walk.channels as u32,
+            outer: walk.outer as u32,
+            inner: walk.inner as u32,
+            total: walk.len() as u32,
+            slices: m.div_ceil(slice_len),
+            slice_len,
+            per_channel: m,
+            flags,
+            eps: self.config.eps as f32,
+            momentum: momentum as f32,
+            unbias: if m > 1 { m as f32 / (m - 1) as f32 } else { 0.0 },
+            inv_m: 1.0 / m as f32,
+        }
+    }
+
+    /// Writes `p` and grows the partials buffer for it.
+    fn prepare(&mut self, p: &Params) -> Result<()> {
+        let bytes = u64::from(p.channels) * u64::from(p.slices) * 8;
+        if bytes > self.scratch_bytes {
+            self.ctx.check_storage_size("partial statistics", bytes)?;
+            self.scratch = self.ctx.storage_buffer("batchnorm.partials", bytes);
+            self.scratch_bytes = bytes;
+        }
+        self.ctx
+            .queue()
+            .write_buffer(&self.params, 0, bytemuck::bytes_of(p));
+        Ok(())
+    }
+
+    fn max_dim(&self) -> u32 {
+        self.ctx.limits().max_compute_workgroups_per_dimension
+    }
+
+    fn pass(&self, enc: &mut wgpu::CommandEncoder, k: &Kernel, buffers: &[&wgpu::Buffer], wgs: u32) {
+        let bg = k.bind(self.ctx.device(), buffers);
+        kernels::dispatch(enc, k, &bg, wgs, self.max_dim());
+    }
+
+    fn elementwise_wgs(p: &Params) -> (bool, u32) {
+        let vec4 = p.total % 4 == 0;
+        let items = if vec4 { p.total / 4 } else { p.total };
+        (vec4, items.div_ceil(WG))
+    }
+
+    /// Batch statistics forward into `y`; `update` also moves the running statistics.
+    fn batch_forward(&mut self, x: &GpuTensor, y: &GpuTensor, update: bool) -> Result<()> {
+        self.check_tensor("x", x)?;
+        let walk = input_walk(&self.config, x.shape(), true)?;
+        self.check_output("y", y, &walk.dims)?;
+        let update = update && self.config.track_running_stats;
+        let momentum = self.config.momentum_factor(self.num_batches_tracked + 1);
+        let flags = if update { FLAG_UPDATE_RUNNING } else { 0 };
+        let p = self.params(&walk, flags, momentum);
+        self.prepare(&p)?;
+        let k = &self.ctx.inner.kernels;
+        let (vec4, elem_wgs) = Self::elementwise_wgs(&p);
+        let (rin, rout) = (&self.running[self.cur], &self.running[1 - self.cur]);
+        self.ctx.submit("BatchNorm training forward", |enc| {
+            self.pass(enc, &k.stats_partial, &[&self.params, &x.buffer, &self.scratch], p.channels * p.slices);
+            self.pass(
+                enc,
+                &k.stats_finalize,
+                &[&self.params, &self.scratch, &self.wb, rin, rout, &self.saved, &self.coef],
+                p.channels.div_ceil(WG_CHANNEL),
+            );
+            let normalize = if vec4 { &k.normalize_vec4 } else { &k.normalize };
+            self.pass(enc, normalize, &[&self.params, &x.buffer, &self.coef, &y.buffer], elem_wgs);
+        })?;
+        if update {
+            self.cur = 1 - self.cur;
+            self.num_batches_tracked += 1;
+            self.eval_coef_fresh = false;
+        }
+        self.saved_dims = Some(walk.dims);
+        Ok(())
+    }
+
+    /// Training forward: `y` from batch statistics, which are kept for
+    /// [`GpuBatchNorm::backward`]; updates the running statistics when tracked.
+    ///
+    /// ```text
+    /// y = (x - mean) / sqrt(var + eps) * weight + bias      (var biased)
+    /// running_mean = (1-m) running_mean + m mean
+    /// running_var  = (1-m) running_var  + m var M/(M-1)
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::DeviceMismatch`], [`Error::LayoutMismatch`], [`Error::Rank`],
+    /// [`Error::ChannelMismatch`], [`Error::Empty`], [`Error::SingleValuePerChannel`],
+    /// [`Error::TooLarge`], [`Error::Wgpu`], [`Error::DeviceLost`]. On error the
+    /// layer is unchanged.
+    pub fn forward_train(&mut self, x: &GpuTensor) -> Result<GpuTensor> {
+        self.check_tensor("x", x)?;
+        let walk = input_walk(&self.config, x.shape(), true)?;
+        let y = GpuTensor::uninit(&self.ctx, &walk.dims, walk.layout)?;
+        self.batch_forward(x, &y, true)?;
+        Ok(y)
+    }
+
+    /// [`GpuBatchNorm::forward_train`] into an existing tensor of the same shape.
+    ///
+    /// # Errors
+    /// As `forward_train`, and [`Error::ShapeMismatch`] for `y`.
+    pub fn forward_train_into(&mut self, x: &GpuTensor, y: &GpuTensor) -> Result<()> {
+        self.batch_forward(x, y, true)
+    }
+
+    /// Evaluation forward: `y` from the running statistics, or from batch
+    /// statistics (kept for backward, running statistics untouched) when they
+    /// are not tracked.
+    ///
+    /// ```text
+    /// y = (x - running_mean) / sqrt(running_var + eps) * weight + bias
+    /// ```
+    ///
+    /// # Errors
+    /// As [`GpuBatchNorm::forward_train`]; one value per channel is an error only
+    /// without tracked statistics.
+    pub fn forward_eval(&mut self, x: &GpuTensor) -> Result<GpuTensor> {
+        self.check_tensor("x", x)?;
+        let batch = uses_batch_stats(&self.config, Mode::Eval);
+        let walk = input_walk(&self.config, x.shape(), batch)?;
+        let y = GpuTensor::uninit(&self.ctx, &walk.dims, walk.layout)?;
+        self.forward_eval_into(x, &y)?;
+        Ok(y)
+    }
+
+    /// [`GpuBatchNorm::forward_eval`] into an existing tensor of the same shape.
+    ///
+    /// # Errors
+    /// As `forward_eval`, and [`Error::ShapeMismatch`] for `y`.
+    pub fn forward_eval_into(&mut self, x: &GpuTensor, y: &GpuTensor) -> Result<()> {
+        if !self.config.track_running_stats {
+            return self.batch_forward(x, y, false);
+        }
+        self.check_tensor("x", x)?;
+        let walk = input_walk(&self.config, x.shape(), false)?;
+        self.check_output("y", y, &walk.dims)?;
+        let p = self.params(&walk, 0, 0.0);
+        self.prepare(&p)?;
+        let k = &self.ctx.inner.kernels;
+        let (vec4, elem_wgs) = Self::elementwise_wgs(&p);
+        let fresh = self.eval_coef_fresh;
+        self.ctx.submit("BatchNorm evaluation forward", |enc| {
+            if !fresh {
+                self.pass(
+                    enc,
+                    &k.eval_coeffs,
+                    &[&self.params, &self.wb, &self.running[self.cur], &self.eval_coef],
+                    p.channels.div_ceil(WG_CHANNEL),
+                );
+            }
+            let normalize = if vec4 { &k.normalize_vec4 } else { &k.normalize };
+            self.pass(enc, normalize, &[&self.params, &x.buffer, &self.eval_coef, &y.buffer], elem_wgs);
+        })?;
+        self.eval_coef_fresh = true;
+        Ok(())
+    }
+
+    /// Backward of the forward in `mode`: `dx`, and `dweight`, `dbias` when affine.
+    ///
+    /// ```text
+    /// batch statistics (Mode::Train, or Mode::Eval without tracking):
+    ///   dbias = sum(dy), dweight = sum(dy (x - mean)) invstd
+    ///   dx = weight invstd (dy - sum(dy)/M - (x - mean) invstd^2 sum(dy (x - mean))/M)
+    /// running statistics (Mode::Eval with tracking):
+    ///   dx = dy weight / sqrt(running_var + eps)
+    /// ```
+    ///
+    /// # Errors
+    /// As [`GpuBatchNorm::forward_train`], [`Error::ShapeMismatch`] when `dy` differs
+    /// from `x`, [`Error::NoSavedStatistics`] when batch statistics of this shape
+    /// were not computed by a forward first.
+    pub fn backward(&mut self, x: &GpuTensor, dy: &GpuTensor, mode: Mode) -> Result<GpuGradients> {
+        self.check_tensor("x", x)?;
+        let walk = input_walk(&self.config, x.shape(), false)?;
+        let dx = GpuTensor::uninit(&self.ctx, &walk.dims, walk.layout)?;
+        let c = [self.config.num_features];
+        let dweight = GpuTensor::uninit(&self.ctx, &c, self.config.layout)?;
+        let dbias = GpuTensor::uninit(&self.ctx, &c, self.config.layout)?;
+        self.backward_into(x, dy, mode, &dx, &dweight, &dbias)?;
+        let affine = self.config.affine;
+        Ok(GpuGradients {
+            dx,
+            dweight: affine.then_some(dweight),
+            dbias: affine.then_some(dbias),
+        })
+    }
+
+    /// [`GpuBatchNorm::backward`] into existing tensors: `dx` of the shape of `x`,
+    /// `dweight` and `dbias` of shape `(C,)` (written also without affine).
+    ///
+    /// # Errors
+    /// As `backward`, and [`Error::ShapeMismatch`] for an output.
+    pub fn backward_into(
+        &mut self,
+        x: &GpuTensor,
+        dy: &GpuTensor,
+        mode: Mode,
+        dx: &GpuTensor,
+        dweight: &GpuTensor,
+        dbias: &GpuTensor,
+    ) -> Result<()> {
+        self.check_tensor("x", x)?;
+        self.check_tensor("dy", dy)?;
+        let walk = input_walk(&self.config, x.shape(), false)?;
+        check_same_shape(x.shape(), dy.shape())?;
+        self.check_output("dx", dx, &walk.dims)?;
+        let c = [self.config.num_features];
+        for (what, t) in [("dweight", dweight), ("dbias", dbias)] {
+            self.check_device(what, t)?;
+            if t.shape() != c {
+                return Err(Error::ShapeMismatch {
+                    what: what.into(),
+                    expected: c.to_vec(),
+                    got: t.shape().to_vec(),
+                });
+            }
+        }
+        let batch = uses_batch_stats(&self.config, mode);
+        if batch {
+            match &self.saved_dims {
+                Some(d) if *d == walk.dims => {}
+                Some(d) => {
+                    return Err(Error::NoSavedStatistics {
+                        detail: format!(" (saved for shape {d:?}, got {:?})", walk.dims),
+                    });
+                }
+                None => {
+                    return Err(Error::NoSavedStatistics {
+                        detail: String::new(),
+                    });
+                }
+            }
+        }
+        let flags = if batch { FLAG_BATCH_STATS } else { 0 };
+        let p = self.params(&walk, flags, 0.0);
+        self.prepare(&p)?;
+        let k = &self.ctx.inner.kernels;
+        let (vec4, elem_wgs) = Self::elementwise_wgs(&p);
+        let stats = if batch { &self.saved } else { &self.running[self.cur] };
+        self.ctx.submit("BatchNorm backward", |enc| {
+            self.pass(
+                enc,
+                &k.backward_partial,
+                &[&self.params, &x.buffer, &dy.buffer, stats, &self.scratch],
+                p.channels * p.slices,
+            );
+            self.pass(
+                enc,
+                &k.backward_finalize,
+                &[&self.params, &self.scratch, stats, &self.wb, &dweight.buffer, &dbias.buffer, &self.dx_coef],
+                p.channels.div_ceil(WG_CHANNEL),
+            );
+            let dx_kernel = if vec4 { &k.backward_dx_vec4 } else { &k.backward_dx };
+            self.pass(
+                enc,
+                dx_kernel,
+                &[&self.params, &x.buffer, &dy.buffer, &self.dx_coef, &dx.buffer],
+                elem_wgs,
+            );
+        })
+    }
+
+    /// Batch statistics of the last forward that computed them.
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn saved_stats(&self) -> Result<Option<SavedStats>> {
+        if self.saved_dims.is_none() {
+            return Ok(None);
+        }
+        let (mean, invstd) = split(&self.ctx.read_f32(&self.saved, self.config.num_features * 2)?);
+        Ok(Some(SavedStats { mean, invstd }))
+    }
+
+    /// Parameters and running statistics, read back from the device.
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn state(&self) -> Result<BatchNormState> {
+        let c = self.config.num_features;
+        let (w, b) = split(&self.ctx.read_f32(&self.wb, c * 2)?);
+        let (rm, rv) = split(&self.ctx.read_f32(&self.running[self.cur], c * 2)?);
+        let (affine, track) = (self.config.affine, self.config.track_running_stats);
+        Ok(BatchNormState {
+            weight: affine.then_some(w),
+            bias: affine.then_some(b),
+            running_mean: track.then_some(rm),
+            running_var: track.then_some(rv),
+            num_batches_tracked: track.then_some(self.num_batches_tracked),
+        })
+    }
+
+    /// Replaces parameters and running statistics.
+    ///
+    /// # Errors
+    /// [`Error::ParameterLength`], [`Error::MissingParameter`].
+    pub fn set_state(&mut self, state: &BatchNormState) -> Result<()> {
+        state.validate(&self.config)?;
+        let c = self.config.num_features;
+        let ones = vec![1.0f32; c];
+        let zeros = vec![0.0f32; c];
+        let q = self.ctx.queue();
+        let wb = interleave(
+            state.weight.as_deref().unwrap_or(&ones),
+            state.bias.as_deref().unwrap_or(&zeros),
+        );
+        q.write_buffer(&self.wb, 0, bytemuck::cast_slice(&wb));
+        let running = interleave(
+            state.running_mean.as_deref().unwrap_or(&zeros),
+            state.running_var.as_deref().unwrap_or(&ones),
+        );
+        q.write_buffer(&self.running[self.cur], 0, bytemuck::cast_slice(&running));
+        self.num_batches_tracked = state.num_batches_tracked.unwrap_or(0);
+        self.eval_coef_fresh = false;
+        Ok(())
+    }
+}
+
+impl BatchNormBackend for GpuBatchNorm {
+    fn backend_name(&self) -> String {
+        self.ctx.label()
+    }
+
+    fn config(&self) -> &BatchNormConfig {
+        &self.config
+    }
+
+    fn forward_train(&mut self, x: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>> {
+        let x = GpuTensor::from_array(&self.ctx, x, self.config.layout)?;
+        GpuBatchNorm::forward_train(self, &x)?.to_array()
+    }
+
+    fn forward_eval(&mut self, x: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>> {
+        let x = GpuTensor::from_array(&self.ctx, x, self.config.layout)?;
+        GpuBatchNorm::forward_eval(self, &x)?.to_array()
+    }
+
+    fn backward(
+        &mut self,
+        x: ArrayViewD<'_, f32>,
+        dy: ArrayViewD<'_, f32>,
+        mode: Mode,
+    ) -> Result<Gradients> {
+        let x = GpuTensor::from_array(&self.ctx, x, self.config.layout)?;
+        let dy = GpuTensor::from_array(&self.ctx, dy, self.config.layout)?;
+        let g = GpuBatchNorm::backward(self, &x, &dy, mode)?;
+        Ok(Gradients {
+            dx: g.dx.to_array()?,
+            dweight: g.dweight.map(|t| t.to_vec()).transpose()?,
+            dbias: g.dbias.map(|t| t.to_vec()).transpose()?,
+        })
+    }
+
+    fn saved_stats(&self) -> Result<Option<SavedStats>> {
+        GpuBatchNorm::saved_stats(self)
+    }
+
+    fn state(&self) -> Result<BatchNormState> {
+        GpuBatchNorm::state(self)
+    }
+
+    fn set_state(&mut self, state: &BatchNormState) -> Result<()> {
+        GpuBatchNorm::set_state(self, state)
+    }
+}

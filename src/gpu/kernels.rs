@@ -1,0 +1,171 @@
+//! Pipelines and bind group layouts, built once per device.
+
+use crate::shaders::{self, Shader};
+
+/// Threads per workgroup of the reduction and elementwise kernels (`WG` in the shaders).
+pub(crate) const WG: u32 = 256;
+/// Threads per workgroup of the per-channel kernels.
+pub(crate) const WG_CHANNEL: u32 = 64;
+
+/// Uniform block shared by every kernel of an operation.
+///
+/// Keep in sync with `Params` in shaders/common.wgsl.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct Params {
+    pub channels: u32,
+    pub outer: u32,
+    pub inner: u32,
+    pub total: u32,
+    pub slices: u32,
+    pub slice_len: u32,
+    pub per_channel: u32,
+    pub flags: u32,
+    pub eps: f32,
+    pub momentum: f32,
+    pub unbias: f32,
+    pub inv_m: f32,
+}
+
+/// `FLAG_UPDATE_RUNNING` in shaders/common.wgsl.
+pub(crate) const FLAG_UPDATE_RUNNING: u32 = 1;
+/// `FLAG_BATCH_STATS` in shaders/common.wgsl.
+pub(crate) const FLAG_BATCH_STATS: u32 = 2;
+
+/// How a kernel sees one binding.
+#[derive(Clone, Copy)]
+enum Slot {
+    Uniform,
+    Read,
+    Write,
+}
+
+/// One compute pipeline with its explicit bind group layout.
+#[derive(Debug)]
+pub(crate) struct Kernel {
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+    pub label: String,
+}
+
+impl Kernel {
+    fn new(device: &wgpu::Device, shader: Shader, slots: &[Slot]) -> Self {
+        let label = format!("batchnorm.{}", shader.name);
+        let entries: Vec<wgpu::BindGroupLayoutEntry> = slots
+            .iter()
+            .enumerate()
+            .map(|(i, slot)| wgpu::BindGroupLayoutEntry {
+                binding: i as u32,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: match slot {
+                        Slot::Uniform => wgpu::BufferBindingType::Uniform,
+                        Slot::Read => wgpu::BufferBindingType::Storage { read_only: true },
+                        Slot::Write => wgpu::BufferBindingType::Storage { read_only: false },
+                    },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            })
+            .collect();
+        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some(&label),
+            entries: &entries,
+        });
+        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(&label),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(&label),
+            source: wgpu::ShaderSource::Wgsl(shader.source.into()),
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&label),
+            layout: Some(&pipeline_layout),
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        Self {
+            pipeline,
+            layout,
+            label,
+        }
+    }
+
+    /// A bind group of `buffers`, in binding order.
+    pub fn bind(&self, device: &wgpu::Device, buffers: &[&wgpu::Buffer]) -> wgpu::BindGroup {
+        let entries: Vec<wgpu::BindGroupEntry> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
+        device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&self.label),
+            layout: &self.layout,
+            entries: &entries,
+        })
+    }
+}
+
+/// Every pipeline of the crate, for one device.
+#[derive(Debug)]
+pub(crate) struct Kernels {
+    pub stats_partial: Kernel,
+    pub stats_finalize: Kernel,
+    pub eval_coeffs: Kernel,
+    pub normalize: Kernel,
+    pub normalize_vec4: Kernel,
+    pub backward_partial: Kernel,
+    pub backward_finalize: Kernel,
+    pub backward_dx: Kernel,
+    pub backward_dx_vec4: Kernel,
+}
+
+impl Kernels {
+    pub fn new(device: &wgpu::Device) -> Self {
+        use Slot::{Read as R, Uniform as U, Write as W};
+        Self {
+            stats_partial: Kernel::new(device, shaders::STATS_PARTIAL, &[U, R, W]),
+            stats_finalize: Kernel::new(device, shaders::STATS_FINALIZE, &[U, R, R, R, W, W, W]),
+            eval_coeffs: Kernel::new(device, shaders::EVAL_COEFFS, &[U, R, R, W]),
+            normalize: Kernel::new(device, shaders::NORMALIZE, &[U, R, R, W]),
+            normalize_vec4: Kernel::new(device, shaders::NORMALIZE_VEC4, &[U, R, R, W]),
+            backward_partial: Kernel::new(device, shaders::BACKWARD_PARTIAL, &[U, R, R, R, W]),
+            backward_finalize: Kernel::new(
+                device,
+                shaders::BACKWARD_FINALIZE,
+                &[U, R, R, R, W, W, W],
+            ),
+            backward_dx: Kernel::new(device, shaders::BACKWARD_DX, &[U, R, R, R, W]),
+            backward_dx_vec4: Kernel::new(device, shaders::BACKWARD_DX_VEC4, &[U, R, R, R, W]),
+        }
+    }
+}
+
+/// Records one dispatch of `workgroups` workgroups, folded onto a 2-D grid when
+/// one dimension is not enough (the shaders linearize with `linear_workgroup`).
+pub(crate) fn dispatch(
+    encoder: &mut wgpu::CommandEncoder,
+    kernel: &Kernel,
+    bind_group: &wgpu::BindGroup,
+    workgroups: u32,
+    max_per_dim: u32,
+) {
+    let x = workgroups.clamp(1, max_per_dim);
+    let y = workgroups.div_ceil(x).max(1);
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some(&kernel.label),
+        timestamp_writes: None,
+    });
+    pass.set_pipeline(&kernel.pipeline);
+    pass.set_bind_group(0, bind_group, &[]);
+    pass.dispatch_workgroups(x, y, 1);
+}

@@ -1,0 +1,10 @@
+//! The wgpu backend: device choice, device-resident tensors, the BatchNorm passes.
+
+mod batchnorm;
+mod context;
+pub(crate) mod kernels;
+mod tensor;
+
+pub use batchnorm::{GpuBatchNorm, GpuGradients};
+pub use context::{AdapterSelection, GpuContext, enumerate_adapters, parse_backend};
+pub use tensor::GpuTensor;

@@ -1,0 +1,62 @@
+//! # wgpu-batchnorm
+//!
+//! Batch Normalization on any GPU that [wgpu] reaches (Vulkan, Metal, DX12, GL),
+//! with PyTorch's semantics, and a CPU reference in `f64` that proves it right.
+//!
+//! - [`GpuBatchNorm`]: training forward (batch statistics, running-statistics
+//!   update), evaluation forward and backward (`dx`, `dweight`, `dbias`) on
+//!   device-resident [`GpuTensor`]s, so layers chain without host round trips.
+//! - [`CpuReference`]: the same operations on the CPU, accumulating in `f64`.
+//! - [`BatchNormBackend`]: the ndarray interface both implement, so one test
+//!   body runs on every backend.
+//!
+//! Semantics are PyTorch's `torch.nn.BatchNorm1d/2d/3d`: the biased variance
+//! normalizes, the unbiased one enters the running variance, `momentum = None`
+//! is the cumulative average over `num_batches_tracked`, and training on one
+//! value per channel is an error.
+//!
+//! ## Quickstart
+//!
+//! ```no_run
+//! use ndarray::{Array, IxDyn};
+//! use wgpu_batchnorm::{BatchNormConfig, GpuBatchNorm, GpuContext, GpuTensor, Mode};
+//!
+//! // The best adapter; WGPU_BACKEND=vulkan|gl|metal|dx12 and WGPU_ADAPTER_NAME narrow the choice.
+//! let ctx = GpuContext::new()?;
+//! let mut bn = GpuBatchNorm::new(&ctx, BatchNormConfig::new(16))?; // eps 1e-5, momentum 0.1
+//!
+//! let x = Array::from_shape_fn(IxDyn(&[8, 16, 32, 32]), |i| ((i[0] + 3 * i[1] + i[2] * i[3]) % 17) as f32);
+//! let x = GpuTensor::from_array(&ctx, x.view(), bn.config().layout)?;
+//!
+//! let y = bn.forward_train(&x)?;                  // batch statistics; running stats updated
+//! let grads = bn.backward(&x, &y, Mode::Train)?;  // dx, dweight, dbias (here with dy = y)
+//! let y_eval = bn.forward_eval(&x)?;              // running statistics
+//!
+//! println!("{:?}", bn.state()?.running_mean);
+//! println!("{:?}", grads.dweight.unwrap().to_vec()?);
+//! println!("{}", y_eval.to_array()?.mean().unwrap());
+//! # Ok::<(), wgpu_batchnorm::Error>(())
+//! ```
+//!
+//! No GPU? Mesa's software Vulkan device (lavapipe, `apt-get install
+//! mesa-vulkan-drivers` on Debian and Ubuntu) runs all of it on the CPU.
+
+#![warn(missing_docs)]
+
+mod backend;
+mod config;
+mod error;
+pub mod gpu;
+pub mod reference;
+pub mod shaders;
+mod shape;
+mod state;
+
+pub use backend::BatchNormBackend;
+pub use config::{BatchNormConfig, Layout, Mode};
+pub use error::{Error, Result};
+pub use gpu::{AdapterSelection, GpuBatchNorm, GpuContext, GpuGradients, GpuTensor};
+pub use reference::CpuReference;
+pub use shape::ChannelWalk;
+pub use state::{BatchNormState, Gradients, SavedStats};
+pub use wgpu;
