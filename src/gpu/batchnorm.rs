@@ -71,6 +71,7 @@ pub struct GpuBatchNorm {
     scratch: wgpu::Buffer,
     scratch_bytes: u64,
     slice_len: Option<u32>,
+    max_per_dim: Option<u32>,
 }
 
 fn interleave(a: &[f32], b: &[f32]) -> Vec<f32> {
@@ -121,6 +122,7 @@ impl GpuBatchNorm {
             scratch: ctx.storage_buffer("batchnorm.partials", 16),
             scratch_bytes: 16,
             slice_len: None,
+            max_per_dim: None,
             ctx: ctx.clone(),
             config,
         };
@@ -139,6 +141,21 @@ impl GpuBatchNorm {
             return Err(Error::Config("slice length must be at least 1".into()));
         }
         self.slice_len = slice_len;
+        Ok(())
+    }
+
+    /// Caps the workgroups a dispatch puts on one grid dimension below the
+    /// device's `max_compute_workgroups_per_dimension` (`None`: the device
+    /// limit). Past the cap, dispatches fold onto a 2-D grid; a low cap lets
+    /// small tensors exercise that path.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for `Some(0)`.
+    pub fn set_max_workgroups_per_dim(&mut self, cap: Option<u32>) -> Result<()> {
+        if cap == Some(0) {
+            return Err(Error::Config("workgroups per dimension must be at least 1".into()));
+        }
+        self.max_per_dim = cap;
         Ok(())
     }
 
@@ -234,7 +251,8 @@ impl GpuBatchNorm {
     }
 
     fn max_dim(&self) -> u32 {
-        self.ctx.limits().max_compute_workgroups_per_dimension
+        let limit = self.ctx.limits().max_compute_workgroups_per_dimension;
+        self.max_per_dim.map_or(limit, |cap| cap.min(limit))
     }
 
     fn pass(&self, enc: &mut wgpu::CommandEncoder, k: &Kernel, buffers: &[&wgpu::Buffer], wgs: u32) {

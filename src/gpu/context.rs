@@ -151,6 +151,10 @@ pub(crate) struct ContextInner {
     pub features: wgpu::Features,
     pub kernels: Kernels,
     lost: Arc<Mutex<Option<String>>>,
+    /// Serializes this crate's submissions on the device: wgpu's GL backend
+    /// gives up on its context lock after a few seconds, so long runs from
+    /// several threads must queue here instead.
+    submit_lock: Mutex<()>,
 }
 
 /// A wgpu device with this crate's pipelines built for it. Cheap to clone.
@@ -279,6 +283,7 @@ impl GpuContext {
                 features,
                 kernels,
                 lost,
+                submit_lock: Mutex::new(()),
             }),
         })
     }
@@ -382,6 +387,11 @@ impl GpuContext {
         record: impl FnOnce(&mut wgpu::CommandEncoder),
     ) -> Result<()> {
         self.check_alive()?;
+        let _serial = self
+            .inner
+            .submit_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let device = &self.inner.device;
         let scope = ErrorScopes::push(device);
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {

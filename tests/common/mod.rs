@@ -119,3 +119,124 @@ pub fn rng(seed: u64) -> StdRng {
 pub fn flat(a: &ArrayD<f32>) -> Vec<f32> {
     a.iter().copied().collect()
 }
+
+/// Like [`backends`], with the GPU reductions cut into slices of `slice_len`
+/// elements so that small tensors exercise the multi-slice merge.
+pub fn backends_sliced(
+    config: &BatchNormConfig,
+    state: &BatchNormState,
+    slice_len: Option<u32>,
+) -> Vec<Box<dyn BatchNormBackend>> {
+    backends_tuned(config, state, slice_len, None)
+}
+
+/// Like [`backends_sliced`], with dispatches capped at `max_per_dim` workgroups
+/// per grid dimension so they fold onto a 2-D grid.
+pub fn backends_tuned(
+    config: &BatchNormConfig,
+    state: &BatchNormState,
+    slice_len: Option<u32>,
+    max_per_dim: Option<u32>,
+) -> Vec<Box<dyn BatchNormBackend>> {
+    let mut out: Vec<Box<dyn BatchNormBackend>> = vec![Box::new(CpuReference::new(config.clone()).unwrap())];
+    for ctx in gpu_contexts() {
+        let mut bn = GpuBatchNorm::new(ctx, config.clone()).unwrap();
+        bn.set_slice_len(slice_len).unwrap();
+        bn.set_max_workgroups_per_dim(max_per_dim).unwrap();
+        out.push(Box::new(bn));
+    }
+    for b in &mut out {
+        b.set_state(state).unwrap();
+    }
+    out
+}
+
+/// Everything one backend computes for one input: two training steps (so the
+/// running statistics accumulate), backward in both modes, evaluation.
+#[derive(Debug)]
+pub struct Outputs {
+    pub name: String,
+    pub tensors: Vec<(String, Vec<f32>)>,
+    pub nbt: Option<u64>,
+}
+
+pub fn run_all(b: &mut dyn BatchNormBackend, x: &ArrayD<f32>, dy: &ArrayD<f32>) -> Outputs {
+    use wgpu_batchnorm::Mode;
+    let name = b.backend_name();
+    let mut t: Vec<(String, Vec<f32>)> = Vec::new();
+    let mut push = |k: &str, v: Vec<f32>| t.push((k.to_string(), v));
+    // evaluation first, with the initial running statistics
+    push("y_eval", flat(&b.forward_eval(x.view()).unwrap()));
+    let ge = b.backward(x.view(), dy.view(), Mode::Eval).unwrap();
+    push("dx_eval", flat(&ge.dx));
+    if let (Some(w), Some(bb)) = (ge.dweight, ge.dbias) {
+        push("dweight_eval", w);
+        push("dbias_eval", bb);
+    }
+    let y = b.forward_train(x.view()).unwrap();
+    push("y", flat(&y));
+    let saved = b.saved_stats().unwrap().expect("saved after forward_train");
+    push("save_mean", saved.mean);
+    push("save_invstd", saved.invstd);
+    let g = b.backward(x.view(), dy.view(), Mode::Train).unwrap();
+    push("dx", flat(&g.dx));
+    if let (Some(w), Some(bb)) = (g.dweight, g.dbias) {
+        push("dweight", w);
+        push("dbias", bb);
+    }
+    // second step on a shifted input: running statistics accumulate
+    let x2 = x.mapv(|v| 0.5 * v + 1.0);
+    push("y_step2", flat(&b.forward_train(x2.view()).unwrap()));
+    let s = b.state().unwrap();
+    if let (Some(rm), Some(rv)) = (s.running_mean, s.running_var) {
+        push("running_mean", rm);
+        push("running_var", rv);
+    }
+    push("y_eval_after", flat(&b.forward_eval(x.view()).unwrap()));
+    Outputs {
+        name,
+        tensors: t,
+        nbt: s.num_batches_tracked,
+    }
+}
+
+/// Runs `x`, `dy` on the CPU reference and every GPU, and compares each GPU with
+/// the reference at the f32 tolerance. Returns the number of GPU backends checked.
+pub fn check_parity(
+    case: &str,
+    config: &BatchNormConfig,
+    state: &BatchNormState,
+    x: &ArrayD<f32>,
+    dy: &ArrayD<f32>,
+    slice_len: Option<u32>,
+) -> usize {
+    check_parity_tuned(case, config, state, x, dy, slice_len, None)
+}
+
+/// [`check_parity`] with dispatches capped at `max_per_dim` workgroups per dimension.
+pub fn check_parity_tuned(
+    case: &str,
+    config: &BatchNormConfig,
+    state: &BatchNormState,
+    x: &ArrayD<f32>,
+    dy: &ArrayD<f32>,
+    slice_len: Option<u32>,
+    max_per_dim: Option<u32>,
+) -> usize {
+    let mut bs = backends_tuned(config, state, slice_len, max_per_dim);
+    let outs: Vec<Outputs> = bs.iter_mut().map(|b| run_all(b.as_mut(), x, dy)).collect();
+    let want = &outs[0];
+    let mut failures = Vec::new();
+    for got in &outs[1..] {
+        assert_eq!(got.tensors.len(), want.tensors.len(), "{case} {}", got.name);
+        assert_eq!(got.nbt, want.nbt, "{case} {}: num_batches_tracked", got.name);
+        for ((k, g), (k2, w)) in got.tensors.iter().zip(&want.tensors) {
+            assert_eq!(k, k2);
+            if let Err(e) = all_close(k, g, w, TOL, TOL) {
+                failures.push(format!("{case} on {}: {e}", got.name));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    outs.len() - 1
+}

@@ -1,0 +1,114 @@
+//! GPU vs CPU reference, every operation, on every adapter wgpu finds.
+
+mod common;
+use common::*;
+use ndarray::{ArrayD, Axis};
+use wgpu_batchnorm::{BatchNormConfig, Layout};
+
+fn case(name: &str, dims: &[usize], config: BatchNormConfig, mean: f32, std: f32, slice_len: Option<u32>, seed: u64) {
+    let mut r = rng(seed);
+    let state = random_state(&mut r, &config, 3);
+    let x = normal(&mut r, dims, mean, std);
+    let dy = normal(&mut r, dims, 0.0, 1.0);
+    let n = check_parity(name, &config, &state, &x, &dy, slice_len);
+    assert_eq!(n, gpu_contexts().len());
+}
+
+fn nchw(c: usize) -> BatchNormConfig {
+    BatchNormConfig::new(c)
+}
+
+#[test]
+fn every_rank() {
+    case("rank2", &[16, 5], nchw(5), 0.5, 2.0, None, 1);
+    case("rank3", &[4, 3, 10], nchw(3), -1.0, 1.0, None, 2);
+    case("rank4", &[4, 6, 7, 9], nchw(6), 0.0, 3.0, None, 3);
+    case("rank5", &[2, 3, 4, 5, 6], nchw(3), 2.0, 0.5, None, 4);
+}
+
+#[test]
+fn channels_last_every_rank() {
+    let last = |c| BatchNormConfig::new(c).with_layout(Layout::ChannelsLast);
+    case("nlc", &[4, 10, 3], last(3), 0.5, 2.0, None, 5);
+    case("nhwc", &[4, 7, 9, 6], last(6), 1.0, 1.0, Some(50), 6);
+    case("ndhwc", &[2, 4, 5, 6, 3], last(3), -2.0, 1.5, None, 7);
+}
+
+#[test]
+fn odd_and_tiny_sizes() {
+    case("c1", &[8, 1, 5, 5], nchw(1), 1.0, 1.0, None, 10);
+    case("m2_1d", &[2, 3], nchw(3), 0.0, 1.0, None, 11);
+    case("m2_3d", &[1, 3, 2], nchw(3), 0.0, 1.0, None, 12);
+    case("n1_spatial", &[1, 4, 3, 5], nchw(4), 0.0, 1.0, None, 13);
+    // element counts that are not multiples of 4 (scalar kernels) nor of 256
+    case("odd_105", &[3, 5, 7], nchw(5), 0.3, 1.0, None, 14);
+    case("odd_195", &[5, 3, 13], nchw(3), 0.3, 1.0, Some(7), 15);
+    // multiple of 4 overall but spatial size not: the vec4 kernels straddle channels
+    case("straddle", &[4, 3, 3], nchw(3), 0.3, 1.0, None, 16);
+    case("wide", &[64, 130], nchw(130), 0.0, 1.0, None, 17);
+}
+
+#[test]
+fn channels_spread_over_several_slices() {
+    // default slicing: M = 8320 > 4096 gives several workgroups per channel
+    case("default_slices", &[2, 3, 64, 65], nchw(3), 0.5, 1.0, None, 20);
+    // forced slices with a short last slice
+    case("forced_slices", &[4, 3, 17, 19], nchw(3), 0.5, 1.0, Some(100), 21);
+    // one element per thread and slices shorter than a workgroup
+    case("slice_1", &[3, 2, 5], nchw(2), 0.5, 1.0, Some(1), 22);
+}
+
+#[test]
+fn dispatches_fold_onto_a_2d_grid() {
+    // With at most 7 workgroups per grid dimension every pass folds: 5 channels
+    // x 9 slices = 45 reduction workgroups, 2-D elementwise grids, and per-channel
+    // passes of 130 channels; grids overshoot, so the shaders' bounds checks matter.
+    let mut r = rng(23);
+    for (dims, c, slice) in [(&[3usize, 5, 11, 13][..], 5, Some(50)), (&[33, 130][..], 130, None)] {
+        let config = nchw(c);
+        let state = random_state(&mut r, &config, 1);
+        let x = normal(&mut r, dims, 0.2, 1.0);
+        let dy = normal(&mut r, dims, 0.0, 1.0);
+        check_parity_tuned("folded", &config, &state, &x, &dy, slice, Some(7));
+    }
+}
+
+#[test]
+fn large_mean_is_stable() {
+    // 300 + N(0,1): E[x^2] - E[x]^2 in f32 would lose every digit of the variance
+    case("large_mean", &[4, 3, 16, 16], nchw(3), 300.0, 1.0, Some(64), 30);
+    case("large_mean_default", &[8, 2, 32, 32], nchw(2), 300.0, 1.0, None, 31);
+    let last = BatchNormConfig::new(3).with_layout(Layout::ChannelsLast);
+    case("large_mean_nhwc", &[4, 8, 8, 3], last, 300.0, 1.0, Some(30), 32);
+}
+
+#[test]
+fn constant_channel() {
+    let mut r = rng(40);
+    let config = nchw(3);
+    let state = random_state(&mut r, &config, 0);
+    let mut x: ArrayD<f32> = normal(&mut r, &[4, 3, 5, 6], 0.0, 1.0);
+    x.index_axis_mut(Axis(1), 1).fill(2.5);
+    let dy = normal(&mut r, &[4, 3, 5, 6], 0.0, 1.0);
+    check_parity("constant_channel", &config, &state, &x, &dy, Some(16));
+}
+
+#[test]
+fn every_config_flag() {
+    let base = || BatchNormConfig::new(4);
+    let flags = [
+        ("affine_off", base().with_affine(false)),
+        ("tracking_off", base().with_track_running_stats(false)),
+        ("neither", base().with_affine(false).with_track_running_stats(false)),
+        ("momentum_none", base().with_momentum(None)),
+        ("momentum_0", base().with_momentum(Some(0.0))),
+        ("momentum_1", base().with_momentum(Some(1.0))),
+        ("keras", base().with_eps(1e-3).with_momentum(Some(0.01))),
+        ("eps_large", base().with_eps(0.5)),
+    ];
+    for (i, (name, config)) in flags.into_iter().enumerate() {
+        case(name, &[3, 4, 5, 6], config.clone(), 0.5, 1.5, None, 50 + i as u64);
+        let last = config.with_layout(Layout::ChannelsLast);
+        case(name, &[3, 5, 6, 4], last, 0.5, 1.5, Some(9), 60 + i as u64);
+    }
+}
