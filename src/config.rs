@@ -127,7 +127,9 @@ impl BatchNormConfig {
     /// finite or `<= 0`, or `momentum` is not finite or lies outside `[0, 1]`.
     pub fn validate(&self) -> Result<()> {
         if self.num_features == 0 {
-            return Err(Error::Config("num_features must be at least 1, got 0".into()));
+            return Err(Error::Config(
+                "num_features must be at least 1, got 0".into(),
+            ));
         }
         if self.num_features > u32::MAX as usize {
             return Err(Error::Config(format!(

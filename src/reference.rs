@@ -75,7 +75,12 @@ pub fn normalize(x: &[f32], walk: &ChannelWalk, coef: &[NormalizeCoef]) -> Vec<f
 }
 
 /// `S1 = sum(dy)` and `S2 = sum(dy * (x - center))` of every channel.
-pub fn backward_reduce(x: &[f32], dy: &[f32], walk: &ChannelWalk, center: &[f64]) -> Vec<(f64, f64)> {
+pub fn backward_reduce(
+    x: &[f32],
+    dy: &[f32],
+    walk: &ChannelWalk,
+    center: &[f64],
+) -> Vec<(f64, f64)> {
     let m = walk.per_channel();
     (0..walk.channels)
         .map(|c| {
@@ -215,7 +220,11 @@ impl CpuReference {
         self.state.bias.as_ref().map_or(0.0, |b| b[c] as f64)
     }
 
-    fn batch_forward(&mut self, x: ArrayViewD<'_, f32>, update_running: bool) -> Result<ArrayD<f32>> {
+    fn batch_forward(
+        &mut self,
+        x: ArrayViewD<'_, f32>,
+        update_running: bool,
+    ) -> Result<ArrayD<f32>> {
         let walk = input_walk(&self.config, x.shape(), true)?;
         let xs = x.as_standard_layout();
         let xs = xs.as_slice().expect("standard layout is contiguous");
@@ -313,7 +322,9 @@ impl BatchNormBackend for CpuReference {
             let rv = self.state.running_var.as_ref().expect("tracked");
             (
                 rm.iter().map(|&v| v as f64).collect(),
-                rv.iter().map(|&v| 1.0 / (v as f64 + self.config.eps).sqrt()).collect(),
+                rv.iter()
+                    .map(|&v| 1.0 / (v as f64 + self.config.eps).sqrt())
+                    .collect(),
             )
         };
         let xs = x.as_standard_layout();
@@ -326,7 +337,8 @@ impl BatchNormBackend for CpuReference {
         let mut dbias = Vec::with_capacity(walk.channels);
         let mut coef = Vec::with_capacity(walk.channels);
         for c in 0..walk.channels {
-            let (dw, db, k) = backward_finalize(sums[c], center[c], invstd[c], self.weight(c), m, batch);
+            let (dw, db, k) =
+                backward_finalize(sums[c], center[c], invstd[c], self.weight(c), m, batch);
             dweight.push(dw as f32);
             dbias.push(db as f32);
             coef.push(k);

@@ -56,7 +56,11 @@ impl ChannelWalk {
             .filter(|&n| n <= u32::MAX as usize)
             .ok_or_else(|| Error::TooLarge {
                 what: format!("tensor of shape {dims:?}"),
-                bytes: dims.iter().map(|&d| d as u64).product::<u64>().saturating_mul(4),
+                bytes: dims
+                    .iter()
+                    .map(|&d| d as u64)
+                    .product::<u64>()
+                    .saturating_mul(4),
                 limit_name: "u32 element indexing",
                 limit: u32::MAX as u64,
             })?;
@@ -155,6 +159,13 @@ mod tests {
         let e = ChannelWalk::new(&[2, 0, 3], Layout::ChannelsFirst).unwrap_err();
         assert!(matches!(e, Error::Empty { .. }));
         let e = ChannelWalk::for_features(&[2, 3], Layout::ChannelsFirst, 4).unwrap_err();
-        assert!(matches!(e, Error::ChannelMismatch { expected: 4, got: 3, .. }));
+        assert!(matches!(
+            e,
+            Error::ChannelMismatch {
+                expected: 4,
+                got: 3,
+                ..
+            }
+        ));
     }
 }

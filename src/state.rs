@@ -46,8 +46,18 @@ impl BatchNormState {
         let vectors = [
             ("weight", &self.weight, config.affine, "affine"),
             ("bias", &self.bias, config.affine, "affine"),
-            ("running_mean", &self.running_mean, config.track_running_stats, "track_running_stats"),
-            ("running_var", &self.running_var, config.track_running_stats, "track_running_stats"),
+            (
+                "running_mean",
+                &self.running_mean,
+                config.track_running_stats,
+                "track_running_stats",
+            ),
+            (
+                "running_var",
+                &self.running_var,
+                config.track_running_stats,
+                "track_running_stats",
+            ),
         ];
         for (name, value, wanted, flag) in vectors {
             match (value, wanted) {

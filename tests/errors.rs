@@ -42,10 +42,23 @@ fn refuses(
     for b in &mut bs {
         let before = snapshot(b.as_ref());
         let err = call(b.as_mut()).expect_err(&format!("{} accepted bad input", b.backend_name()));
-        assert!(check(&err), "{}: unexpected error {err:?}", b.backend_name());
+        assert!(
+            check(&err),
+            "{}: unexpected error {err:?}",
+            b.backend_name()
+        );
         let msg = err.to_string();
-        assert!(msg.contains(needle), "{}: message {msg:?} lacks {needle:?}", b.backend_name());
-        assert_eq!(snapshot(b.as_ref()), before, "{}: state changed by a failed call", b.backend_name());
+        assert!(
+            msg.contains(needle),
+            "{}: message {msg:?} lacks {needle:?}",
+            b.backend_name()
+        );
+        assert_eq!(
+            snapshot(b.as_ref()),
+            before,
+            "{}: state changed by a failed call",
+            b.backend_name()
+        );
     }
 }
 
@@ -57,37 +70,68 @@ fn zeros(dims: &[usize]) -> ArrayD<f32> {
 fn wrong_rank() {
     let cfg = BatchNormConfig::new(3);
     for dims in [vec![3], vec![1, 3, 1, 1, 1, 2]] {
-        refuses(&cfg, "rank 2 to 5", |e| matches!(e, Error::Rank { .. }), |b| {
-            b.forward_train(zeros(&dims).view()).map(drop)
-        });
-        refuses(&cfg, "rank 2 to 5", |e| matches!(e, Error::Rank { .. }), |b| {
-            b.forward_eval(zeros(&dims).view()).map(drop)
-        });
+        refuses(
+            &cfg,
+            "rank 2 to 5",
+            |e| matches!(e, Error::Rank { .. }),
+            |b| b.forward_train(zeros(&dims).view()).map(drop),
+        );
+        refuses(
+            &cfg,
+            "rank 2 to 5",
+            |e| matches!(e, Error::Rank { .. }),
+            |b| b.forward_eval(zeros(&dims).view()).map(drop),
+        );
     }
     let last = BatchNormConfig::new(3).with_layout(Layout::ChannelsLast);
-    refuses(&last, "rank 3 to 5", |e| matches!(e, Error::Rank { .. }), |b| {
-        b.forward_train(zeros(&[4, 3]).view()).map(drop)
-    });
+    refuses(
+        &last,
+        "rank 3 to 5",
+        |e| matches!(e, Error::Rank { .. }),
+        |b| b.forward_train(zeros(&[4, 3]).view()).map(drop),
+    );
 }
 
 #[test]
 fn channel_count_mismatch() {
     let cfg = BatchNormConfig::new(3);
-    let is = |e: &Error| matches!(e, Error::ChannelMismatch { expected: 3, got: 4, .. });
-    refuses(&cfg, "3 features", is, |b| b.forward_train(zeros(&[2, 4, 5]).view()).map(drop));
-    refuses(&cfg, "4 channels", is, |b| b.forward_eval(zeros(&[2, 4, 5]).view()).map(drop));
+    let is = |e: &Error| {
+        matches!(
+            e,
+            Error::ChannelMismatch {
+                expected: 3,
+                got: 4,
+                ..
+            }
+        )
+    };
+    refuses(&cfg, "3 features", is, |b| {
+        b.forward_train(zeros(&[2, 4, 5]).view()).map(drop)
+    });
     refuses(&cfg, "4 channels", is, |b| {
-        b.backward(zeros(&[2, 4, 3]).view(), zeros(&[2, 4, 3]).view(), Mode::Eval).map(drop)
+        b.forward_eval(zeros(&[2, 4, 5]).view()).map(drop)
+    });
+    refuses(&cfg, "4 channels", is, |b| {
+        b.backward(
+            zeros(&[2, 4, 3]).view(),
+            zeros(&[2, 4, 3]).view(),
+            Mode::Eval,
+        )
+        .map(drop)
     });
     let last = BatchNormConfig::new(3).with_layout(Layout::ChannelsLast);
-    refuses(&last, "NHWC", is, |b| b.forward_train(zeros(&[2, 3, 4]).view()).map(drop));
+    refuses(&last, "NHWC", is, |b| {
+        b.forward_train(zeros(&[2, 3, 4]).view()).map(drop)
+    });
 }
 
 #[test]
 fn one_value_per_channel_in_training() {
     let is = |e: &Error| matches!(e, Error::SingleValuePerChannel { .. });
     let cfg = BatchNormConfig::new(4);
-    refuses(&cfg, "more than 1 value per channel", is, |b| b.forward_train(zeros(&[1, 4]).view()).map(drop));
+    refuses(&cfg, "more than 1 value per channel", is, |b| {
+        b.forward_train(zeros(&[1, 4]).view()).map(drop)
+    });
     refuses(&cfg, "more than 1 value per channel", is, |b| {
         b.forward_train(zeros(&[1, 4, 1, 1]).view()).map(drop)
     });
@@ -99,7 +143,8 @@ fn one_value_per_channel_in_training() {
     // evaluation with running statistics takes a single sample
     let (mut bs, _) = trained(&cfg);
     for b in &mut bs {
-        b.forward_eval(ArrayD::from_elem(vec![1, 4], 0.5).view()).unwrap();
+        b.forward_eval(ArrayD::from_elem(vec![1, 4], 0.5).view())
+            .unwrap();
     }
 }
 
@@ -107,24 +152,50 @@ fn one_value_per_channel_in_training() {
 fn empty_tensor() {
     let cfg = BatchNormConfig::new(3);
     let is = |e: &Error| matches!(e, Error::Empty { .. });
-    refuses(&cfg, "no elements", is, |b| b.forward_train(zeros(&[0, 3, 4]).view()).map(drop));
-    refuses(&cfg, "no elements", is, |b| b.forward_eval(zeros(&[2, 3, 0]).view()).map(drop));
+    refuses(&cfg, "no elements", is, |b| {
+        b.forward_train(zeros(&[0, 3, 4]).view()).map(drop)
+    });
+    refuses(&cfg, "no elements", is, |b| {
+        b.forward_eval(zeros(&[2, 3, 0]).view()).map(drop)
+    });
 }
 
 #[test]
 fn dy_shape_mismatch_and_missing_statistics() {
     let cfg = BatchNormConfig::new(3);
-    refuses(&cfg, "dy has shape [2, 3, 4]", |e| matches!(e, Error::ShapeMismatch { .. }), |b| {
-        b.backward(zeros(&[2, 3, 3]).view(), zeros(&[2, 3, 4]).view(), Mode::Train).map(drop)
-    });
+    refuses(
+        &cfg,
+        "dy has shape [2, 3, 4]",
+        |e| matches!(e, Error::ShapeMismatch { .. }),
+        |b| {
+            b.backward(
+                zeros(&[2, 3, 3]).view(),
+                zeros(&[2, 3, 4]).view(),
+                Mode::Train,
+            )
+            .map(drop)
+        },
+    );
     // the saved statistics are for [2, 3, 3]; another shape has none
-    refuses(&cfg, "saved for shape [2, 3, 3]", |e| matches!(e, Error::NoSavedStatistics { .. }), |b| {
-        b.backward(zeros(&[4, 3, 3]).view(), zeros(&[4, 3, 3]).view(), Mode::Train).map(drop)
-    });
+    refuses(
+        &cfg,
+        "saved for shape [2, 3, 3]",
+        |e| matches!(e, Error::NoSavedStatistics { .. }),
+        |b| {
+            b.backward(
+                zeros(&[4, 3, 3]).view(),
+                zeros(&[4, 3, 3]).view(),
+                Mode::Train,
+            )
+            .map(drop)
+        },
+    );
     // a fresh layer has none at all
     let mut fresh: Vec<Box<dyn BatchNormBackend>> = backends(&cfg, &BatchNormState::new(&cfg));
     for b in &mut fresh {
-        let e = b.backward(zeros(&[2, 3]).view(), zeros(&[2, 3]).view(), Mode::Train).unwrap_err();
+        let e = b
+            .backward(zeros(&[2, 3]).view(), zeros(&[2, 3]).view(), Mode::Train)
+            .unwrap_err();
         assert!(matches!(e, Error::NoSavedStatistics { .. }), "{e:?}");
     }
 }
@@ -132,13 +203,34 @@ fn dy_shape_mismatch_and_missing_statistics() {
 #[test]
 fn bad_configuration() {
     let bad = [
-        (BatchNormConfig::new(3).with_eps(0.0), "eps must be finite and > 0"),
-        (BatchNormConfig::new(3).with_eps(-1e-5), "eps must be finite and > 0"),
-        (BatchNormConfig::new(3).with_eps(f64::NAN), "eps must be finite and > 0"),
-        (BatchNormConfig::new(3).with_eps(f64::INFINITY), "eps must be finite and > 0"),
-        (BatchNormConfig::new(3).with_momentum(Some(-0.1)), "momentum must lie in [0, 1]"),
-        (BatchNormConfig::new(3).with_momentum(Some(1.5)), "momentum must lie in [0, 1]"),
-        (BatchNormConfig::new(3).with_momentum(Some(f64::NAN)), "momentum must lie in [0, 1]"),
+        (
+            BatchNormConfig::new(3).with_eps(0.0),
+            "eps must be finite and > 0",
+        ),
+        (
+            BatchNormConfig::new(3).with_eps(-1e-5),
+            "eps must be finite and > 0",
+        ),
+        (
+            BatchNormConfig::new(3).with_eps(f64::NAN),
+            "eps must be finite and > 0",
+        ),
+        (
+            BatchNormConfig::new(3).with_eps(f64::INFINITY),
+            "eps must be finite and > 0",
+        ),
+        (
+            BatchNormConfig::new(3).with_momentum(Some(-0.1)),
+            "momentum must lie in [0, 1]",
+        ),
+        (
+            BatchNormConfig::new(3).with_momentum(Some(1.5)),
+            "momentum must lie in [0, 1]",
+        ),
+        (
+            BatchNormConfig::new(3).with_momentum(Some(f64::NAN)),
+            "momentum must lie in [0, 1]",
+        ),
         (BatchNormConfig::new(0), "num_features must be at least 1"),
     ];
     for (cfg, needle) in bad {
@@ -156,19 +248,28 @@ fn bad_state() {
     let cfg = BatchNormConfig::new(3);
     let mut wrong_len = BatchNormState::new(&cfg);
     wrong_len.running_var = Some(vec![1.0; 2]);
-    refuses(&cfg, "running_var has length 2, expected 3", |e| matches!(e, Error::ParameterLength { .. }), |b| {
-        b.set_state(&wrong_len)
-    });
+    refuses(
+        &cfg,
+        "running_var has length 2, expected 3",
+        |e| matches!(e, Error::ParameterLength { .. }),
+        |b| b.set_state(&wrong_len),
+    );
     let mut missing = BatchNormState::new(&cfg);
     missing.weight = None;
-    refuses(&cfg, "weight does not exist", |e| matches!(e, Error::MissingParameter { .. }), |b| {
-        b.set_state(&missing)
-    });
+    refuses(
+        &cfg,
+        "weight does not exist",
+        |e| matches!(e, Error::MissingParameter { .. }),
+        |b| b.set_state(&missing),
+    );
     let untracked = BatchNormConfig::new(3).with_track_running_stats(false);
     let extra = BatchNormState::new(&cfg);
-    refuses(&untracked, "track_running_stats = false", |e| matches!(e, Error::MissingParameter { .. }), |b| {
-        b.set_state(&extra)
-    });
+    refuses(
+        &untracked,
+        "track_running_stats = false",
+        |e| matches!(e, Error::MissingParameter { .. }),
+        |b| b.set_state(&extra),
+    );
 }
 
 /// The GPU-only refusals: tensors from another device, another layout, past the limits.
@@ -181,7 +282,10 @@ fn gpu_tensor_errors() {
     let other = GpuContext::from_adapter(
         &wgpu_batchnorm::gpu::enumerate_adapters(&Default::default())
             .into_iter()
-            .find(|a| a.get_info().name == ctx.name() && a.get_info().backend == ctx.adapter_info().backend)
+            .find(|a| {
+                a.get_info().name == ctx.name()
+                    && a.get_info().backend == ctx.adapter_info().backend
+            })
             .unwrap(),
     )
     .unwrap();
@@ -203,11 +307,19 @@ fn gpu_tensor_errors() {
     let nhwc = GpuTensor::from_array(ctx, x.view(), Layout::ChannelsLast).unwrap();
     let e = bn.forward_eval(&nhwc).unwrap_err();
     assert!(matches!(e, Error::LayoutMismatch { .. }), "{e:?}");
-    assert!(e.to_string().contains("x is NHWC, the BatchNorm expects NCHW"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("x is NHWC, the BatchNorm expects NCHW"),
+        "{e}"
+    );
 
     let wrong_y = GpuTensor::uninit(ctx, &[2, 3, 5], Layout::ChannelsFirst).unwrap();
     let e = bn.forward_train_into(&gx, &wrong_y).unwrap_err();
-    assert!(e.to_string().contains("y has shape [2, 3, 5], expected [2, 3, 4]"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("y has shape [2, 3, 5], expected [2, 3, 4]"),
+        "{e}"
+    );
 
     // past the device's buffer limits: refused before anything is allocated
     let limit = ctx.limits().max_storage_buffer_binding_size as usize;
@@ -215,7 +327,8 @@ fn gpu_tensor_errors() {
     assert!(matches!(e, Error::TooLarge { .. }), "{e:?}");
     assert!(e.to_string().contains("max_"), "{e}");
     // past u32 element indexing: refused by the shape check
-    let e = wgpu_batchnorm::ChannelWalk::new(&[1 << 20, 3, 1 << 12], Layout::ChannelsFirst).unwrap_err();
+    let e = wgpu_batchnorm::ChannelWalk::new(&[1 << 20, 3, 1 << 12], Layout::ChannelsFirst)
+        .unwrap_err();
     assert!(matches!(e, Error::TooLarge { .. }), "{e:?}");
 
     let e = GpuTensor::from_slice(ctx, &[1.0; 5], &[2, 3], Layout::ChannelsFirst).unwrap_err();

@@ -5,7 +5,15 @@ use common::*;
 use ndarray::{ArrayD, Axis};
 use wgpu_batchnorm::{BatchNormConfig, Layout};
 
-fn case(name: &str, dims: &[usize], config: BatchNormConfig, mean: f32, std: f32, slice_len: Option<u32>, seed: u64) {
+fn case(
+    name: &str,
+    dims: &[usize],
+    config: BatchNormConfig,
+    mean: f32,
+    std: f32,
+    slice_len: Option<u32>,
+    seed: u64,
+) {
     let mut r = rng(seed);
     let state = random_state(&mut r, &config, 3);
     let x = normal(&mut r, dims, mean, std);
@@ -51,9 +59,25 @@ fn odd_and_tiny_sizes() {
 #[test]
 fn channels_spread_over_several_slices() {
     // default slicing: M = 8320 > 4096 gives several workgroups per channel
-    case("default_slices", &[2, 3, 64, 65], nchw(3), 0.5, 1.0, None, 20);
+    case(
+        "default_slices",
+        &[2, 3, 64, 65],
+        nchw(3),
+        0.5,
+        1.0,
+        None,
+        20,
+    );
     // forced slices with a short last slice
-    case("forced_slices", &[4, 3, 17, 19], nchw(3), 0.5, 1.0, Some(100), 21);
+    case(
+        "forced_slices",
+        &[4, 3, 17, 19],
+        nchw(3),
+        0.5,
+        1.0,
+        Some(100),
+        21,
+    );
     // one element per thread and slices shorter than a workgroup
     case("slice_1", &[3, 2, 5], nchw(2), 0.5, 1.0, Some(1), 22);
 }
@@ -64,7 +88,10 @@ fn dispatches_fold_onto_a_2d_grid() {
     // x 9 slices = 45 reduction workgroups, 2-D elementwise grids, and per-channel
     // passes of 130 channels; grids overshoot, so the shaders' bounds checks matter.
     let mut r = rng(23);
-    for (dims, c, slice) in [(&[3usize, 5, 11, 13][..], 5, Some(50)), (&[33, 130][..], 130, None)] {
+    for (dims, c, slice) in [
+        (&[3usize, 5, 11, 13][..], 5, Some(50)),
+        (&[33, 130][..], 130, None),
+    ] {
         let config = nchw(c);
         let state = random_state(&mut r, &config, 1);
         let x = normal(&mut r, dims, 0.2, 1.0);
@@ -76,10 +103,34 @@ fn dispatches_fold_onto_a_2d_grid() {
 #[test]
 fn large_mean_is_stable() {
     // 300 + N(0,1): E[x^2] - E[x]^2 in f32 would lose every digit of the variance
-    case("large_mean", &[4, 3, 16, 16], nchw(3), 300.0, 1.0, Some(64), 30);
-    case("large_mean_default", &[8, 2, 32, 32], nchw(2), 300.0, 1.0, None, 31);
+    case(
+        "large_mean",
+        &[4, 3, 16, 16],
+        nchw(3),
+        300.0,
+        1.0,
+        Some(64),
+        30,
+    );
+    case(
+        "large_mean_default",
+        &[8, 2, 32, 32],
+        nchw(2),
+        300.0,
+        1.0,
+        None,
+        31,
+    );
     let last = BatchNormConfig::new(3).with_layout(Layout::ChannelsLast);
-    case("large_mean_nhwc", &[4, 8, 8, 3], last, 300.0, 1.0, Some(30), 32);
+    case(
+        "large_mean_nhwc",
+        &[4, 8, 8, 3],
+        last,
+        300.0,
+        1.0,
+        Some(30),
+        32,
+    );
 }
 
 #[test]
@@ -99,7 +150,10 @@ fn every_config_flag() {
     let flags = [
         ("affine_off", base().with_affine(false)),
         ("tracking_off", base().with_track_running_stats(false)),
-        ("neither", base().with_affine(false).with_track_running_stats(false)),
+        (
+            "neither",
+            base().with_affine(false).with_track_running_stats(false),
+        ),
         ("momentum_none", base().with_momentum(None)),
         ("momentum_0", base().with_momentum(Some(0.0))),
         ("momentum_1", base().with_momentum(Some(1.0))),
@@ -107,7 +161,15 @@ fn every_config_flag() {
         ("eps_large", base().with_eps(0.5)),
     ];
     for (i, (name, config)) in flags.into_iter().enumerate() {
-        case(name, &[3, 4, 5, 6], config.clone(), 0.5, 1.5, None, 50 + i as u64);
+        case(
+            name,
+            &[3, 4, 5, 6],
+            config.clone(),
+            0.5,
+            1.5,
+            None,
+            50 + i as u64,
+        );
         let last = config.with_layout(Layout::ChannelsLast);
         case(name, &[3, 5, 6, 4], last, 0.5, 1.5, Some(9), 60 + i as u64);
     }

@@ -103,7 +103,8 @@ impl GpuBatchNorm {
             contents: bytemuck::bytes_of(&Params::default()),
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
         });
-        let per_channel = |label: &str, floats: usize| ctx.storage_buffer(label, (c * floats * 4) as u64);
+        let per_channel =
+            |label: &str, floats: usize| ctx.storage_buffer(label, (c * floats * 4) as u64);
         let mut bn = Self {
             params,
             wb: ctx.storage_buffer_init("batchnorm.weight_bias", bytemuck::cast_slice(&wb)),
@@ -153,7 +154,9 @@ impl GpuBatchNorm {
     /// [`Error::Config`] for `Some(0)`.
     pub fn set_max_workgroups_per_dim(&mut self, cap: Option<u32>) -> Result<()> {
         if cap == Some(0) {
-            return Err(Error::Config("workgroups per dimension must be at least 1".into()));
+            return Err(Error::Config(
+                "workgroups per dimension must be at least 1".into(),
+            ));
         }
         self.max_per_dim = cap;
         Ok(())
@@ -231,7 +234,11 @@ impl GpuBatchNorm {
             flags,
             eps: self.config.eps as f32,
             momentum: momentum as f32,
-            unbias: if m > 1 { m as f32 / (m - 1) as f32 } else { 0.0 },
+            unbias: if m > 1 {
+                m as f32 / (m - 1) as f32
+            } else {
+                0.0
+            },
             inv_m: 1.0 / m as f32,
         }
     }
@@ -255,13 +262,19 @@ impl GpuBatchNorm {
         self.max_per_dim.map_or(limit, |cap| cap.min(limit))
     }
 
-    fn pass(&self, enc: &mut wgpu::CommandEncoder, k: &Kernel, buffers: &[&wgpu::Buffer], wgs: u32) {
+    fn pass(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        k: &Kernel,
+        buffers: &[&wgpu::Buffer],
+        wgs: u32,
+    ) {
         let bg = k.bind(self.ctx.device(), buffers);
         kernels::dispatch(enc, k, &bg, wgs, self.max_dim());
     }
 
     fn elementwise_wgs(p: &Params) -> (bool, u32) {
-        let vec4 = p.total % 4 == 0;
+        let vec4 = p.total.is_multiple_of(4);
         let items = if vec4 { p.total / 4 } else { p.total };
         (vec4, items.div_ceil(WG))
     }
@@ -280,15 +293,37 @@ impl GpuBatchNorm {
         let (vec4, elem_wgs) = Self::elementwise_wgs(&p);
         let (rin, rout) = (&self.running[self.cur], &self.running[1 - self.cur]);
         self.ctx.submit("BatchNorm training forward", |enc| {
-            self.pass(enc, &k.stats_partial, &[&self.params, &x.buffer, &self.scratch], p.channels * p.slices);
+            self.pass(
+                enc,
+                &k.stats_partial,
+                &[&self.params, &x.buffer, &self.scratch],
+                p.channels * p.slices,
+            );
             self.pass(
                 enc,
                 &k.stats_finalize,
-                &[&self.params, &self.scratch, &self.wb, rin, rout, &self.saved, &self.coef],
+                &[
+                    &self.params,
+                    &self.scratch,
+                    &self.wb,
+                    rin,
+                    rout,
+                    &self.saved,
+                    &self.coef,
+                ],
                 p.channels.div_ceil(WG_CHANNEL),
             );
-            let normalize = if vec4 { &k.normalize_vec4 } else { &k.normalize };
-            self.pass(enc, normalize, &[&self.params, &x.buffer, &self.coef, &y.buffer], elem_wgs);
+            let normalize = if vec4 {
+                &k.normalize_vec4
+            } else {
+                &k.normalize
+            };
+            self.pass(
+                enc,
+                normalize,
+                &[&self.params, &x.buffer, &self.coef, &y.buffer],
+                elem_wgs,
+            );
         })?;
         if update {
             self.cur = 1 - self.cur;
@@ -370,12 +405,26 @@ impl GpuBatchNorm {
                 self.pass(
                     enc,
                     &k.eval_coeffs,
-                    &[&self.params, &self.wb, &self.running[self.cur], &self.eval_coef],
+                    &[
+                        &self.params,
+                        &self.wb,
+                        &self.running[self.cur],
+                        &self.eval_coef,
+                    ],
                     p.channels.div_ceil(WG_CHANNEL),
                 );
             }
-            let normalize = if vec4 { &k.normalize_vec4 } else { &k.normalize };
-            self.pass(enc, normalize, &[&self.params, &x.buffer, &self.eval_coef, &y.buffer], elem_wgs);
+            let normalize = if vec4 {
+                &k.normalize_vec4
+            } else {
+                &k.normalize
+            };
+            self.pass(
+                enc,
+                normalize,
+                &[&self.params, &x.buffer, &self.eval_coef, &y.buffer],
+                elem_wgs,
+            );
         })?;
         self.eval_coef_fresh = true;
         Ok(())
@@ -462,7 +511,11 @@ impl GpuBatchNorm {
         self.prepare(&p)?;
         let k = &self.ctx.inner.kernels;
         let (vec4, elem_wgs) = Self::elementwise_wgs(&p);
-        let stats = if batch { &self.saved } else { &self.running[self.cur] };
+        let stats = if batch {
+            &self.saved
+        } else {
+            &self.running[self.cur]
+        };
         self.ctx.submit("BatchNorm backward", |enc| {
             self.pass(
                 enc,
@@ -473,14 +526,32 @@ impl GpuBatchNorm {
             self.pass(
                 enc,
                 &k.backward_finalize,
-                &[&self.params, &self.scratch, stats, &self.wb, &dweight.buffer, &dbias.buffer, &self.dx_coef],
+                &[
+                    &self.params,
+                    &self.scratch,
+                    stats,
+                    &self.wb,
+                    &dweight.buffer,
+                    &dbias.buffer,
+                    &self.dx_coef,
+                ],
                 p.channels.div_ceil(WG_CHANNEL),
             );
-            let dx_kernel = if vec4 { &k.backward_dx_vec4 } else { &k.backward_dx };
+            let dx_kernel = if vec4 {
+                &k.backward_dx_vec4
+            } else {
+                &k.backward_dx
+            };
             self.pass(
                 enc,
                 dx_kernel,
-                &[&self.params, &x.buffer, &dy.buffer, &self.dx_coef, &dx.buffer],
+                &[
+                    &self.params,
+                    &x.buffer,
+                    &dy.buffer,
+                    &self.dx_coef,
+                    &dx.buffer,
+                ],
                 elem_wgs,
             );
         })
@@ -494,7 +565,11 @@ impl GpuBatchNorm {
         if self.saved_dims.is_none() {
             return Ok(None);
         }
-        let (mean, invstd) = split(&self.ctx.read_f32(&self.saved, self.config.num_features * 2)?);
+        let (mean, invstd) = split(
+            &self
+                .ctx
+                .read_f32(&self.saved, self.config.num_features * 2)?,
+        );
         Ok(Some(SavedStats { mean, invstd }))
     }
 

@@ -250,7 +250,8 @@ impl GpuContext {
                 ),
             });
         }
-        let features = adapter.features() & (wgpu::Features::SHADER_F16 | wgpu::Features::TIMESTAMP_QUERY);
+        let features =
+            adapter.features() & (wgpu::Features::SHADER_F16 | wgpu::Features::TIMESTAMP_QUERY);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("batchnorm"),
             required_features: features,
@@ -339,8 +340,11 @@ impl GpuContext {
     /// Checks that a buffer of `bytes` fits the device as a storage binding.
     pub(crate) fn check_storage_size(&self, what: &str, bytes: u64) -> Result<()> {
         let l = &self.inner.limits;
-        let (limit_name, limit) = if u64::from(l.max_storage_buffer_binding_size) < l.max_buffer_size {
-            ("max_storage_buffer_binding_size", u64::from(l.max_storage_buffer_binding_size))
+        let (limit_name, limit) = if l.max_storage_buffer_binding_size < l.max_buffer_size {
+            (
+                "max_storage_buffer_binding_size",
+                l.max_storage_buffer_binding_size,
+            )
         } else {
             ("max_buffer_size", l.max_buffer_size)
         };
@@ -371,13 +375,15 @@ impl GpuContext {
     pub(crate) fn storage_buffer_init(&self, label: &str, data: &[u8]) -> wgpu::Buffer {
         let mut contents = data.to_vec();
         contents.resize(data.len().max(16).next_multiple_of(4), 0);
-        self.inner.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(label),
-            contents: &contents,
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_SRC
-                | wgpu::BufferUsages::COPY_DST,
-        })
+        self.inner
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: &contents,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+            })
     }
 
     /// Records with `record`, submits once and waits, turning wgpu errors into `Err`.
@@ -486,5 +492,51 @@ impl ErrorScopes {
             }),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn first_context() -> Option<GpuContext> {
+        match GpuContext::new() {
+            Ok(c) => Some(c),
+            Err(e) if std::env::var("CI").is_ok() || std::env::var("BNORM_REQUIRE_GPU").is_ok() => {
+                panic!("a GPU adapter is required: {e}")
+            }
+            Err(e) => {
+                eprintln!("*** SKIPPED: {e} ***");
+                None
+            }
+        }
+    }
+
+    #[test]
+    fn validation_errors_come_back_as_err() {
+        let Some(ctx) = first_context() else { return };
+        let k = &ctx.inner.kernels.stats_partial;
+        // a 16-byte uniform where the shader's Params needs 48: invalid at dispatch
+        let small = ctx.storage_buffer("too small", 16);
+        let uniform = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("uniform too small"),
+            size: 16,
+            usage: wgpu::BufferUsages::UNIFORM,
+            mapped_at_creation: false,
+        });
+        let scope = ErrorScopes::push(ctx.device());
+        let bg = k.bind(ctx.device(), &[&uniform, &small, &small]);
+        let bind_err = scope.pop("bind");
+        let result = match bind_err {
+            Err(e) => Err(e),
+            Ok(()) => ctx.submit("invalid dispatch", |enc| {
+                super::super::kernels::dispatch(enc, k, &bg, 1, 65535);
+            }),
+        };
+        let err = result.expect_err("an invalid dispatch must be refused");
+        assert!(matches!(err, Error::Wgpu { .. }), "{err:?}");
+        // the device stays usable
+        let buf = ctx.storage_buffer_init("ok", bytemuck::cast_slice(&[1.0f32, 2.0, 3.0, 4.0]));
+        assert_eq!(ctx.read_f32(&buf, 4).unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
     }
 }

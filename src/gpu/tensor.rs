@@ -34,7 +34,12 @@ impl GpuTensor {
     /// [`Error::TooLarge`] past the device's buffer limits.
     pub fn from_array(ctx: &GpuContext, x: ArrayViewD<'_, f32>, layout: Layout) -> Result<Self> {
         let std = x.as_standard_layout();
-        Self::from_slice(ctx, std.as_slice().expect("standard layout"), x.shape(), layout)
+        Self::from_slice(
+            ctx,
+            std.as_slice().expect("standard layout"),
+            x.shape(),
+            layout,
+        )
     }
 
     /// Uploads `data` in standard (row-major) order with shape `dims`.
@@ -42,7 +47,12 @@ impl GpuTensor {
     /// # Errors
     /// [`Error::ShapeMismatch`] when `data.len()` is not the product of `dims`;
     /// [`Error::TooLarge`] past the device's buffer limits.
-    pub fn from_slice(ctx: &GpuContext, data: &[f32], dims: &[usize], layout: Layout) -> Result<Self> {
+    pub fn from_slice(
+        ctx: &GpuContext,
+        data: &[f32],
+        dims: &[usize],
+        layout: Layout,
+    ) -> Result<Self> {
         let len: usize = dims.iter().product();
         if len != data.len() {
             return Err(Error::ShapeMismatch {
@@ -103,7 +113,10 @@ impl GpuTensor {
     /// # Errors
     /// Device errors.
     pub fn to_array(&self) -> Result<ArrayD<f32>> {
-        Ok(ArrayD::from_shape_vec(IxDyn(&self.dims), self.to_vec()?).expect("shape matches length"))
+        Ok(
+            ArrayD::from_shape_vec(IxDyn(&self.dims), self.to_vec()?)
+                .expect("shape matches length"),
+        )
     }
 
     /// Reads the tensor back in standard order.

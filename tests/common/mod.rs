@@ -26,7 +26,9 @@ pub fn gpu_contexts() -> &'static [GpuContext] {
     static CONTEXTS: OnceLock<Vec<GpuContext>> = OnceLock::new();
     CONTEXTS.get_or_init(|| match GpuContext::all(&AdapterSelection::from_env()) {
         Ok(c) => c,
-        Err(e) if gpu_required() => panic!("a GPU adapter is required (CI or BNORM_REQUIRE_GPU) but: {e}"),
+        Err(e) if gpu_required() => {
+            panic!("a GPU adapter is required (CI or BNORM_REQUIRE_GPU) but: {e}")
+        }
         Err(e) => {
             eprintln!("\n*** SKIPPED GPU backends: {e} ***\n");
             Vec::new()
@@ -35,8 +37,12 @@ pub fn gpu_contexts() -> &'static [GpuContext] {
 }
 
 /// The CPU reference and one GPU layer per adapter, all with `config` and `state`.
-pub fn backends(config: &BatchNormConfig, state: &BatchNormState) -> Vec<Box<dyn BatchNormBackend>> {
-    let mut out: Vec<Box<dyn BatchNormBackend>> = vec![Box::new(CpuReference::new(config.clone()).unwrap())];
+pub fn backends(
+    config: &BatchNormConfig,
+    state: &BatchNormState,
+) -> Vec<Box<dyn BatchNormBackend>> {
+    let mut out: Vec<Box<dyn BatchNormBackend>> =
+        vec![Box::new(CpuReference::new(config.clone()).unwrap())];
     for ctx in gpu_contexts() {
         out.push(Box::new(GpuBatchNorm::new(ctx, config.clone()).unwrap()));
     }
@@ -48,9 +54,19 @@ pub fn backends(config: &BatchNormConfig, state: &BatchNormState) -> Vec<Box<dyn
 
 /// Elementwise `|got - want| <= atol + rtol * |want|`, NaN matching only NaN.
 /// The error names the count of bad elements and the worst one.
-pub fn all_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) -> Result<(), String> {
+pub fn all_close(
+    what: &str,
+    got: &[f32],
+    want: &[f32],
+    atol: f32,
+    rtol: f32,
+) -> Result<(), String> {
     if got.len() != want.len() {
-        return Err(format!("{what}: length {} vs expected {}", got.len(), want.len()));
+        return Err(format!(
+            "{what}: length {} vs expected {}",
+            got.len(),
+            want.len()
+        ));
     }
     let mut bad = 0;
     let mut worst: Option<(usize, f32)> = None;
@@ -62,7 +78,11 @@ pub fn all_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) ->
         };
         if !ok {
             bad += 1;
-            let excess = if (g - w).is_nan() { f32::INFINITY } else { (g - w).abs() - rtol * w.abs() };
+            let excess = if (g - w).is_nan() {
+                f32::INFINITY
+            } else {
+                (g - w).abs() - rtol * w.abs()
+            };
             if worst.is_none_or(|(_, e)| excess > e) {
                 worst = Some((i, excess));
             }
@@ -138,7 +158,8 @@ pub fn backends_tuned(
     slice_len: Option<u32>,
     max_per_dim: Option<u32>,
 ) -> Vec<Box<dyn BatchNormBackend>> {
-    let mut out: Vec<Box<dyn BatchNormBackend>> = vec![Box::new(CpuReference::new(config.clone()).unwrap())];
+    let mut out: Vec<Box<dyn BatchNormBackend>> =
+        vec![Box::new(CpuReference::new(config.clone()).unwrap())];
     for ctx in gpu_contexts() {
         let mut bn = GpuBatchNorm::new(ctx, config.clone()).unwrap();
         bn.set_slice_len(slice_len).unwrap();
@@ -229,7 +250,11 @@ pub fn check_parity_tuned(
     let mut failures = Vec::new();
     for got in &outs[1..] {
         assert_eq!(got.tensors.len(), want.tensors.len(), "{case} {}", got.name);
-        assert_eq!(got.nbt, want.nbt, "{case} {}: num_batches_tracked", got.name);
+        assert_eq!(
+            got.nbt, want.nbt,
+            "{case} {}: num_batches_tracked",
+            got.name
+        );
         for ((k, g), (k2, w)) in got.tensors.iter().zip(&want.tensors) {
             assert_eq!(k, k2);
             if let Err(e) = all_close(k, g, w, TOL, TOL) {

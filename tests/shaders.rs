@@ -1,0 +1,75 @@
+//! Every embedded shader parses and validates with naga, so a broken shader
+//! fails `cargo test` with its file and line instead of at the first dispatch.
+
+use wgpu_batchnorm::shaders;
+
+#[test]
+fn every_shader_parses_and_validates() {
+    let common = shaders::common_lines();
+    let mut failures = Vec::new();
+    for shader in shaders::ALL {
+        let module = match naga::front::wgsl::parse_str(shader.source) {
+            Ok(m) => m,
+            Err(e) => {
+                let line = e
+                    .location(shader.source)
+                    .map_or(0, |l| l.line_number as usize);
+                let (file, line) = if line > common {
+                    (format!("shaders/{}.wgsl", shader.name), line - common)
+                } else {
+                    ("shaders/common.wgsl".to_string(), line)
+                };
+                failures.push(format!(
+                    "{file}:{line}: {}",
+                    e.emit_to_string(shader.source)
+                ));
+                continue;
+            }
+        };
+        let mut validator = naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        );
+        if let Err(e) = validator.validate(&module) {
+            failures.push(format!(
+                "shaders/{}.wgsl: {}",
+                shader.name,
+                e.emit_to_string(shader.source)
+            ));
+            continue;
+        }
+        let entry: Vec<_> = module
+            .entry_points
+            .iter()
+            .map(|e| (e.name.as_str(), e.stage))
+            .collect();
+        if entry != [("main", naga::ShaderStage::Compute)] {
+            failures.push(format!(
+                "shaders/{}.wgsl: expected one compute entry point `main`, found {entry:?}",
+                shader.name
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn every_shader_file_is_embedded() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let stem = path.file_stem().unwrap().to_str().unwrap().to_string();
+        if stem == "common" {
+            continue;
+        }
+        let on_disk = std::fs::read_to_string(&path).unwrap();
+        let embedded = shaders::ALL.iter().find(|s| s.name == stem);
+        let embedded =
+            embedded.unwrap_or_else(|| panic!("{} is not in shaders::ALL", path.display()));
+        assert!(
+            embedded.source.ends_with(&on_disk),
+            "{stem}: embedded text differs from the file"
+        );
+        assert!(embedded.source.starts_with(shaders::COMMON));
+    }
+}
