@@ -1,9 +1,9 @@
 // Backward, stage 3: dx = a*dy + b*(x - center) + c, one element per thread.
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> dy: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<Elem>;
+@group(0) @binding(2) var<storage, read> dy: array<Elem>;
 @group(0) @binding(3) var<storage, read> coef: array<vec4<f32>>;   // (center, a, b, c)
-@group(0) @binding(4) var<storage, read_write> dx: array<f32>;
+@group(0) @binding(4) var<storage, read_write> dx: array<Elem>;
 
 @compute @workgroup_size(256)
 fn main(
@@ -16,5 +16,5 @@ fn main(
         return;
     }
     let k = coef[channel_of(p, i)];
-    dx[i] = k.y * dy[i] + k.z * (x[i] - k.x) + k.w;
+    dx[i] = Elem(k.y * f32(dy[i]) + k.z * (f32(x[i]) - k.x) + k.w);
 }

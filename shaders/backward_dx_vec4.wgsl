@@ -1,10 +1,10 @@
 // Backward, stage 3: dx = a*dy + b*(x - center) + c, four elements per thread;
 // used when the element count is a multiple of 4.
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> dy: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> x: array<Elem4>;
+@group(0) @binding(2) var<storage, read> dy: array<Elem4>;
 @group(0) @binding(3) var<storage, read> coef: array<vec4<f32>>;   // (center, a, b, c)
-@group(0) @binding(4) var<storage, read_write> dx: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> dx: array<Elem4>;
 
 @compute @workgroup_size(256)
 fn main(
@@ -17,12 +17,12 @@ fn main(
     if i >= p.total {
         return;
     }
-    let v = x[j];
-    let g = dy[j];
+    let v = vec4<f32>(x[j]);
+    let g = vec4<f32>(dy[j]);
     if p.inner % 4u == 0u {
         // All four lanes lie in one channel.
         let k = coef[channel_of(p, i)];
-        dx[j] = k.y * g + k.z * (v - k.x) + k.w;
+        dx[j] = Elem4(k.y * g + k.z * (v - k.x) + k.w);
     } else {
         let k0 = coef[channel_of(p, i)];
         let k1 = coef[channel_of(p, i + 1u)];
@@ -32,6 +32,6 @@ fn main(
         let a = vec4<f32>(k0.y, k1.y, k2.y, k3.y);
         let b = vec4<f32>(k0.z, k1.z, k2.z, k3.z);
         let cc = vec4<f32>(k0.w, k1.w, k2.w, k3.w);
-        dx[j] = a * g + b * (v - center) + cc;
+        dx[j] = Elem4(a * g + b * (v - center) + cc);
     }
 }

@@ -1,8 +1,8 @@
 // Backward, stage 1: per (channel, slice), S1 = sum(dy) and
 // S2 = sum(dy * (x - center)), centred on the batch or running mean.
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read> dy: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<Elem>;
+@group(0) @binding(2) var<storage, read> dy: array<Elem>;
 @group(0) @binding(3) var<storage, read> stats: array<vec2<f32>>;   // (mean, invstd or var)
 @group(0) @binding(4) var<storage, read_write> partials: array<vec2<f32>>;   // (S1, S2)
 
@@ -28,9 +28,9 @@ fn main(
     var s2 = 0.0;
     for (var m = begin + lid; m < end; m += WG) {
         let idx = element_index(p, c, m);
-        let gy = dy[idx];
+        let gy = f32(dy[idx]);
         s1 += gy;
-        s2 += gy * (x[idx] - center);
+        s2 += gy * (f32(x[idx]) - center);
     }
     sh_s1[lid] = s1;
     sh_s2[lid] = s2;

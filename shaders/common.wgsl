@@ -1,4 +1,8 @@
-// Shared by every kernel: prepended to each shader file by src/gpu/kernels.rs.
+// Shared by every kernel: prepended to each shader file by src/shaders.rs,
+// after a storage prelude that defines the element type of the big tensors
+// (x, y, dy, dx): `alias Elem = f32; alias Elem4 = vec4<f32>;`, or with
+// `enable f16;` the same for f16. Kernels load with `f32(...)` and store with
+// `Elem(...)`, so they accumulate in f32 for either storage type.
 //
 // Keep `Params` in sync with `Params` in src/gpu/kernels.rs.
 struct Params {

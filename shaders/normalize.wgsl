@@ -1,8 +1,8 @@
 // Elementwise `y = (x - center[c]) * scale[c] + shift[c]`, one element per thread.
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<Elem>;
 @group(0) @binding(2) var<storage, read> coef: array<vec4<f32>>;   // (center, scale, shift, 0)
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(0) @binding(3) var<storage, read_write> y: array<Elem>;
 
 @compute @workgroup_size(256)
 fn main(
@@ -15,5 +15,5 @@ fn main(
         return;
     }
     let k = coef[channel_of(p, i)];
-    y[i] = (x[i] - k.x) * k.y + k.z;
+    y[i] = Elem((f32(x[i]) - k.x) * k.y + k.z);
 }

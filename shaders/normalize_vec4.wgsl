@@ -1,9 +1,9 @@
 // Elementwise `y = (x - center[c]) * scale[c] + shift[c]`, four elements per
 // thread; used when the element count is a multiple of 4.
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> x: array<Elem4>;
 @group(0) @binding(2) var<storage, read> coef: array<vec4<f32>>;   // (center, scale, shift, 0)
-@group(0) @binding(3) var<storage, read_write> y: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> y: array<Elem4>;
 
 @compute @workgroup_size(256)
 fn main(
@@ -16,11 +16,11 @@ fn main(
     if i >= p.total {
         return;
     }
-    let v = x[j];
+    let v = vec4<f32>(x[j]);
     if p.inner % 4u == 0u {
         // All four lanes lie in one channel.
         let k = coef[channel_of(p, i)];
-        y[j] = (v - k.x) * k.y + k.z;
+        y[j] = Elem4((v - k.x) * k.y + k.z);
     } else {
         let k0 = coef[channel_of(p, i)];
         let k1 = coef[channel_of(p, i + 1u)];
@@ -29,6 +29,6 @@ fn main(
         let center = vec4<f32>(k0.x, k1.x, k2.x, k3.x);
         let scale = vec4<f32>(k0.y, k1.y, k2.y, k3.y);
         let shift = vec4<f32>(k0.z, k1.z, k2.z, k3.z);
-        y[j] = (v - center) * scale + shift;
+        y[j] = Elem4((v - center) * scale + shift);
     }
 }

@@ -2,7 +2,7 @@
 // One workgroup per (channel, slice); each thread runs Welford over a strided
 // part of the slice, then the workgroup merges the threads with Chan's formula.
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<Elem>;
 // (mean, M2) per (channel, slice); the count follows from the slice bounds.
 @group(0) @binding(2) var<storage, read_write> partials: array<vec2<f32>>;
 
@@ -28,7 +28,7 @@ fn main(
     var mean = 0.0;
     var m2 = 0.0;
     for (var m = begin + lid; m < end; m += WG) {
-        let v = x[element_index(p, c, m)];
+        let v = f32(x[element_index(p, c, m)]);
         n += 1.0;
         let d = v - mean;
         mean += d / n;

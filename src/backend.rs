@@ -1,7 +1,7 @@
 //! One interface over every implementation, so one test body runs on all of them.
 
-use crate::config::{BatchNormConfig, Mode};
-use crate::error::Result;
+use crate::config::{BatchNormConfig, DType, Mode};
+use crate::error::{Error, Result};
 use crate::state::{BatchNormState, Gradients, SavedStats};
 use ndarray::{ArrayD, ArrayViewD};
 
@@ -62,4 +62,25 @@ pub trait BatchNormBackend {
     /// # Errors
     /// [`crate::Error::ParameterLength`], [`crate::Error::MissingParameter`]; device errors.
     fn set_state(&mut self, state: &BatchNormState) -> Result<()>;
+
+    /// Storage type the backend computes on: ndarray inputs are rounded to it,
+    /// outputs are rounded to it and come back widened to f32. Default f32.
+    fn storage_dtype(&self) -> DType {
+        DType::F32
+    }
+
+    /// Sets the storage type (see [`BatchNormBackend::storage_dtype`]).
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] when the backend cannot store `dtype`; the default
+    /// implementation takes only f32.
+    fn set_storage_dtype(&mut self, dtype: DType) -> Result<()> {
+        match dtype {
+            DType::F32 => Ok(()),
+            other => Err(Error::Unsupported {
+                adapter: self.backend_name(),
+                what: format!("{other} storage"),
+            }),
+        }
+    }
 }

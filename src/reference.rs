@@ -8,7 +8,7 @@
 //! so a reader can hold one beside the other. It is not the fast path.
 
 use crate::backend::BatchNormBackend;
-use crate::config::{BatchNormConfig, Mode};
+use crate::config::{BatchNormConfig, DType, Mode};
 use crate::error::{Error, Result};
 use crate::shape::ChannelWalk;
 use crate::state::{BatchNormState, Gradients, SavedStats};
@@ -195,6 +195,7 @@ pub struct CpuReference {
     config: BatchNormConfig,
     state: BatchNormState,
     saved: Option<Saved>,
+    storage: DType,
 }
 
 impl CpuReference {
@@ -209,7 +210,21 @@ impl CpuReference {
             config,
             state,
             saved: None,
+            storage: DType::F32,
         })
+    }
+
+    /// `x` in standard order, rounded to the storage type.
+    fn stored(&self, x: &ArrayViewD<'_, f32>) -> Vec<f32> {
+        x.iter().map(|&v| self.storage.round(v)).collect()
+    }
+
+    /// An output tensor, rounded to the storage type.
+    fn output(&self, walk: &ChannelWalk, mut v: Vec<f32>) -> ArrayD<f32> {
+        if self.storage != DType::F32 {
+            v.iter_mut().for_each(|e| *e = self.storage.round(*e));
+        }
+        ArrayD::from_shape_vec(IxDyn(&walk.dims), v).expect("shape of x")
     }
 
     fn weight(&self, c: usize) -> f64 {
@@ -226,8 +241,7 @@ impl CpuReference {
         update_running: bool,
     ) -> Result<ArrayD<f32>> {
         let walk = input_walk(&self.config, x.shape(), true)?;
-        let xs = x.as_standard_layout();
-        let xs = xs.as_slice().expect("standard layout is contiguous");
+        let xs = &self.stored(&x)[..];
         let eps = self.config.eps;
         let stats = stats(xs, &walk);
         let invstd: Vec<f64> = stats.iter().map(|&(_, v)| 1.0 / (v + eps).sqrt()).collect();
@@ -257,7 +271,7 @@ impl CpuReference {
             mean: stats.iter().map(|s| s.0).collect(),
             invstd,
         });
-        Ok(ArrayD::from_shape_vec(IxDyn(&walk.dims), y).expect("shape of x"))
+        Ok(self.output(&walk, y))
     }
 }
 
@@ -279,8 +293,7 @@ impl BatchNormBackend for CpuReference {
             return self.batch_forward(x, false);
         }
         let walk = input_walk(&self.config, x.shape(), false)?;
-        let xs = x.as_standard_layout();
-        let xs = xs.as_slice().expect("standard layout is contiguous");
+        let xs = &self.stored(&x)[..];
         let rm = self.state.running_mean.as_ref().expect("tracked");
         let rv = self.state.running_var.as_ref().expect("tracked");
         let coef: Vec<NormalizeCoef> = (0..walk.channels)
@@ -291,7 +304,7 @@ impl BatchNormBackend for CpuReference {
             })
             .collect();
         let y = normalize(xs, &walk, &coef);
-        Ok(ArrayD::from_shape_vec(IxDyn(&walk.dims), y).expect("shape of x"))
+        Ok(self.output(&walk, y))
     }
 
     fn backward(
@@ -327,10 +340,8 @@ impl BatchNormBackend for CpuReference {
                     .collect(),
             )
         };
-        let xs = x.as_standard_layout();
-        let xs = xs.as_slice().expect("standard layout is contiguous");
-        let dys = dy.as_standard_layout();
-        let dys = dys.as_slice().expect("standard layout is contiguous");
+        let xs = &self.stored(&x)[..];
+        let dys = &self.stored(&dy)[..];
         let sums = backward_reduce(xs, dys, &walk, &center);
         let m = walk.per_channel();
         let mut dweight = Vec::with_capacity(walk.channels);
@@ -346,7 +357,7 @@ impl BatchNormBackend for CpuReference {
         let dx = backward_dx(xs, dys, &walk, &coef);
         let affine = self.config.affine;
         Ok(Gradients {
-            dx: ArrayD::from_shape_vec(IxDyn(&walk.dims), dx).expect("shape of x"),
+            dx: self.output(&walk, dx),
             dweight: affine.then_some(dweight),
             dbias: affine.then_some(dbias),
         })
@@ -366,6 +377,17 @@ impl BatchNormBackend for CpuReference {
     fn set_state(&mut self, state: &BatchNormState) -> Result<()> {
         state.validate(&self.config)?;
         self.state = state.clone();
+        Ok(())
+    }
+
+    fn storage_dtype(&self) -> DType {
+        self.storage
+    }
+
+    /// The reference emulates f16 storage: inputs and the big outputs are
+    /// rounded to f16, the arithmetic stays f64.
+    fn set_storage_dtype(&mut self, dtype: DType) -> Result<()> {
+        self.storage = dtype;
         Ok(())
     }
 }

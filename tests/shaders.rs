@@ -5,7 +5,6 @@ use wgpu_batchnorm::shaders;
 
 #[test]
 fn every_shader_parses_and_validates() {
-    let common = shaders::common_lines();
     let mut failures = Vec::new();
     for shader in shaders::ALL {
         let module = match naga::front::wgsl::parse_str(shader.source) {
@@ -14,10 +13,14 @@ fn every_shader_parses_and_validates() {
                 let line = e
                     .location(shader.source)
                     .map_or(0, |l| l.line_number as usize);
-                let (file, line) = if line > common {
-                    (format!("shaders/{}.wgsl", shader.name), line - common)
+                let prefix = shader.prefix_lines();
+                let (file, line) = if line > prefix {
+                    (format!("shaders/{}.wgsl", shader.name), line - prefix)
                 } else {
-                    ("shaders/common.wgsl".to_string(), line)
+                    (
+                        format!("prelude and shaders/common.wgsl of {}", shader.name),
+                        line,
+                    )
                 };
                 failures.push(format!(
                     "{file}:{line}: {}",
@@ -66,10 +69,20 @@ fn every_shader_file_is_embedded() {
         let embedded = shaders::ALL.iter().find(|s| s.name == stem);
         let embedded =
             embedded.unwrap_or_else(|| panic!("{} is not in shaders::ALL", path.display()));
-        assert!(
-            embedded.source.ends_with(&on_disk),
+        assert_eq!(
+            embedded.file, on_disk,
             "{stem}: embedded text differs from the file"
         );
-        assert!(embedded.source.starts_with(shaders::COMMON));
+        assert!(embedded.source.ends_with(&on_disk));
+        assert!(embedded.source.contains(shaders::COMMON));
+        assert!(embedded.source.starts_with(shaders::PRELUDE_F32));
+        // the f16 variant, where one exists, is the same file behind the f16 prelude
+        if let Some(f16) = shaders::ALL
+            .iter()
+            .find(|s| s.name == format!("{stem}_f16"))
+        {
+            assert_eq!(f16.file, on_disk);
+            assert!(f16.source.starts_with(shaders::PRELUDE_F16));
+        }
     }
 }

@@ -1,10 +1,12 @@
 //! BatchNorm on a wgpu device: training forward, evaluation forward and backward.
 
 use super::context::GpuContext;
-use super::kernels::{self, FLAG_BATCH_STATS, FLAG_UPDATE_RUNNING, Kernel, Params, WG, WG_CHANNEL};
+use super::kernels::{
+    self, ElementKernels, FLAG_BATCH_STATS, FLAG_UPDATE_RUNNING, Kernel, Params, WG, WG_CHANNEL,
+};
 use super::tensor::GpuTensor;
 use crate::backend::BatchNormBackend;
-use crate::config::{BatchNormConfig, Mode};
+use crate::config::{BatchNormConfig, DType, Mode};
 use crate::error::{Error, Result};
 use crate::reference::{check_same_shape, input_walk, uses_batch_stats};
 use crate::shape::ChannelWalk;
@@ -72,6 +74,8 @@ pub struct GpuBatchNorm {
     scratch_bytes: u64,
     slice_len: Option<u32>,
     max_per_dim: Option<u32>,
+    /// Storage type used for ndarray inputs of the [`BatchNormBackend`] methods.
+    storage: DType,
 }
 
 fn interleave(a: &[f32], b: &[f32]) -> Vec<f32> {
@@ -124,6 +128,7 @@ impl GpuBatchNorm {
             scratch_bytes: 16,
             slice_len: None,
             max_per_dim: None,
+            storage: DType::F32,
             ctx: ctx.clone(),
             config,
         };
@@ -159,6 +164,30 @@ impl GpuBatchNorm {
             ));
         }
         self.max_per_dim = cap;
+        Ok(())
+    }
+
+    /// The element kernels for tensors stored as `dtype`.
+    fn elements(&self, dtype: DType) -> Result<&ElementKernels> {
+        let k = &self.ctx.inner.kernels;
+        match dtype {
+            DType::F32 => Ok(&k.f32),
+            DType::F16 => k.f16.as_ref().ok_or_else(|| Error::Unsupported {
+                adapter: self.ctx.label(),
+                what: "f16 storage needs the SHADER_F16 feature, which this adapter lacks".into(),
+            }),
+        }
+    }
+
+    /// Sets the storage type that the [`BatchNormBackend`] methods round their
+    /// ndarray inputs to before computing (outputs come back widened to f32).
+    /// Device-resident calls take the type of the tensors they are given.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] for f16 on an adapter without `SHADER_F16`.
+    pub fn set_storage_dtype(&mut self, dtype: DType) -> Result<()> {
+        self.elements(dtype)?;
+        self.storage = dtype;
         Ok(())
     }
 
@@ -204,8 +233,26 @@ impl GpuBatchNorm {
         Ok(())
     }
 
-    fn check_output(&self, what: &str, out: &GpuTensor, dims: &[usize]) -> Result<()> {
+    fn check_dtype(what: &str, t: &GpuTensor, dtype: DType) -> Result<()> {
+        if t.dtype() != dtype {
+            return Err(Error::DTypeMismatch {
+                what: what.into(),
+                expected: dtype.to_string(),
+                got: t.dtype().to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_output(
+        &self,
+        what: &str,
+        out: &GpuTensor,
+        dims: &[usize],
+        dtype: DType,
+    ) -> Result<()> {
         self.check_tensor(what, out)?;
+        Self::check_dtype(what, out, dtype)?;
         if out.shape() != dims {
             return Err(Error::ShapeMismatch {
                 what: what.into(),
@@ -283,19 +330,20 @@ impl GpuBatchNorm {
     fn batch_forward(&mut self, x: &GpuTensor, y: &GpuTensor, update: bool) -> Result<()> {
         self.check_tensor("x", x)?;
         let walk = input_walk(&self.config, x.shape(), true)?;
-        self.check_output("y", y, &walk.dims)?;
+        self.check_output("y", y, &walk.dims, x.dtype())?;
         let update = update && self.config.track_running_stats;
         let momentum = self.config.momentum_factor(self.num_batches_tracked + 1);
         let flags = if update { FLAG_UPDATE_RUNNING } else { 0 };
         let p = self.params(&walk, flags, momentum);
         self.prepare(&p)?;
         let k = &self.ctx.inner.kernels;
+        let e = self.elements(x.dtype())?;
         let (vec4, elem_wgs) = Self::elementwise_wgs(&p);
         let (rin, rout) = (&self.running[self.cur], &self.running[1 - self.cur]);
         self.ctx.submit("BatchNorm training forward", |enc| {
             self.pass(
                 enc,
-                &k.stats_partial,
+                &e.stats_partial,
                 &[&self.params, &x.buffer, &self.scratch],
                 p.channels * p.slices,
             );
@@ -314,9 +362,9 @@ impl GpuBatchNorm {
                 p.channels.div_ceil(WG_CHANNEL),
             );
             let normalize = if vec4 {
-                &k.normalize_vec4
+                &e.normalize_vec4
             } else {
-                &k.normalize
+                &e.normalize
             };
             self.pass(
                 enc,
@@ -351,7 +399,7 @@ impl GpuBatchNorm {
     pub fn forward_train(&mut self, x: &GpuTensor) -> Result<GpuTensor> {
         self.check_tensor("x", x)?;
         let walk = input_walk(&self.config, x.shape(), true)?;
-        let y = GpuTensor::uninit(&self.ctx, &walk.dims, walk.layout)?;
+        let y = GpuTensor::uninit_as(&self.ctx, &walk.dims, walk.layout, x.dtype())?;
         self.batch_forward(x, &y, true)?;
         Ok(y)
     }
@@ -379,7 +427,7 @@ impl GpuBatchNorm {
         self.check_tensor("x", x)?;
         let batch = uses_batch_stats(&self.config, Mode::Eval);
         let walk = input_walk(&self.config, x.shape(), batch)?;
-        let y = GpuTensor::uninit(&self.ctx, &walk.dims, walk.layout)?;
+        let y = GpuTensor::uninit_as(&self.ctx, &walk.dims, walk.layout, x.dtype())?;
         self.forward_eval_into(x, &y)?;
         Ok(y)
     }
@@ -394,10 +442,11 @@ impl GpuBatchNorm {
         }
         self.check_tensor("x", x)?;
         let walk = input_walk(&self.config, x.shape(), false)?;
-        self.check_output("y", y, &walk.dims)?;
+        self.check_output("y", y, &walk.dims, x.dtype())?;
         let p = self.params(&walk, 0, 0.0);
         self.prepare(&p)?;
         let k = &self.ctx.inner.kernels;
+        let e = self.elements(x.dtype())?;
         let (vec4, elem_wgs) = Self::elementwise_wgs(&p);
         let fresh = self.eval_coef_fresh;
         self.ctx.submit("BatchNorm evaluation forward", |enc| {
@@ -415,9 +464,9 @@ impl GpuBatchNorm {
                 );
             }
             let normalize = if vec4 {
-                &k.normalize_vec4
+                &e.normalize_vec4
             } else {
-                &k.normalize
+                &e.normalize
             };
             self.pass(
                 enc,
@@ -447,7 +496,7 @@ impl GpuBatchNorm {
     pub fn backward(&mut self, x: &GpuTensor, dy: &GpuTensor, mode: Mode) -> Result<GpuGradients> {
         self.check_tensor("x", x)?;
         let walk = input_walk(&self.config, x.shape(), false)?;
-        let dx = GpuTensor::uninit(&self.ctx, &walk.dims, walk.layout)?;
+        let dx = GpuTensor::uninit_as(&self.ctx, &walk.dims, walk.layout, x.dtype())?;
         let c = [self.config.num_features];
         let dweight = GpuTensor::uninit(&self.ctx, &c, self.config.layout)?;
         let dbias = GpuTensor::uninit(&self.ctx, &c, self.config.layout)?;
@@ -478,10 +527,12 @@ impl GpuBatchNorm {
         self.check_tensor("dy", dy)?;
         let walk = input_walk(&self.config, x.shape(), false)?;
         check_same_shape(x.shape(), dy.shape())?;
-        self.check_output("dx", dx, &walk.dims)?;
+        self.check_output("dx", dx, &walk.dims, x.dtype())?;
+        Self::check_dtype("dy", dy, x.dtype())?;
         let c = [self.config.num_features];
         for (what, t) in [("dweight", dweight), ("dbias", dbias)] {
             self.check_device(what, t)?;
+            Self::check_dtype(what, t, DType::F32)?;
             if t.shape() != c {
                 return Err(Error::ShapeMismatch {
                     what: what.into(),
@@ -510,6 +561,7 @@ impl GpuBatchNorm {
         let p = self.params(&walk, flags, 0.0);
         self.prepare(&p)?;
         let k = &self.ctx.inner.kernels;
+        let e = self.elements(x.dtype())?;
         let (vec4, elem_wgs) = Self::elementwise_wgs(&p);
         let stats = if batch {
             &self.saved
@@ -519,7 +571,7 @@ impl GpuBatchNorm {
         self.ctx.submit("BatchNorm backward", |enc| {
             self.pass(
                 enc,
-                &k.backward_partial,
+                &e.backward_partial,
                 &[&self.params, &x.buffer, &dy.buffer, stats, &self.scratch],
                 p.channels * p.slices,
             );
@@ -538,9 +590,9 @@ impl GpuBatchNorm {
                 p.channels.div_ceil(WG_CHANNEL),
             );
             let dx_kernel = if vec4 {
-                &k.backward_dx_vec4
+                &e.backward_dx_vec4
             } else {
-                &k.backward_dx
+                &e.backward_dx
             };
             self.pass(
                 enc,
@@ -627,12 +679,12 @@ impl BatchNormBackend for GpuBatchNorm {
     }
 
     fn forward_train(&mut self, x: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>> {
-        let x = GpuTensor::from_array(&self.ctx, x, self.config.layout)?;
+        let x = GpuTensor::from_array_as(&self.ctx, x, self.config.layout, self.storage)?;
         GpuBatchNorm::forward_train(self, &x)?.to_array()
     }
 
     fn forward_eval(&mut self, x: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>> {
-        let x = GpuTensor::from_array(&self.ctx, x, self.config.layout)?;
+        let x = GpuTensor::from_array_as(&self.ctx, x, self.config.layout, self.storage)?;
         GpuBatchNorm::forward_eval(self, &x)?.to_array()
     }
 
@@ -642,8 +694,8 @@ impl BatchNormBackend for GpuBatchNorm {
         dy: ArrayViewD<'_, f32>,
         mode: Mode,
     ) -> Result<Gradients> {
-        let x = GpuTensor::from_array(&self.ctx, x, self.config.layout)?;
-        let dy = GpuTensor::from_array(&self.ctx, dy, self.config.layout)?;
+        let x = GpuTensor::from_array_as(&self.ctx, x, self.config.layout, self.storage)?;
+        let dy = GpuTensor::from_array_as(&self.ctx, dy, self.config.layout, self.storage)?;
         let g = GpuBatchNorm::backward(self, &x, &dy, mode)?;
         Ok(Gradients {
             dx: g.dx.to_array()?,
@@ -662,5 +714,13 @@ impl BatchNormBackend for GpuBatchNorm {
 
     fn set_state(&mut self, state: &BatchNormState) -> Result<()> {
         GpuBatchNorm::set_state(self, state)
+    }
+
+    fn storage_dtype(&self) -> DType {
+        self.storage
+    }
+
+    fn set_storage_dtype(&mut self, dtype: DType) -> Result<()> {
+        GpuBatchNorm::set_storage_dtype(self, dtype)
     }
 }

@@ -115,37 +115,80 @@ impl Kernel {
     }
 }
 
-/// Every pipeline of the crate, for one device.
+/// The kernels that read or write the big tensors, for one storage type.
 #[derive(Debug)]
-pub(crate) struct Kernels {
+pub(crate) struct ElementKernels {
     pub stats_partial: Kernel,
-    pub stats_finalize: Kernel,
-    pub eval_coeffs: Kernel,
     pub normalize: Kernel,
     pub normalize_vec4: Kernel,
     pub backward_partial: Kernel,
-    pub backward_finalize: Kernel,
     pub backward_dx: Kernel,
     pub backward_dx_vec4: Kernel,
 }
 
+impl ElementKernels {
+    fn new(device: &wgpu::Device, f16: bool) -> Self {
+        use Slot::{Read as R, Uniform as U, Write as W};
+        let pick = |a: Shader, b: Shader| if f16 { b } else { a };
+        Self {
+            stats_partial: Kernel::new(
+                device,
+                pick(shaders::STATS_PARTIAL, shaders::STATS_PARTIAL_F16),
+                &[U, R, W],
+            ),
+            normalize: Kernel::new(
+                device,
+                pick(shaders::NORMALIZE, shaders::NORMALIZE_F16),
+                &[U, R, R, W],
+            ),
+            normalize_vec4: Kernel::new(
+                device,
+                pick(shaders::NORMALIZE_VEC4, shaders::NORMALIZE_VEC4_F16),
+                &[U, R, R, W],
+            ),
+            backward_partial: Kernel::new(
+                device,
+                pick(shaders::BACKWARD_PARTIAL, shaders::BACKWARD_PARTIAL_F16),
+                &[U, R, R, R, W],
+            ),
+            backward_dx: Kernel::new(
+                device,
+                pick(shaders::BACKWARD_DX, shaders::BACKWARD_DX_F16),
+                &[U, R, R, R, W],
+            ),
+            backward_dx_vec4: Kernel::new(
+                device,
+                pick(shaders::BACKWARD_DX_VEC4, shaders::BACKWARD_DX_VEC4_F16),
+                &[U, R, R, R, W],
+            ),
+        }
+    }
+}
+
+/// Every pipeline of the crate, for one device.
+#[derive(Debug)]
+pub(crate) struct Kernels {
+    pub stats_finalize: Kernel,
+    pub eval_coeffs: Kernel,
+    pub backward_finalize: Kernel,
+    pub f32: ElementKernels,
+    /// Present when the device has `SHADER_F16`.
+    pub f16: Option<ElementKernels>,
+}
+
 impl Kernels {
-    pub fn new(device: &wgpu::Device) -> Self {
+    pub fn new(device: &wgpu::Device, f16: bool) -> Self {
         use Slot::{Read as R, Uniform as U, Write as W};
         Self {
-            stats_partial: Kernel::new(device, shaders::STATS_PARTIAL, &[U, R, W]),
             stats_finalize: Kernel::new(device, shaders::STATS_FINALIZE, &[U, R, R, R, W, W, W]),
             eval_coeffs: Kernel::new(device, shaders::EVAL_COEFFS, &[U, R, R, W]),
-            normalize: Kernel::new(device, shaders::NORMALIZE, &[U, R, R, W]),
-            normalize_vec4: Kernel::new(device, shaders::NORMALIZE_VEC4, &[U, R, R, W]),
-            backward_partial: Kernel::new(device, shaders::BACKWARD_PARTIAL, &[U, R, R, R, W]),
             backward_finalize: Kernel::new(
                 device,
                 shaders::BACKWARD_FINALIZE,
                 &[U, R, R, R, W, W, W],
             ),
-            backward_dx: Kernel::new(device, shaders::BACKWARD_DX, &[U, R, R, R, W]),
-            backward_dx_vec4: Kernel::new(device, shaders::BACKWARD_DX_VEC4, &[U, R, R, R, W]),
+            f32: ElementKernels::new(device, false),
+            f16: f16.then(|| ElementKernels::new(device, true)),
         }
     }
 }

@@ -1,22 +1,25 @@
 //! Device-resident tensors.
 
 use super::context::GpuContext;
-use crate::config::Layout;
+use crate::config::{DType, Layout};
 use crate::error::{Error, Result};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
-/// A contiguous f32 tensor that lives in a GPU buffer, with its shape and layout.
+/// A contiguous tensor that lives in a GPU buffer, with its shape, layout and
+/// storage type (f32, or f16 on adapters with `SHADER_F16`).
 ///
 /// Outputs of one BatchNorm call can be fed to the next without a round trip
 /// through the host.
 ///
 /// ```no_run
 /// use ndarray::ArrayD;
-/// use wgpu_batchnorm::{GpuContext, GpuTensor, Layout};
+/// use wgpu_batchnorm::{DType, GpuContext, GpuTensor, Layout};
 /// let ctx = GpuContext::new()?;
 /// let x = ArrayD::<f32>::ones(vec![2, 3, 4]);
 /// let t = GpuTensor::from_array(&ctx, x.view(), Layout::ChannelsFirst)?;
 /// assert_eq!(t.to_array()?, x);
+/// let h = GpuTensor::from_array_as(&ctx, x.view(), Layout::ChannelsFirst, DType::F16)?; // needs SHADER_F16
+/// assert_eq!(h.to_array()?, x);
 /// # Ok::<(), wgpu_batchnorm::Error>(())
 /// ```
 #[derive(Debug, Clone)]
@@ -24,25 +27,60 @@ pub struct GpuTensor {
     pub(crate) buffer: wgpu::Buffer,
     dims: Vec<usize>,
     layout: Layout,
+    dtype: DType,
     ctx: GpuContext,
 }
 
+/// Errors unless `ctx` can store `dtype`.
+pub(crate) fn check_dtype_supported(ctx: &GpuContext, dtype: DType) -> Result<()> {
+    if dtype == DType::F16 && !ctx.features().contains(wgpu::Features::SHADER_F16) {
+        return Err(Error::Unsupported {
+            adapter: ctx.label(),
+            what: "f16 storage needs the SHADER_F16 feature, which this adapter lacks; use f32 tensors"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+fn check_len(dims: &[usize], got: usize) -> Result<()> {
+    let len = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    if len != Some(got) {
+        return Err(Error::ShapeMismatch {
+            what: "tensor data".into(),
+            expected: dims.to_vec(),
+            got: vec![got],
+        });
+    }
+    Ok(())
+}
+
 impl GpuTensor {
-    /// Uploads `x` (any memory order; it is stored in standard order).
+    /// Uploads `x` as f32 (any memory order; it is stored in standard order).
     ///
     /// # Errors
     /// [`Error::TooLarge`] past the device's buffer limits.
     pub fn from_array(ctx: &GpuContext, x: ArrayViewD<'_, f32>, layout: Layout) -> Result<Self> {
-        let std = x.as_standard_layout();
-        Self::from_slice(
-            ctx,
-            std.as_slice().expect("standard layout"),
-            x.shape(),
-            layout,
-        )
+        Self::from_array_as(ctx, x, layout, DType::F32)
     }
 
-    /// Uploads `data` in standard (row-major) order with shape `dims`.
+    /// Uploads `x` stored as `dtype` (f16: rounded to nearest on the host).
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] for f16 on an adapter without `SHADER_F16`;
+    /// [`Error::TooLarge`] past the device's buffer limits.
+    pub fn from_array_as(
+        ctx: &GpuContext,
+        x: ArrayViewD<'_, f32>,
+        layout: Layout,
+        dtype: DType,
+    ) -> Result<Self> {
+        let std = x.as_standard_layout();
+        let data = std.as_slice().expect("standard layout is contiguous");
+        Self::from_slice_as(ctx, data, x.shape(), layout, dtype)
+    }
+
+    /// Uploads f32 `data` in standard (row-major) order with shape `dims`.
     ///
     /// # Errors
     /// [`Error::ShapeMismatch`] when `data.len()` is not the product of `dims`;
@@ -53,44 +91,101 @@ impl GpuTensor {
         dims: &[usize],
         layout: Layout,
     ) -> Result<Self> {
-        let len: usize = dims.iter().product();
-        if len != data.len() {
-            return Err(Error::ShapeMismatch {
-                what: "tensor data".into(),
-                expected: dims.to_vec(),
-                got: vec![data.len()],
-            });
+        Self::from_slice_as(ctx, data, dims, layout, DType::F32)
+    }
+
+    /// Uploads f32 `data` in standard order with shape `dims`, stored as `dtype`.
+    ///
+    /// # Errors
+    /// As [`GpuTensor::from_slice`], and [`Error::Unsupported`] for f16 on an
+    /// adapter without `SHADER_F16`.
+    pub fn from_slice_as(
+        ctx: &GpuContext,
+        data: &[f32],
+        dims: &[usize],
+        layout: Layout,
+        dtype: DType,
+    ) -> Result<Self> {
+        check_len(dims, data.len())?;
+        match dtype {
+            DType::F32 => Self::upload(ctx, bytemuck::cast_slice(data), dims, layout, dtype),
+            DType::F16 => {
+                let halves: Vec<half::f16> = data.iter().map(|&v| half::f16::from_f32(v)).collect();
+                Self::from_slice_f16(ctx, &halves, dims, layout)
+            }
         }
-        let bytes = (len * 4) as u64;
-        ctx.check_storage_size(&format!("tensor of shape {dims:?}"), bytes)?;
+    }
+
+    /// Uploads f16 `data` in standard order with shape `dims`.
+    ///
+    /// # Errors
+    /// As [`GpuTensor::from_slice_as`].
+    pub fn from_slice_f16(
+        ctx: &GpuContext,
+        data: &[half::f16],
+        dims: &[usize],
+        layout: Layout,
+    ) -> Result<Self> {
+        check_len(dims, data.len())?;
+        Self::upload(ctx, bytemuck::cast_slice(data), dims, layout, DType::F16)
+    }
+
+    fn upload(
+        ctx: &GpuContext,
+        bytes: &[u8],
+        dims: &[usize],
+        layout: Layout,
+        dtype: DType,
+    ) -> Result<Self> {
+        check_dtype_supported(ctx, dtype)?;
+        ctx.check_storage_size(
+            &format!("{dtype} tensor of shape {dims:?}"),
+            bytes.len() as u64,
+        )?;
         Ok(Self {
-            buffer: ctx.storage_buffer_init("batchnorm.tensor", bytemuck::cast_slice(data)),
+            buffer: ctx.storage_buffer_init("batchnorm.tensor", bytes),
             dims: dims.to_vec(),
             layout,
+            dtype,
             ctx: ctx.clone(),
         })
     }
 
-    /// A tensor of shape `dims` whose contents are unspecified until written.
+    /// An f32 tensor of shape `dims` whose contents are unspecified until written.
     ///
     /// # Errors
     /// [`Error::TooLarge`] past the device's buffer limits.
     pub fn uninit(ctx: &GpuContext, dims: &[usize], layout: Layout) -> Result<Self> {
+        Self::uninit_as(ctx, dims, layout, DType::F32)
+    }
+
+    /// A tensor of `dtype` and shape `dims` whose contents are unspecified until written.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] for f16 without `SHADER_F16`; [`Error::TooLarge`].
+    pub fn uninit_as(
+        ctx: &GpuContext,
+        dims: &[usize],
+        layout: Layout,
+        dtype: DType,
+    ) -> Result<Self> {
+        check_dtype_supported(ctx, dtype)?;
         let len = dims
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
             .unwrap_or(usize::MAX);
-        let bytes = (len as u64).saturating_mul(4);
-        ctx.check_storage_size(&format!("tensor of shape {dims:?}"), bytes)?;
+        let bytes = (len as u64).saturating_mul(dtype.size() as u64);
+        ctx.check_storage_size(&format!("{dtype} tensor of shape {dims:?}"), bytes)?;
         Ok(Self {
             buffer: ctx.storage_buffer("batchnorm.tensor", bytes),
             dims: dims.to_vec(),
             layout,
+            dtype,
             ctx: ctx.clone(),
         })
     }
 
-    /// Overwrites the contents with `data` (standard order).
+    /// Overwrites the contents with `data` (standard order; rounded for f16).
     ///
     /// # Errors
     /// [`Error::ShapeMismatch`] when the length differs.
@@ -102,13 +197,22 @@ impl GpuTensor {
                 got: vec![data.len()],
             });
         }
-        self.ctx
-            .queue()
-            .write_buffer(&self.buffer, 0, bytemuck::cast_slice(data));
+        let q = self.ctx.queue();
+        match self.dtype {
+            DType::F32 => q.write_buffer(&self.buffer, 0, bytemuck::cast_slice(data)),
+            DType::F16 => {
+                let mut halves: Vec<half::f16> =
+                    data.iter().map(|&v| half::f16::from_f32(v)).collect();
+                if halves.len() % 2 == 1 {
+                    halves.push(half::f16::ZERO); // writes are whole 4-byte words
+                }
+                q.write_buffer(&self.buffer, 0, bytemuck::cast_slice(&halves));
+            }
+        }
         Ok(())
     }
 
-    /// Reads the tensor back as an ndarray.
+    /// Reads the tensor back as an f32 ndarray (f16 widened).
     ///
     /// # Errors
     /// Device errors.
@@ -119,12 +223,31 @@ impl GpuTensor {
         )
     }
 
-    /// Reads the tensor back in standard order.
+    /// Reads the tensor back in standard order (f16 widened to f32).
     ///
     /// # Errors
     /// Device errors.
     pub fn to_vec(&self) -> Result<Vec<f32>> {
-        self.ctx.read_f32(&self.buffer, self.len())
+        match self.dtype {
+            DType::F32 => self.ctx.read_f32(&self.buffer, self.len()),
+            DType::F16 => Ok(self.to_vec_f16()?.iter().map(|v| v.to_f32()).collect()),
+        }
+    }
+
+    /// Reads an f16 tensor back as f16 values.
+    ///
+    /// # Errors
+    /// [`Error::DTypeMismatch`] for an f32 tensor; device errors.
+    pub fn to_vec_f16(&self) -> Result<Vec<half::f16>> {
+        if self.dtype != DType::F16 {
+            return Err(Error::DTypeMismatch {
+                what: "tensor read as f16".into(),
+                expected: "f16".into(),
+                got: self.dtype.to_string(),
+            });
+        }
+        let bytes = self.ctx.read_bytes(&self.buffer, (self.len() * 2) as u64)?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
     /// Shape.
@@ -135,6 +258,11 @@ impl GpuTensor {
     /// Layout.
     pub fn layout(&self) -> Layout {
         self.layout
+    }
+
+    /// Storage type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// Element count.
