@@ -52,6 +52,9 @@ pub const BACKWARD_DX: Shader = shader!("backward_dx");
 /// Backward stage 3, vec4.
 pub const BACKWARD_DX_VEC4: Shader = shader!("backward_dx_vec4");
 
+/// Bandwidth roofline: vec4 copy (`GpuContext::copy`, `bnorm bench`).
+pub const COPY_VEC4: Shader = shader!("copy_vec4");
+
 /// Every shader of the crate.
 pub const ALL: &[Shader] = &[
     STATS_PARTIAL,
@@ -63,4 +66,5 @@ pub const ALL: &[Shader] = &[
     BACKWARD_FINALIZE,
     BACKWARD_DX,
     BACKWARD_DX_VEC4,
+    COPY_VEC4,
 ];

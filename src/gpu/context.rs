@@ -155,6 +155,10 @@ pub(crate) struct ContextInner {
     /// gives up on its context lock after a few seconds, so long runs from
     /// several threads must queue here instead.
     submit_lock: Mutex<()>,
+    /// The vec4 copy of [`GpuContext::copy`].
+    pub copy_kernel: super::copy::CopyKernel,
+    /// GPU timing of submits (see [`GpuContext::set_timestamps`]).
+    pub timing: super::timing::Timing,
 }
 
 /// A wgpu device with this crate's pipelines built for it. Cheap to clone.
@@ -273,6 +277,7 @@ impl GpuContext {
         });
         let scope = ErrorScopes::push(&device);
         let kernels = Kernels::new(&device);
+        let copy_kernel = super::copy::CopyKernel::new(&device);
         scope.pop("pipeline creation")?;
         Ok(Self {
             inner: Arc::new(ContextInner {
@@ -285,6 +290,8 @@ impl GpuContext {
                 kernels,
                 lost,
                 submit_lock: Mutex::new(()),
+                copy_kernel,
+                timing: Default::default(),
             }),
         })
     }
@@ -386,10 +393,21 @@ impl GpuContext {
             })
     }
 
-    /// Records with `record`, submits once and waits, turning wgpu errors into `Err`.
+    /// Records with `record`, submits once and waits, turning wgpu errors into
+    /// `Err`; timed while GPU timing is on (see [`GpuContext::set_timestamps`]).
     pub(crate) fn submit(
         &self,
         during: &str,
+        record: impl FnOnce(&mut wgpu::CommandEncoder),
+    ) -> Result<()> {
+        self.submit_with(during, true, record)
+    }
+
+    /// [`GpuContext::submit`]; `timed = false` keeps it out of GPU timing (readbacks).
+    pub(crate) fn submit_with(
+        &self,
+        during: &str,
+        timed: bool,
         record: impl FnOnce(&mut wgpu::CommandEncoder),
     ) -> Result<()> {
         self.check_alive()?;
@@ -403,10 +421,18 @@ impl GpuContext {
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some(during),
         });
+        let timer = timed.then(|| self.inner.timing.submit_timer()).flatten();
+        if let Some(t) = &timer {
+            t.begin(&mut encoder);
+        }
         record(&mut encoder);
+        if let Some(t) = &timer {
+            t.end(&mut encoder);
+        }
         self.inner.queue.submit([encoder.finish()]);
         scope.pop(during)?;
-        self.wait(during)
+        self.wait(during)?;
+        timer.map_or(Ok(()), |t| t.finish(self))
     }
 
     /// Waits for all submitted work.
@@ -430,9 +456,15 @@ impl GpuContext {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        self.submit("readback", |enc| {
+        self.submit_with("readback", false, |enc| {
             enc.copy_buffer_to_buffer(buffer, 0, &staging, 0, padded);
         })?;
+        self.map_read(&staging, bytes)
+    }
+
+    /// Maps `staging` (a `MAP_READ` buffer whose copy was submitted), returns
+    /// its first `bytes` and unmaps it.
+    pub(crate) fn map_read(&self, staging: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
         let slice = staging.slice(..);
         let (tx, rx) = futures_intrusive::channel::shared::oneshot_channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {

@@ -2,6 +2,8 @@
 
 mod batchnorm;
 mod context;
+mod copy;
+mod timing;
 pub(crate) mod kernels;
 mod tensor;
 
