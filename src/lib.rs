@@ -45,6 +45,7 @@
 
 mod backend;
 mod config;
+pub mod cpu;
 mod error;
 pub mod gpu;
 pub mod reference;
@@ -54,6 +55,7 @@ mod state;
 
 pub use backend::BatchNormBackend;
 pub use config::{BatchNormConfig, Layout, Mode};
+pub use cpu::CpuBatchNorm;
 pub use error::{Error, Result};
 pub use gpu::{AdapterSelection, GpuBatchNorm, GpuContext, GpuGradients, GpuTensor};
 pub use reference::CpuReference;
