@@ -176,6 +176,33 @@ pub enum Error {
     /// Reading a buffer back failed.
     #[error("buffer readback failed: {0}")]
     Readback(String),
+    /// Reading or writing a file failed.
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        /// What was attempted: `read`, `write`.
+        action: &'static str,
+        /// The file.
+        path: String,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A parity fixture (`batchnorm-fixture/1`) is malformed.
+    #[error("fixture {path}: {message}")]
+    Fixture {
+        /// The file (or the name given to in-memory bytes).
+        path: String,
+        /// What is wrong, naming the key, tensor, dtype or shape.
+        message: String,
+    },
+    /// A checkpoint (safetensors `state_dict`) is malformed or does not fit the layer.
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint {
+        /// The file (or the name given to in-memory bytes).
+        path: String,
+        /// What is wrong, naming the key, dtype or shape.
+        message: String,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

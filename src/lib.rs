@@ -44,9 +44,11 @@
 #![warn(missing_docs)]
 
 mod backend;
+pub mod checkpoint;
 mod config;
 pub mod cpu;
 mod error;
+pub mod fixture;
 pub mod gpu;
 pub mod reference;
 pub mod shaders;
@@ -54,9 +56,11 @@ mod shape;
 mod state;
 
 pub use backend::BatchNormBackend;
+pub use checkpoint::StateDict;
 pub use config::{BatchNormConfig, Layout, Mode};
 pub use cpu::CpuBatchNorm;
 pub use error::{Error, Result};
+pub use fixture::{Fixture, FixtureReport, run_fixture};
 pub use gpu::{AdapterSelection, GpuBatchNorm, GpuContext, GpuGradients, GpuTensor};
 pub use reference::CpuReference;
 pub use shape::ChannelWalk;

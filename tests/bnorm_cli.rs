@@ -1,0 +1,264 @@
+//! The `bnorm` command-line tool: `check`, `adapters`, `layers`, exit statuses.
+
+mod common;
+
+use common::gpu_contexts;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use wgpu_batchnorm::wgpu::Features;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixture(case: &str) -> PathBuf {
+    root()
+        .join("tests/fixtures")
+        .join(format!("{case}.safetensors"))
+}
+
+fn bnorm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bnorm"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("run bnorm")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn last_line(o: &Output) -> String {
+    stdout(o).lines().last().unwrap_or_default().to_string()
+}
+
+#[test]
+fn check_cpu_only_passes_and_closes_with_the_count() {
+    let (a, b) = (fixture("bn2d"), fixture("error_m1"));
+    let o = bnorm(&[
+        "check",
+        "--cpu-only",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    let out = stdout(&o);
+    let rows: Vec<&str> = out.lines().collect();
+    assert_eq!(rows.len(), 5, "{out}");
+    assert!(
+        rows[0].starts_with("bn2d ")
+            && rows[0].contains(" cpu-reference ")
+            && rows[0].contains(" PASS "),
+        "{out}"
+    );
+    assert!(
+        rows[1].starts_with("bn2d ") && rows[1].contains(" cpu ") && rows[1].contains(" PASS "),
+        "{out}"
+    );
+    assert!(
+        rows[2].starts_with("error_m1 ") && rows[2].contains(" PASS "),
+        "{out}"
+    );
+    assert_eq!(rows[4], "4 passed, 0 failed");
+}
+
+#[test]
+fn check_runs_every_adapter() {
+    let gpus = gpu_contexts().len();
+    let f = fixture("nhwc_3d");
+    let o = bnorm(&["check", f.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}{}", stdout(&o), stderr(&o));
+    assert_eq!(last_line(&o), format!("{} passed, 0 failed", 2 + gpus));
+    for ctx in gpu_contexts() {
+        assert!(
+            stdout(&o).contains(&ctx.label()),
+            "{} missing:\n{}",
+            ctx.label(),
+            stdout(&o)
+        );
+    }
+}
+
+#[test]
+fn check_runs_f16_where_stored_and_fails_it_loudly_elsewhere() {
+    let f = fixture("f16_bn1d");
+    let o = bnorm(&["check", f.to_str().unwrap()]);
+    let out = stdout(&o);
+    // The reference emulates f16 storage, the fast CPU backend has none, a GPU needs SHADER_F16.
+    let backends: Vec<(String, bool)> = [
+        ("cpu-reference".to_string(), true),
+        ("cpu".to_string(), false),
+    ]
+    .into_iter()
+    .chain(
+        gpu_contexts()
+            .iter()
+            .map(|c| (c.label(), c.features().contains(Features::SHADER_F16))),
+    )
+    .collect();
+    let with: Vec<&String> = backends.iter().filter(|b| b.1).map(|b| &b.0).collect();
+    let without: Vec<&String> = backends.iter().filter(|b| !b.1).map(|b| &b.0).collect();
+    assert_eq!(
+        last_line(&o),
+        format!("{} passed, {} failed", with.len(), without.len()),
+        "{out}"
+    );
+    assert_eq!(o.status.code(), Some(i32::from(!without.is_empty())));
+    for name in without {
+        let row = out
+            .lines()
+            .find(|l| l.split("  ").any(|col| col.trim() == name))
+            .unwrap_or_else(|| panic!("no row for {name}:\n{out}"));
+        assert!(row.contains(" FAIL "), "{row}");
+        assert!(
+            row.contains("f16 storage is not supported by this backend"),
+            "{row}"
+        );
+    }
+    for name in with {
+        let row = out
+            .lines()
+            .find(|l| l.split("  ").any(|col| col.trim() == name))
+            .unwrap();
+        assert!(row.contains(" PASS "), "{row}");
+    }
+}
+
+#[test]
+fn malformed_file_is_a_fail_row_not_an_abort() {
+    let dir = std::env::temp_dir().join(format!("bnorm-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("a_broken.safetensors"), b"garbage!").unwrap();
+    std::fs::copy(fixture("m2"), dir.join("b_m2.safetensors")).unwrap();
+    std::fs::write(dir.join("notes.txt"), b"not a fixture").unwrap();
+    let o = bnorm(&["check", "--cpu-only", dir.to_str().unwrap()]);
+    std::fs::remove_dir_all(&dir).ok();
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    let rows: Vec<&str> = out.lines().collect();
+    assert_eq!(rows.len(), 4, "{out}");
+    assert!(
+        rows[0].starts_with("a_broken ") && rows[0].contains(" FAIL "),
+        "{out}"
+    );
+    assert!(
+        rows[0].contains("a_broken.safetensors: not a safetensors file"),
+        "{out}"
+    );
+    for row in &rows[1..3] {
+        assert!(row.starts_with("m2 ") && row.contains(" PASS "), "{out}");
+    }
+    assert_eq!(rows[3], "2 passed, 1 failed");
+}
+
+#[test]
+fn usage_and_io_errors_exit_2() {
+    let o = bnorm(&["check", "tests/no_such_fixture.safetensors"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("no_such_fixture.safetensors"),
+        "{}",
+        stderr(&o)
+    );
+
+    let f = fixture("m2");
+    let o = bnorm(&["check", "--backend", "directx9", f.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("unknown backend \"directx9\""),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = bnorm(&["check"]);
+    assert_eq!(o.status.code(), Some(2));
+
+    let o = bnorm(&["check", "--cpu-only", "--no-cpu", f.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+
+    let o = bnorm(&["check", "--cpu-only", "tests/checkpoints/../common"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("no fixture files"), "{}", stderr(&o));
+}
+
+#[test]
+fn no_matching_adapter_is_loud_and_fails_only_when_required() {
+    let f = fixture("m2");
+    let args = [
+        "check",
+        "--adapter",
+        "no-such-adapter-anywhere",
+        f.to_str().unwrap(),
+    ];
+    let o = bnorm(&args);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("NO GPU ADAPTER"), "{}", stderr(&o));
+    assert_eq!(last_line(&o), "2 passed, 0 failed");
+
+    let o = bnorm(&[&args[..], &["--require-gpu"]].concat());
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(last_line(&o), "2 passed, 0 failed");
+    assert!(stderr(&o).contains("--require-gpu"), "{}", stderr(&o));
+}
+
+#[test]
+fn adapters_lists_limits_and_features() {
+    let o = bnorm(&["adapters"]);
+    let out = stdout(&o);
+    if gpu_contexts().is_empty() {
+        assert_eq!(o.status.code(), Some(1));
+        return;
+    }
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    for ctx in gpu_contexts() {
+        let info = ctx.adapter_info();
+        assert!(
+            out.contains(&format!("{}: {}", info.backend, info.name)),
+            "{out}"
+        );
+    }
+    for needle in [
+        "compute shaders: yes",
+        "max_storage_buffer_binding_size",
+        "max_buffer_size",
+        "max_compute_workgroup_size_x",
+        "max_compute_invocations_per_workgroup",
+        "max_compute_workgroups_per_dimension",
+        "max_compute_workgroup_storage_size",
+        "SHADER_F16",
+        "SUBGROUP",
+        "TIMESTAMP_QUERY",
+        "driver:",
+    ] {
+        assert!(out.contains(needle), "{needle} missing:\n{out}");
+    }
+}
+
+#[test]
+fn layers_lists_a_checkpoint() {
+    let o = bnorm(&["layers", "tests/checkpoints/resnet_bn.safetensors"]);
+    assert_eq!(o.status.code(), Some(0));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 8, "{out}");
+    assert_eq!(lines[0], "bn: 8 features, affine, num_batches_tracked 5");
+    assert_eq!(
+        lines[7],
+        "layer2.0.downsample.1: 16 features, affine, num_batches_tracked 5"
+    );
+
+    let o = bnorm(&["layers", "tests/checkpoints/resnet_bn_eval.safetensors"]);
+    assert_eq!(o.status.code(), Some(1));
+    let o = bnorm(&["layers", "Cargo.toml"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("checkpoint Cargo.toml: not a safetensors file"),
+        "{}",
+        stderr(&o)
+    );
+}

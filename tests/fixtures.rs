@@ -1,0 +1,602 @@
+//! PyTorch parity fixtures (tests/fixtures, format shared/FIXTURES.md) on the
+//! CPU reference and every GPU adapter, and the fixture reader's errors.
+
+mod common;
+
+use common::gpu_contexts;
+use ndarray::ArrayD;
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use wgpu_batchnorm::fixture::{
+    CpuFastTarget, CpuTarget, Fixture, FixtureTarget, check_file, collect_fixture_files,
+    run_fixture,
+};
+use wgpu_batchnorm::{
+    BatchNormBackend, BatchNormConfig, BatchNormState, CpuReference, DType, Error, Gradients, Mode,
+    SavedStats,
+};
+
+fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn fixture_path(case: &str) -> PathBuf {
+    fixture_dir().join(format!("{case}.safetensors"))
+}
+
+/// The CPU reference, the fast CPU backend and every GPU adapter.
+fn targets() -> Vec<Box<dyn FixtureTarget>> {
+    let mut t: Vec<Box<dyn FixtureTarget>> = vec![Box::new(CpuTarget), Box::new(CpuFastTarget)];
+    for ctx in gpu_contexts() {
+        t.push(Box::new(ctx.clone()));
+    }
+    t
+}
+
+/// Whether the target's layers take f16 storage.
+fn stores_f16(target: &dyn FixtureTarget) -> bool {
+    let mut bn = target.open(&BatchNormConfig::new(2)).unwrap();
+    bn.set_storage_dtype(DType::F16).is_ok()
+}
+
+/// Bugs found by these fixtures in code this file does not own, each pinned
+/// as a strict expected failure: (case, backend kind, a text the failure
+/// reason must contain). When a fix lands, the row PASSes and the test fails
+/// until the entry is removed here.
+///
+/// - `nan_channel`, both CPU backends and every GPU: evaluation `dx = dy * scale` comes out NaN
+///   where `x` is NaN, because `dx = a*dy + b*(x - mean) + c` is evaluated with
+///   `b = 0` (`0 * NaN = NaN`); PyTorch's eval backward never reads `x`.
+/// - `nan_channel`, GPU: the batch variance of a channel holding a NaN becomes
+///   0 (`save_invstd` = 1/sqrt(eps) = 316.2, finite `running_var_out`) instead of NaN.
+/// - `tiny_variance`, GPU: `dweight = S2 * invstd` loses ~3e-4 relative, past
+///   the 1e-4 tolerance, when the spread is tiny against the mean.
+const KNOWN_FAILURES: &[(&str, Kind, &str)] = &[
+    (
+        "nan_channel",
+        Kind::Any,
+        "dx_eval: 1 of 480 elements out of tolerance",
+    ),
+    ("nan_channel", Kind::Gpu, "save_invstd"),
+    ("tiny_variance", Kind::Gpu, "dweight"),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Any,
+    Gpu,
+}
+
+fn known_failures(case: &str, backend: &str) -> Vec<&'static str> {
+    let is_gpu = backend != "cpu-reference" && backend != "cpu";
+    KNOWN_FAILURES
+        .iter()
+        .filter(|(c, k, _)| *c == case && (*k == Kind::Any || is_gpu))
+        .map(|(_, _, why)| *why)
+        .collect()
+}
+
+#[test]
+fn every_fixture_on_every_backend() {
+    let files = collect_fixture_files(&[fixture_dir()]).unwrap();
+    assert!(
+        files.len() >= 33,
+        "expected the 33 committed fixtures in {}, found {}",
+        fixture_dir().display(),
+        files.len()
+    );
+    let targets = targets();
+    let mut problems = Vec::new();
+    let (mut passed, mut rows) = (0, 0);
+    for file in &files {
+        let fixture = Fixture::load(file).unwrap_or_else(|e| panic!("{e}"));
+        for target in &targets {
+            let r = run_fixture(&fixture, target.as_ref());
+            rows += 1;
+            println!("{r}");
+            let known = known_failures(&fixture.case, &r.backend);
+            let reason = r.reason().unwrap_or_default();
+            if fixture.dtype == DType::F16 && !stores_f16(target.as_ref()) {
+                // A backend without f16 storage must fail the row, and say why.
+                if r.failures.len() != 1
+                    || !reason.starts_with("f16 storage is not supported by this backend")
+                {
+                    problems.push(format!(
+                        "{r}\n    expected a FAIL saying f16 storage is not supported"
+                    ));
+                }
+            } else if !known.is_empty() {
+                if r.passed() {
+                    problems.push(format!(
+                        "{} on {} now PASSes: remove it from KNOWN_FAILURES",
+                        fixture.case, r.backend
+                    ));
+                } else if let Some(missing) = known.iter().find(|k| !reason.contains(*k)) {
+                    problems.push(format!("{r}\n    expected the known failure {missing:?}"));
+                }
+            } else if !r.passed() {
+                problems.push(r.to_string());
+            } else {
+                passed += 1;
+                if r.checks.is_empty() {
+                    problems.push(format!(
+                        "{} on {}: PASS without comparing anything",
+                        r.case, r.backend
+                    ));
+                }
+            }
+        }
+    }
+    println!("{passed} of {rows} rows passed outright");
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn cpu_reference_passes_the_f16_fixtures_at_f16_tolerance() {
+    for case in [
+        "f16_bn2d",
+        "f16_nhwc_2d",
+        "f16_large_mean",
+        "f16_no_tracking",
+    ] {
+        let f = Fixture::load(fixture_path(case)).unwrap();
+        assert_eq!(f.dtype, DType::F16);
+        let r = run_fixture(&f, &CpuTarget);
+        assert!(r.passed(), "{r}");
+        let y = r.checks.iter().find(|c| c.name == "y").expect("y compared");
+        assert_eq!(y.tolerance.atol, 5e-3, "{case}: y takes the f16 tolerance");
+        let dw = r
+            .checks
+            .iter()
+            .find(|c| c.name == "save_mean")
+            .expect("save_mean compared");
+        assert_eq!(
+            dw.tolerance.atol, 1e-4,
+            "{case}: per-channel tensors take the f32 tolerance"
+        );
+    }
+}
+
+#[test]
+fn error_fixture_passes_when_training_is_refused_and_eval_matches() {
+    let f = Fixture::load(fixture_path("error_m1")).unwrap();
+    assert!(f.expect_error);
+    let r = run_fixture(&f, &CpuTarget);
+    assert!(r.passed(), "{r}");
+    let names: Vec<&str> = r.checks.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["y_eval", "dx_eval", "dweight_eval", "dbias_eval"]);
+}
+
+/// A CPU reference that lies in one way, to prove the runner catches it.
+struct Liar {
+    inner: CpuReference,
+    lie: Lie,
+}
+
+#[derive(Clone, Copy)]
+enum Lie {
+    /// Adds 1e-3 to one element of `y`.
+    NudgeY,
+    /// Accepts one value per channel (returns x) and bumps the counter.
+    AcceptSingleValue,
+    /// Forgets the counter increment.
+    FrozenCounter,
+    /// Returns NaN in dweight.
+    NanDweight,
+}
+
+impl BatchNormBackend for Liar {
+    fn backend_name(&self) -> String {
+        "liar".into()
+    }
+    fn config(&self) -> &BatchNormConfig {
+        self.inner.config()
+    }
+    fn forward_train(
+        &mut self,
+        x: ndarray::ArrayViewD<'_, f32>,
+    ) -> wgpu_batchnorm::Result<ArrayD<f32>> {
+        match self.lie {
+            Lie::AcceptSingleValue if x.len() == self.inner.config().num_features => {
+                let mut s = self.inner.state()?;
+                s.num_batches_tracked = s.num_batches_tracked.map(|n| n + 1);
+                self.inner.set_state(&s)?;
+                Ok(x.to_owned())
+            }
+            Lie::FrozenCounter => {
+                let before = self.inner.state()?.num_batches_tracked;
+                let y = self.inner.forward_train(x)?;
+                let mut s = self.inner.state()?;
+                s.num_batches_tracked = before;
+                self.inner.set_state(&s)?;
+                Ok(y)
+            }
+            Lie::NudgeY => {
+                let mut y = self.inner.forward_train(x)?;
+                if let Some(v) = y.iter_mut().nth(7) {
+                    *v += 1e-3;
+                }
+                Ok(y)
+            }
+            _ => self.inner.forward_train(x),
+        }
+    }
+    fn forward_eval(
+        &mut self,
+        x: ndarray::ArrayViewD<'_, f32>,
+    ) -> wgpu_batchnorm::Result<ArrayD<f32>> {
+        self.inner.forward_eval(x)
+    }
+    fn backward(
+        &mut self,
+        x: ndarray::ArrayViewD<'_, f32>,
+        dy: ndarray::ArrayViewD<'_, f32>,
+        mode: Mode,
+    ) -> wgpu_batchnorm::Result<Gradients> {
+        let mut g = self.inner.backward(x, dy, mode)?;
+        if let (Lie::NanDweight, Some(dw)) = (self.lie, g.dweight.as_mut()) {
+            dw[0] = f32::NAN;
+        }
+        Ok(g)
+    }
+    fn saved_stats(&self) -> wgpu_batchnorm::Result<Option<SavedStats>> {
+        self.inner.saved_stats()
+    }
+    fn state(&self) -> wgpu_batchnorm::Result<BatchNormState> {
+        self.inner.state()
+    }
+    fn set_state(&mut self, state: &BatchNormState) -> wgpu_batchnorm::Result<()> {
+        self.inner.set_state(state)
+    }
+}
+
+struct LiarTarget(Lie);
+
+impl FixtureTarget for LiarTarget {
+    fn name(&self) -> String {
+        "liar".into()
+    }
+    fn open(&self, config: &BatchNormConfig) -> wgpu_batchnorm::Result<Box<dyn BatchNormBackend>> {
+        Ok(Box::new(Liar {
+            inner: CpuReference::new(config.clone())?,
+            lie: self.0,
+        }))
+    }
+}
+
+#[test]
+fn runner_catches_wrong_outputs() {
+    let bn2d = Fixture::load(fixture_path("bn2d")).unwrap();
+
+    let r = run_fixture(&bn2d, &LiarTarget(Lie::NudgeY));
+    assert!(!r.passed());
+    let reason = r.reason().unwrap();
+    assert!(
+        reason.starts_with("y: 1 of 1512 elements out of tolerance"),
+        "{reason}"
+    );
+    assert!(reason.contains("worst at [0, 0, 0, 7]"), "{reason}");
+    assert_eq!(r.worst().unwrap().name, "y");
+    assert!((r.worst().unwrap().max_abs_error - 1e-3).abs() < 1e-5);
+
+    let r = run_fixture(&bn2d, &LiarTarget(Lie::FrozenCounter));
+    assert_eq!(
+        r.failures,
+        ["num_batches_tracked after training is Some(0), expected 1"],
+        "{r}"
+    );
+
+    let r = run_fixture(&bn2d, &LiarTarget(Lie::NanDweight));
+    assert!(!r.passed());
+    assert!(
+        r.reason().unwrap().starts_with("dweight: 1 of 6 elements"),
+        "{r}"
+    );
+    assert!(r.worst().unwrap().ratio.is_infinite());
+
+    let err = Fixture::load(fixture_path("error_m1")).unwrap();
+    let r = run_fixture(&err, &LiarTarget(Lie::AcceptSingleValue));
+    assert!(!r.passed());
+    let reason = r.reason().unwrap();
+    assert!(
+        reason.contains("expected forward_train to be refused"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("changed the state (num_batches_tracked Some(0) -> Some(1))"),
+        "{reason}"
+    );
+
+    // f16 on a backend without f16 storage (the trait's default): a FAIL that
+    // says so, never a skip.
+    let f16 = Fixture::load(fixture_path("f16_bn1d")).unwrap();
+    let r = run_fixture(&f16, &LiarTarget(Lie::NudgeY));
+    assert_eq!(
+        r.failures,
+        [
+            "f16 storage is not supported by this backend: unsupported on adapter \"liar\": f16 storage"
+        ]
+    );
+}
+
+// ---- malformed files -------------------------------------------------------
+
+/// The tensors and metadata of a fixture, to edit and write back.
+struct Parts {
+    meta: HashMap<String, String>,
+    tensors: BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>,
+}
+
+fn parts(case: &str) -> Parts {
+    let bytes = std::fs::read(fixture_path(case)).unwrap();
+    let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    Parts {
+        meta: header.metadata().clone().unwrap(),
+        tensors: st
+            .tensors()
+            .into_iter()
+            .map(|(k, v)| (k, (v.dtype(), v.shape().to_vec(), v.data().to_vec())))
+            .collect(),
+    }
+}
+
+impl Parts {
+    fn bytes(&self) -> Vec<u8> {
+        let views: Vec<(String, TensorView<'_>)> = self
+            .tensors
+            .iter()
+            .map(|(k, (d, s, b))| (k.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+            .collect();
+        safetensors::serialize(views, Some(self.meta.clone())).unwrap()
+    }
+
+    fn error(&self) -> String {
+        match Fixture::from_bytes(&self.bytes(), "edited.safetensors") {
+            Ok(_) => panic!("the edited fixture was accepted"),
+            Err(e @ Error::Fixture { .. }) => e.to_string(),
+            Err(e) => panic!("expected Error::Fixture, got {e:?}"),
+        }
+    }
+}
+
+#[test]
+fn unedited_parts_round_trip() {
+    let p = parts("bn2d");
+    let f = Fixture::from_bytes(&p.bytes(), "bn2d copy").unwrap();
+    assert_eq!(f.case, "bn2d");
+    assert_eq!(f.config.num_features, 6);
+    assert_eq!(f.tensors.len(), 18);
+}
+
+#[test]
+fn not_a_safetensors_file() {
+    let e = Fixture::from_bytes(
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ",
+        "junk.bin",
+    )
+    .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.starts_with("fixture junk.bin: not a safetensors file"),
+        "{msg}"
+    );
+
+    let full = std::fs::read(fixture_path("m2")).unwrap();
+    let e = Fixture::from_bytes(&full[..full.len() - 3], "m2 truncated").unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("fixture m2 truncated: not a safetensors file"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_file_is_an_io_error_naming_it() {
+    let e = Fixture::load("tests/fixtures/does_not_exist.safetensors").unwrap_err();
+    assert!(matches!(e, Error::Io { .. }), "{e:?}");
+    assert!(e.to_string().contains("does_not_exist.safetensors"), "{e}");
+}
+
+#[test]
+fn missing_or_wrong_metadata() {
+    let mut p = parts("bn2d");
+    p.meta.remove("eps");
+    assert_eq!(
+        p.error(),
+        "fixture edited.safetensors: metadata key `eps` is missing"
+    );
+
+    let mut p = parts("bn2d");
+    p.meta.insert("format".into(), "batchnorm-fixture/2".into());
+    assert!(p.error().contains(
+        "metadata `format` is \"batchnorm-fixture/2\", expected \"batchnorm-fixture/1\""
+    ));
+
+    let mut p = parts("bn2d");
+    p.meta.insert("layout".into(), "NWCH".into());
+    assert!(p.error().contains("metadata `layout` is \"NWCH\""));
+
+    let mut p = parts("bn2d");
+    p.meta.insert("momentum".into(), "fast".into());
+    assert!(
+        p.error()
+            .contains("metadata `momentum` is \"fast\", expected a decimal number or \"none\"")
+    );
+
+    let mut p = parts("bn2d");
+    p.meta.insert("momentum".into(), "1.5".into());
+    assert!(
+        p.error().contains("momentum must lie in [0, 1]"),
+        "{}",
+        p.error()
+    );
+
+    let mut p = parts("bn2d");
+    p.meta.insert("affine".into(), "yes".into());
+    assert!(
+        p.error()
+            .contains("metadata `affine` is \"yes\", expected \"true\" or \"false\"")
+    );
+
+    let mut p = parts("bn2d");
+    p.meta.insert("dtype".into(), "bf16".into());
+    assert!(p.error().contains("metadata `dtype` is \"bf16\""));
+
+    let mut p = parts("bn2d");
+    p.meta.insert("num_batches_tracked".into(), "-1".into());
+    assert!(
+        p.error()
+            .contains("`num_batches_tracked` is \"-1\", expected a non-negative integer")
+    );
+
+    let mut p = parts("bn2d");
+    p.meta.insert("expect".into(), "success".into());
+    assert!(p.error().contains("metadata `expect` is \"success\""));
+}
+
+#[test]
+fn missing_tensors_wrong_dtypes_and_shapes() {
+    let mut p = parts("bn2d");
+    p.tensors.remove("x");
+    assert_eq!(
+        p.error(),
+        "fixture edited.safetensors: input tensor `x` is missing"
+    );
+
+    let mut p = parts("bn2d");
+    p.tensors.remove("dy");
+    assert!(p.error().ends_with("input tensor `dy` is missing"));
+
+    let mut p = parts("bn2d");
+    p.tensors.remove("weight");
+    assert!(
+        p.error()
+            .ends_with("input tensor `weight` is missing but metadata says affine = true")
+    );
+
+    let mut p = parts("bn2d");
+    p.meta.insert("track_running_stats".into(), "false".into());
+    assert!(p.error().ends_with(
+        "tensor `running_mean` is present but metadata says track_running_stats = false"
+    ));
+
+    // x as F64: the same bytes hold half as many elements.
+    let mut p = parts("bn2d");
+    let x = p.tensors.get_mut("x").unwrap();
+    x.0 = Dtype::F64;
+    x.1 = vec![2, 6, 7, 9];
+    assert!(
+        p.error().ends_with(
+            "tensor `x` has dtype F64, expected F32 (the fixture's storage dtype is f32)"
+        )
+    );
+
+    let mut p = parts("bn2d");
+    let w = p.tensors.get_mut("weight").unwrap();
+    w.1 = vec![3, 2];
+    assert!(p.error().ends_with(
+        "tensor `weight` has shape [3, 2], expected [6] (one value per channel of `x` [4, 6, 7, 9], layout NCHW)"
+    ));
+
+    let mut p = parts("bn2d");
+    let y = p.tensors.get_mut("y").unwrap();
+    y.1 = vec![4, 6, 9, 7];
+    assert!(
+        p.error()
+            .ends_with("tensor `y` has shape [4, 6, 9, 7], expected the shape of `x` [4, 6, 7, 9]")
+    );
+
+    let mut p = parts("bn2d");
+    let m = p.tensors.get_mut("save_mean").unwrap();
+    m.0 = Dtype::I32;
+    assert!(p.error().ends_with(
+        "tensor `save_mean` has dtype I32, expected F32 (per-channel tensors are always F32)"
+    ));
+
+    // An f16 fixture whose dy is f32.
+    let mut p = parts("f16_bn1d");
+    let dy = p.tensors.get_mut("dy").unwrap();
+    dy.0 = Dtype::F32;
+    dy.1 = vec![16, 8];
+    assert!(
+        p.error().ends_with(
+            "tensor `dy` has dtype F32, expected F16 (the fixture's storage dtype is f16)"
+        )
+    );
+
+    // A rank the layout cannot take.
+    let mut p = parts("bn2d");
+    let x = p.tensors.get_mut("x").unwrap();
+    x.1 = vec![1512];
+    assert!(
+        p.error().contains("input `x` does not fit layout NCHW"),
+        "{}",
+        p.error()
+    );
+}
+
+#[test]
+fn unknown_keys_are_ignored() {
+    let mut p = parts("m2");
+    p.meta.insert("comment".into(), "made by hand".into());
+    p.tensors
+        .insert("extra".into(), (Dtype::I64, vec![1], vec![0; 8]));
+    let f = Fixture::from_bytes(&p.bytes(), "extra").unwrap();
+    assert!(f.tensor("extra").is_none());
+    assert!(run_fixture(&f, &CpuTarget).passed());
+}
+
+#[test]
+fn missing_expected_tensors_are_skipped() {
+    let mut p = parts("m2");
+    p.tensors.remove("dx");
+    p.tensors.remove("y_eval");
+    let f = Fixture::from_bytes(&p.bytes(), "fewer").unwrap();
+    let r = run_fixture(&f, &CpuTarget);
+    assert!(r.passed(), "{r}");
+    let names: Vec<&str> = r.checks.iter().map(|c| c.name.as_str()).collect();
+    assert!(
+        !names.contains(&"dx") && !names.contains(&"y_eval"),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"y") && names.contains(&"dx_eval"),
+        "{names:?}"
+    );
+}
+
+#[test]
+fn check_file_reports_a_malformed_file_as_one_failure() {
+    let dir = std::env::temp_dir().join(format!("bnorm-fixtures-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("broken.safetensors");
+    std::fs::write(&bad, b"0123456789").unwrap();
+    let targets: Vec<Box<dyn FixtureTarget>> = vec![Box::new(CpuTarget)];
+    let reports = check_file(&bad, &targets);
+    assert_eq!(reports.len(), 1);
+    assert!(!reports[0].passed());
+    assert_eq!(reports[0].case, "broken");
+    let reason = reports[0].reason().unwrap();
+    assert!(
+        reason.contains("broken.safetensors") && reason.contains("not a safetensors file"),
+        "{reason}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn collect_scans_folders_sorted_and_errors_on_missing_paths() {
+    let files = collect_fixture_files(&[fixture_dir()]).unwrap();
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(names, sorted);
+    assert!(names.iter().all(|n| n.ends_with(".safetensors")));
+    let e = collect_fixture_files(&["tests/no_such_folder"]).unwrap_err();
+    assert!(e.to_string().contains("tests/no_such_folder"), "{e}");
+}
