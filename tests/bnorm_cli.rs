@@ -262,3 +262,14 @@ fn layers_lists_a_checkpoint() {
         stderr(&o)
     );
 }
+
+#[test]
+fn bench_is_wired() {
+    let o = bnorm(&["bench", "--help"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("Usage: bnorm bench"), "{out}");
+    assert!(out.contains("--json"), "{out}");
+    let o = bnorm(&["bench", "--shape", "8xbad"]);
+    assert_eq!(o.status.code(), Some(2));
+}

@@ -4,6 +4,7 @@
 //! bnorm adapters                       every adapter wgpu finds, with limits and features
 //! bnorm check tests/fixtures           PyTorch parity fixtures on the CPU reference and every adapter
 //! bnorm layers model.safetensors       the BatchNorm layers of a PyTorch state_dict
+//! bnorm bench --quick                  CPU vs GPU throughput against a copy kernel
 //! ```
 //!
 //! Results go to stdout, progress and warnings to stderr; `RUST_LOG=info`
@@ -28,7 +29,7 @@ const EXIT_USAGE: u8 = 2;
 #[command(
     name = "bnorm",
     version,
-    about = "Batch Normalization on any GPU wgpu reaches: adapters, PyTorch parity checks",
+    about = "Batch Normalization on any GPU wgpu reaches: adapters, PyTorch parity checks, benchmarks",
     after_help = "Environment: WGPU_BACKEND, WGPU_ADAPTER_NAME and WGPU_POWER_PREF narrow the adapters \
                   (the flags narrow further); RUST_LOG sets the log level (default warn)."
 )]
@@ -39,16 +40,30 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// List every adapter wgpu finds: backend, type, driver, the limits and
-    /// features this crate uses, and whether it runs compute shaders.
+    /// List every adapter wgpu finds, with its limits and features.
+    ///
+    /// Backend, device type, driver, the limits this crate depends on, the
+    /// optional features it uses (SHADER_F16, SUBGROUP, TIMESTAMP_QUERY) and
+    /// whether the adapter runs compute shaders.
     Adapters(Selection),
-    /// Run parity fixtures (batchnorm-fixture/1 safetensors files) on the CPU
-    /// reference, the fast CPU backend and every adapter; one row per fixture and backend, then
-    /// `N passed, M failed`. Exit status 1 when anything failed.
+    /// Run PyTorch parity fixtures on every backend.
+    ///
+    /// Each batchnorm-fixture/1 file runs on the CPU reference, the fast CPU
+    /// backend and every adapter: one row per fixture and backend (PASS/FAIL,
+    /// worst tensor and its error, the reason on failure), then
+    /// `N passed, M failed`. Exit status 1 when anything failed, 2 for usage
+    /// and I/O errors.
     Check(CheckArgs),
-    /// List the BatchNorm layers (prefix, channels, affine, counter) of a
-    /// safetensors state_dict.
+    /// List the BatchNorm layers of a safetensors state_dict.
+    ///
+    /// Prefix, channels, affine, num_batches_tracked, in module order.
     Layers(LayersArgs),
+    /// Measure CPU vs GPU throughput against a copy kernel.
+    ///
+    /// Per operation and shape: median time, GB/s of the ideal traffic, and
+    /// the fraction of a copy kernel timed on the same device in the same
+    /// run; a table, `--json FILE`, `--svg FILE`.
+    Bench(wgpu_batchnorm::bench::BenchArgs),
 }
 
 /// Which adapters to use.
@@ -120,6 +135,7 @@ fn main() -> ExitCode {
         Command::Adapters(sel) => adapters(&sel),
         Command::Check(args) => check(&args),
         Command::Layers(args) => layers(&args),
+        Command::Bench(args) => bench(&args),
     }
 }
 
@@ -128,9 +144,12 @@ fn yes_no(b: bool) -> &'static str {
 }
 
 fn bytes(n: u64) -> String {
+    const KIB: u64 = 1 << 10;
     const MIB: u64 = 1 << 20;
     if n >= MIB && n.is_multiple_of(MIB) {
         format!("{n} ({} MiB)", n / MIB)
+    } else if n >= KIB && n.is_multiple_of(KIB) {
+        format!("{n} ({} KiB)", n / KIB)
     } else {
         n.to_string()
     }
@@ -438,6 +457,16 @@ fn check(args: &CheckArgs) -> ExitCode {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+fn bench(args: &wgpu_batchnorm::bench::BenchArgs) -> ExitCode {
+    match wgpu_batchnorm::bench::run_cli(args) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("bnorm bench: error: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
     }
 }
 
