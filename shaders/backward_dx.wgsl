@@ -16,5 +16,8 @@ fn main(
         return;
     }
     let k = coef[channel_of(p, i)];
-    dx[i] = Elem(k.y * f32(dy[i]) + k.z * (f32(x[i]) - k.x) + k.w);
+    // b = 0 (running statistics) drops the x term, so a NaN in x stays out of dx,
+    // as in PyTorch, whose evaluation backward never reads x.
+    let xt = select(k.z * (f32(x[i]) - k.x), 0.0, k.z == 0.0);
+    dx[i] = Elem(k.y * f32(dy[i]) + xt + k.w);
 }

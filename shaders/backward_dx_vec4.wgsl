@@ -22,7 +22,9 @@ fn main(
     if p.inner % 4u == 0u {
         // All four lanes lie in one channel.
         let k = coef[channel_of(p, i)];
-        dx[j] = Elem4(k.y * g + k.z * (v - k.x) + k.w);
+        // b = 0 (running statistics) drops the x term: a NaN in x stays out of dx.
+        let xt = select(k.z * (v - k.x), vec4<f32>(0.0), k.z == 0.0);
+        dx[j] = Elem4(k.y * g + xt + k.w);
     } else {
         let k0 = coef[channel_of(p, i)];
         let k1 = coef[channel_of(p, i + 1u)];
@@ -32,6 +34,7 @@ fn main(
         let a = vec4<f32>(k0.y, k1.y, k2.y, k3.y);
         let b = vec4<f32>(k0.z, k1.z, k2.z, k3.z);
         let cc = vec4<f32>(k0.w, k1.w, k2.w, k3.w);
-        dx[j] = Elem4(a * g + b * (v - center) + cc);
+        let xt = select(b * (v - center), vec4<f32>(0.0), b == vec4<f32>(0.0));
+        dx[j] = Elem4(a * g + xt + cc);
     }
 }

@@ -31,7 +31,9 @@ fn main(
         m2 += part.y + d * d * (n * nb / nt);
         n = nt;
     }
-    let var_biased = max(m2 * p.inv_m, 0.0);
+    // Welford and Chan only add non-negative terms, so m2 >= 0; no max(),
+    // which would turn the NaN of a channel holding a NaN into a number.
+    let var_biased = m2 * p.inv_m;
     let invstd = 1.0 / sqrt(var_biased + p.eps);
     saved[c] = vec2<f32>(mean, invstd);
     let affine = wb[c];

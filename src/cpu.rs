@@ -537,6 +537,13 @@ fn backward_dx(x: &[f32], dy: &[f32], dx: &mut [f32], walk: &ChannelWalk, coefs:
         let span = start..start + dx.len();
         let (x, dy) = (&x[span.clone()], &dy[span]);
         match seg {
+            // b = 0 (running statistics): x does not enter dx, so a NaN in x
+            // stays out, as in PyTorch's evaluation backward.
+            Seg::Scalar([_, a, 0.0, c]) => {
+                for (o, &g) in dx.iter_mut().zip(dy) {
+                    *o = a * g + c;
+                }
+            }
             Seg::Scalar([m, a, b, c]) => {
                 for ((o, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
                     *o = a * g + b * (v - m) + c;
@@ -546,7 +553,8 @@ fn backward_dx(x: &[f32], dy: &[f32], dx: &mut [f32], walk: &ChannelWalk, coefs:
                 for ((((((o, &v), &g), &m), &a), &b), &c) in
                     dx.iter_mut().zip(x).zip(dy).zip(m).zip(a).zip(b).zip(c)
                 {
-                    *o = a * g + b * (v - m) + c;
+                    let xt = if b == 0.0 { 0.0 } else { b * (v - m) };
+                    *o = a * g + xt + c;
                 }
             }
         }

@@ -136,7 +136,14 @@ pub fn backward_dx(x: &[f32], dy: &[f32], walk: &ChannelWalk, coef: &[DxCoef]) -
         .enumerate()
         .map(|(i, (&v, &g))| {
             let k = coef[walk.channel_of(i)];
-            (k.a * g as f64 + k.b * (v as f64 - k.center) + k.c) as f32
+            // b = 0 (running statistics) drops the x term, as PyTorch's
+            // evaluation backward, which never reads x, does.
+            let xt = if k.b == 0.0 {
+                0.0
+            } else {
+                k.b * (v as f64 - k.center)
+            };
+            (k.a * g as f64 + xt + k.c) as f32
         })
         .collect()
 }
