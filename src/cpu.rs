@@ -86,49 +86,92 @@ impl Moments {
     }
 }
 
-/// Sum of `x` with [`LANES`] independent accumulators.
-#[inline]
-fn lane_sum(x: &[f32]) -> f32 {
-    let (chunks, rest) = x.as_chunks::<LANES>();
-    let mut acc = [0.0f32; LANES];
-    for c in chunks {
-        for l in 0..LANES {
-            acc[l] += c[l];
-        }
-    }
-    let tail: f32 = rest.iter().sum();
-    acc.iter().sum::<f32>() + tail
+/// [`LANES`] independent `f32` accumulators (the compiler keeps them in SIMD
+/// registers) and an `f64` tail for the elements past the last full chunk.
+#[derive(Debug, Clone, Copy)]
+struct Lanes {
+    v: [f32; LANES],
+    tail: f64,
 }
 
-/// `(sum(x - m), sum((x - m)^2))` with [`LANES`] independent accumulators.
-#[inline]
-fn lane_centered_sums(x: &[f32], m: f32) -> (f64, f64) {
-    let (chunks, rest) = x.as_chunks::<LANES>();
-    let mut s1 = [0.0f32; LANES];
-    let mut s2 = [0.0f32; LANES];
-    for c in chunks {
-        for l in 0..LANES {
-            let d = c[l] - m;
-            s1[l] += d;
-            s2[l] += d * d;
+impl Lanes {
+    fn new() -> Self {
+        Self {
+            v: [0.0; LANES],
+            tail: 0.0,
         }
     }
-    let (mut t1, mut t2) = (0.0f64, 0.0f64);
+
+    /// The sum of every lane and the tail, in `f64`.
+    fn total(&self) -> f64 {
+        self.v.iter().map(|&v| f64::from(v)).sum::<f64>() + self.tail
+    }
+}
+
+/// `acc += sum(x)`.
+#[inline]
+fn add_sum(acc: &mut Lanes, x: &[f32]) {
+    let (chunks, rest) = x.as_chunks::<LANES>();
+    for c in chunks {
+        for (a, &v) in acc.v.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.tail += rest.iter().map(|&v| f64::from(v)).sum::<f64>();
+}
+
+/// `s1 += sum(x - m)`, `s2 += sum((x - m)^2)`.
+#[inline]
+fn add_centered(s1: &mut Lanes, s2: &mut Lanes, x: &[f32], m: f32) {
+    let (chunks, rest) = x.as_chunks::<LANES>();
+    for c in chunks {
+        for ((a1, a2), &v) in s1.v.iter_mut().zip(s2.v.iter_mut()).zip(c) {
+            let d = v - m;
+            *a1 += d;
+            *a2 += d * d;
+        }
+    }
     for &v in rest {
         let d = v - m;
-        t1 += f64::from(d);
-        t2 += f64::from(d * d);
+        s1.tail += f64::from(d);
+        s2.tail += f64::from(d * d);
     }
-    let f = |a: [f32; LANES]| a.iter().map(|&v| f64::from(v)).sum::<f64>();
-    (f(s1) + t1, f(s2) + t2)
 }
 
-/// Moments of one cache-resident piece, by the corrected two-pass algorithm.
+/// `s1 += sum(dy)`, `s2 += sum(dy * (x - center))`.
 #[inline]
-fn piece_moments(x: &[f32]) -> Moments {
-    let n = x.len() as f64;
-    let m = lane_sum(x) / x.len() as f32;
-    let (s1, s2) = lane_centered_sums(x, m);
+fn add_grad(s1: &mut Lanes, s2: &mut Lanes, x: &[f32], dy: &[f32], center: f32) {
+    let (xc, xr) = x.as_chunks::<LANES>();
+    let (gc, gr) = dy.as_chunks::<LANES>();
+    for (a, g) in xc.iter().zip(gc) {
+        for l in 0..LANES {
+            s1.v[l] += g[l];
+            s2.v[l] += g[l] * (a[l] - center);
+        }
+    }
+    for (&a, &g) in xr.iter().zip(gr) {
+        s1.tail += f64::from(g);
+        s2.tail += f64::from(g * (a - center));
+    }
+}
+
+/// Moments of a cache-resident group of contiguous pieces `(start, len)` of
+/// `x`, by the corrected two-pass algorithm: a first pass for the mean `m`,
+/// then `sum(x - m)` and `sum((x - m)^2)`.
+#[inline]
+fn group_moments(x: &[f32], pieces: &[(usize, usize)]) -> Moments {
+    let count: usize = pieces.iter().map(|p| p.1).sum();
+    let n = count as f64;
+    let mut sum = Lanes::new();
+    for &(s, len) in pieces {
+        add_sum(&mut sum, &x[s..s + len]);
+    }
+    let m = (sum.total() / n) as f32;
+    let (mut s1, mut s2) = (Lanes::new(), Lanes::new());
+    for &(s, len) in pieces {
+        add_centered(&mut s1, &mut s2, &x[s..s + len], m);
+    }
+    let (s1, s2) = (s1.total(), s2.total());
     let m2 = s2 - s1 * s1 / n;
     Moments {
         n,
@@ -138,26 +181,10 @@ fn piece_moments(x: &[f32]) -> Moments {
     }
 }
 
-/// `(sum(dy), sum(dy * (x - center)))` of one contiguous piece.
-#[inline]
-fn piece_grad_sums(x: &[f32], dy: &[f32], center: f32) -> (f64, f64) {
-    let (xc, xr) = x.as_chunks::<LANES>();
-    let (gc, gr) = dy.as_chunks::<LANES>();
-    let mut s1 = [0.0f32; LANES];
-    let mut s2 = [0.0f32; LANES];
-    for (a, g) in xc.iter().zip(gc) {
-        for l in 0..LANES {
-            s1[l] += g[l];
-            s2[l] += g[l] * (a[l] - center);
-        }
-    }
-    let (mut t1, mut t2) = (0.0f64, 0.0f64);
-    for (&a, &g) in xr.iter().zip(gr) {
-        t1 += f64::from(g);
-        t2 += f64::from(g * (a - center));
-    }
-    let f = |a: [f32; LANES]| a.iter().map(|&v| f64::from(v)).sum::<f64>();
-    (f(s1) + t1, f(s2) + t2)
+/// Moments of one contiguous slice (see [`group_moments`]).
+#[cfg(test)]
+fn piece_moments(x: &[f32]) -> Moments {
+    group_moments(x, &[(0, x.len())])
 }
 
 /// How a tensor is cut into rayon tasks.
@@ -219,6 +246,33 @@ fn for_each_piece(
     }
 }
 
+/// Calls `f` with groups of consecutive pieces (see [`for_each_piece`]) of
+/// at most [`PIECE`] elements in all, so that short runs (a 7x7 spatial
+/// size) are reduced many at a time; `pieces` is scratch space.
+#[inline]
+fn for_each_group(
+    walk: &ChannelWalk,
+    c: usize,
+    (m0, m1): (usize, usize),
+    pieces: &mut Vec<(usize, usize)>,
+    mut f: impl FnMut(&[(usize, usize)]),
+) {
+    pieces.clear();
+    let mut count = 0;
+    for_each_piece(walk, c, m0, m1, |start, len| {
+        if count + len > PIECE && !pieces.is_empty() {
+            f(pieces);
+            pieces.clear();
+            count = 0;
+        }
+        pieces.push((start, len));
+        count += len;
+    });
+    if !pieces.is_empty() {
+        f(pieces);
+    }
+}
+
 /// Rows `r0..r1` of positions `p0..p1` in a tensor of rows of `cols` positions,
 /// in sub-blocks of rows that fit [`ROW_BLOCK_BYTES`].
 fn row_blocks(r0: usize, r1: usize, width: usize) -> impl Iterator<Item = (usize, usize)> {
@@ -235,10 +289,10 @@ fn channel_moments(x: &[f32], walk: &ChannelWalk) -> Vec<Moments> {
                 .into_par_iter()
                 .map(|t| {
                     let (c, k) = (t / parts, t % parts);
-                    let (m0, m1) = part_range(m, parts, k);
                     let mut acc = Moments::default();
-                    for_each_piece(walk, c, m0, m1, |start, len| {
-                        acc = acc.merge(piece_moments(&x[start..start + len]));
+                    let mut pieces = Vec::new();
+                    for_each_group(walk, c, part_range(m, parts, k), &mut pieces, |g| {
+                        acc = acc.merge(group_moments(x, g));
                     });
                     acc
                 })
@@ -312,20 +366,16 @@ fn row_task_moments(
         s2.fill(0.0);
         for r in b0..b1 {
             let row = &x[r * cols + p0..r * cols + p1];
-            for (((a1, a2), &m), &v) in s1.iter_mut().zip(s2.iter_mut()).zip(&bm).zip(row) {
-                let d = v - m;
-                *a1 += d;
-                *a2 += d * d;
-            }
+            add_row_centered(&mut s1, &mut s2, &bm, row);
         }
         // Chan merge of the block into the running column moments.
         let nt = n + nb;
-        let (wb, wab) = (nb / nt, n * nb / nt);
+        let (wb, wab, inv_nb) = (nb / nt, n * nb / nt, 1.0 / nb);
         for j in 0..w {
             let (d1, d2) = (f64::from(s1[j]), f64::from(s2[j]));
-            let q = d2 - d1 * d1 / nb;
+            let q = d2 - d1 * d1 * inv_nb;
             let q = if q < 0.0 { 0.0 } else { q };
-            let mb = f64::from(bm[j]) + d1 / nb;
+            let mb = f64::from(bm[j]) + d1 * inv_nb;
             let d = mb - mean[j];
             mean[j] += d * wb;
             m2[j] += q + d * d * wab;
@@ -349,15 +399,20 @@ fn channel_grad_sums(
                 .into_par_iter()
                 .map(|t| {
                     let (c, k) = (t / parts, t % parts);
-                    let (m0, m1) = part_range(m, parts, k);
                     let mut acc = (0.0, 0.0);
-                    for_each_piece(walk, c, m0, m1, |start, len| {
-                        let (a, b) = piece_grad_sums(
-                            &x[start..start + len],
-                            &dy[start..start + len],
-                            center32[c],
-                        );
-                        acc = (acc.0 + a, acc.1 + b);
+                    let mut pieces = Vec::new();
+                    for_each_group(walk, c, part_range(m, parts, k), &mut pieces, |g| {
+                        let (mut s1, mut s2) = (Lanes::new(), Lanes::new());
+                        for &(s, len) in g {
+                            add_grad(
+                                &mut s1,
+                                &mut s2,
+                                &x[s..s + len],
+                                &dy[s..s + len],
+                                center32[c],
+                            );
+                        }
+                        acc = (acc.0 + s1.total(), acc.1 + s2.total());
                     });
                     acc
                 })
@@ -414,13 +469,7 @@ fn row_task_grad_sums(
         s2.fill(0.0);
         for r in b0..b1 {
             let span = r * cols + p0..r * cols + p0 + w;
-            let (xr, gr) = (&x[span.clone()], &dy[span]);
-            for ((((a1, a2), &m), &v), &g) in
-                s1.iter_mut().zip(s2.iter_mut()).zip(center).zip(xr).zip(gr)
-            {
-                *a1 += g;
-                *a2 += g * (v - m);
-            }
+            add_row_grad(&mut s1, &mut s2, center, &x[span.clone()], &dy[span]);
         }
         for j in 0..w {
             t1[j] += f64::from(s1[j]);
@@ -512,6 +561,63 @@ enum Seg<'a> {
     Slices([&'a [f32]; 4]),
 }
 
+// The row loops below index slices cut to one length, the form LLVM
+// vectorizes most reliably (long `zip` chains sometimes stay scalar).
+
+/// `s1 += row - m`, `s2 += (row - m)^2`, per position.
+#[inline]
+#[allow(clippy::needless_range_loop)]
+fn add_row_centered(s1: &mut [f32], s2: &mut [f32], m: &[f32], row: &[f32]) {
+    let n = s1.len();
+    let (s2, m, row) = (&mut s2[..n], &m[..n], &row[..n]);
+    for j in 0..n {
+        let d = row[j] - m[j];
+        s1[j] += d;
+        s2[j] += d * d;
+    }
+}
+
+/// `s1 += dy`, `s2 += dy * (x - center)`, per position.
+#[inline]
+#[allow(clippy::needless_range_loop)]
+fn add_row_grad(s1: &mut [f32], s2: &mut [f32], center: &[f32], x: &[f32], dy: &[f32]) {
+    let n = s1.len();
+    let (s2, center, x, dy) = (&mut s2[..n], &center[..n], &x[..n], &dy[..n]);
+    for j in 0..n {
+        s1[j] += dy[j];
+        s2[j] += dy[j] * (x[j] - center[j]);
+    }
+}
+
+/// `y = (x - c) * s + b`, per position.
+#[inline]
+#[allow(clippy::needless_range_loop)]
+fn normalize_row(y: &mut [f32], x: &[f32], c: &[f32], s: &[f32], b: &[f32]) {
+    let n = y.len();
+    let (x, c, s, b) = (&x[..n], &c[..n], &s[..n], &b[..n]);
+    for j in 0..n {
+        y[j] = (x[j] - c[j]) * s[j] + b[j];
+    }
+}
+
+/// `dx = a dy + b (x - m) + c` per position, coefficients `[m, a, b, c]`;
+/// where `b = 0` (running statistics) `x` does not enter, so a NaN in `x`
+/// stays out, as in PyTorch's evaluation backward.
+#[inline]
+#[allow(clippy::needless_range_loop)]
+fn backward_dx_row(dx: &mut [f32], x: &[f32], dy: &[f32], [m, a, b, c]: [&[f32]; 4]) {
+    let n = dx.len();
+    let (x, dy, m, a, b, c) = (&x[..n], &dy[..n], &m[..n], &a[..n], &b[..n], &c[..n]);
+    for j in 0..n {
+        let xt = if b[j] == 0.0 {
+            0.0
+        } else {
+            b[j] * (x[j] - m[j])
+        };
+        dx[j] = a[j] * dy[j] + xt + c[j];
+    }
+}
+
 /// `y = (x - center) * scale + shift`, coefficients `[center, scale, shift, _]`.
 fn normalize(x: &[f32], y: &mut [f32], walk: &ChannelWalk, coefs: &Coefs) {
     for_each_segment(y, walk, coefs, |y, start, seg| {
@@ -522,11 +628,7 @@ fn normalize(x: &[f32], y: &mut [f32], walk: &ChannelWalk, coefs: &Coefs) {
                     *o = (v - c) * s + b;
                 }
             }
-            Seg::Slices([c, s, b, _]) => {
-                for ((((o, &v), &c), &s), &b) in y.iter_mut().zip(x).zip(c).zip(s).zip(b) {
-                    *o = (v - c) * s + b;
-                }
-            }
+            Seg::Slices([c, s, b, _]) => normalize_row(y, x, c, s, b),
         }
     });
 }
@@ -549,14 +651,7 @@ fn backward_dx(x: &[f32], dy: &[f32], dx: &mut [f32], walk: &ChannelWalk, coefs:
                     *o = a * g + b * (v - m) + c;
                 }
             }
-            Seg::Slices([m, a, b, c]) => {
-                for ((((((o, &v), &g), &m), &a), &b), &c) in
-                    dx.iter_mut().zip(x).zip(dy).zip(m).zip(a).zip(b).zip(c)
-                {
-                    let xt = if b == 0.0 { 0.0 } else { b * (v - m) };
-                    *o = a * g + xt + c;
-                }
-            }
+            Seg::Slices(k) => backward_dx_row(dx, x, dy, k),
         }
     });
 }

@@ -203,6 +203,14 @@ pub enum Error {
         /// What is wrong, naming the key, dtype or shape.
         message: String,
     },
+    /// A benchmark output (`bnorm bench --json`, `--svg`) could not be written.
+    #[error("cannot write {path}: {message}")]
+    Output {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

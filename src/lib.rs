@@ -44,6 +44,7 @@
 #![warn(missing_docs)]
 
 mod backend;
+pub mod bench;
 pub mod checkpoint;
 mod config;
 pub mod cpu;
@@ -57,7 +58,7 @@ mod state;
 
 pub use backend::BatchNormBackend;
 pub use checkpoint::StateDict;
-pub use config::{BatchNormConfig, Layout, Mode};
+pub use config::{BatchNormConfig, DType, Layout, Mode};
 pub use cpu::CpuBatchNorm;
 pub use error::{Error, Result};
 pub use fixture::{Fixture, FixtureReport, run_fixture};
@@ -66,3 +67,8 @@ pub use reference::CpuReference;
 pub use shape::ChannelWalk;
 pub use state::{BatchNormState, Gradients, SavedStats};
 pub use wgpu;
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

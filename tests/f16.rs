@@ -61,11 +61,14 @@ fn case(
     checked
 }
 
+/// Name, shape, configuration, mean of the input, slice length.
+type Case = (&'static str, Vec<usize>, BatchNormConfig, f32, Option<u32>);
+
 #[test]
 fn f16_parity_both_layouts_every_rank() {
     let expect_f16 = std::env::var("BNORM_EXPECT_F16").is_ok_and(|v| !v.is_empty());
     let last = |c| BatchNormConfig::new(c).with_layout(Layout::ChannelsLast);
-    let cases: Vec<(&str, Vec<usize>, BatchNormConfig, f32, Option<u32>)> = vec![
+    let cases: Vec<Case> = vec![
         ("rank2", vec![32, 8], BatchNormConfig::new(8), 0.5, None),
         (
             "rank3_odd",

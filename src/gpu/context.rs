@@ -276,7 +276,7 @@ impl GpuContext {
             }
         });
         let scope = ErrorScopes::push(&device);
-        let kernels = Kernels::new(&device);
+        let kernels = Kernels::new(&device, features.contains(wgpu::Features::SHADER_F16));
         let copy_kernel = super::copy::CopyKernel::new(&device);
         scope.pop("pipeline creation")?;
         Ok(Self {
@@ -547,7 +547,7 @@ mod tests {
     #[test]
     fn validation_errors_come_back_as_err() {
         let Some(ctx) = first_context() else { return };
-        let k = &ctx.inner.kernels.stats_partial;
+        let k = &ctx.inner.kernels.f32.stats_partial;
         // a 16-byte uniform where the shader's Params needs 48: invalid at dispatch
         let small = ctx.storage_buffer("too small", 16);
         let uniform = ctx.device().create_buffer(&wgpu::BufferDescriptor {

@@ -3,9 +3,9 @@
 mod batchnorm;
 mod context;
 mod copy;
-mod timing;
 pub(crate) mod kernels;
 mod tensor;
+mod timing;
 
 pub use batchnorm::{GpuBatchNorm, GpuGradients};
 pub use context::{AdapterSelection, GpuContext, enumerate_adapters, parse_backend};
