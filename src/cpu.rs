@@ -49,6 +49,10 @@ const TASK: usize = 1 << 16;
 const MIN_TASK: usize = 1 << 13;
 /// Channels-first tensors with a spatial size below this are walked by rows.
 const ROW_WALK_BELOW: usize = 16;
+/// Runs shorter than this (but at least [`ROW_WALK_BELOW`]) are walked in
+/// memory order, a block of channels at a time: one channel's runs lie
+/// `C * inner` elements apart, too far for the prefetcher when runs are short.
+const BLOCK_WALK_BELOW: usize = 1024;
 /// Positions (columns) one row-walk task accumulates at most.
 const ROW_COLS: usize = 4096;
 /// Bytes of rows one row-walk sub-block holds (two passes over it stay in cache).
@@ -88,6 +92,11 @@ impl Moments {
 
 /// [`LANES`] independent `f32` accumulators (the compiler keeps them in SIMD
 /// registers) and an `f64` tail for the elements past the last full chunk.
+///
+/// The functions that add to them are `#[inline(never)]`: on their own they
+/// compile to packed SIMD (`subps`, `mulps`, `addps` on x86-64), while
+/// inlined into the piece loops LLVM vectorized across chunks instead, with
+/// strided scalar loads (twice slower on 7x7 runs).
 #[derive(Debug, Clone, Copy)]
 struct Lanes {
     v: [f32; LANES],
@@ -109,28 +118,29 @@ impl Lanes {
 }
 
 /// `acc += sum(x)`.
-#[inline]
+#[inline(never)]
 fn add_sum(acc: &mut Lanes, x: &[f32]) {
     let (chunks, rest) = x.as_chunks::<LANES>();
+    // Lanes in a local array and whole-array updates: SIMD adds, no reloads.
+    let mut a = acc.v;
     for c in chunks {
-        for (a, &v) in acc.v.iter_mut().zip(c) {
-            *a += v;
-        }
+        a = std::array::from_fn(|l| a[l] + c[l]);
     }
+    acc.v = a;
     acc.tail += rest.iter().map(|&v| f64::from(v)).sum::<f64>();
 }
 
 /// `s1 += sum(x - m)`, `s2 += sum((x - m)^2)`.
-#[inline]
+#[inline(never)]
 fn add_centered(s1: &mut Lanes, s2: &mut Lanes, x: &[f32], m: f32) {
     let (chunks, rest) = x.as_chunks::<LANES>();
+    let (mut a1, mut a2) = (s1.v, s2.v);
     for c in chunks {
-        for ((a1, a2), &v) in s1.v.iter_mut().zip(s2.v.iter_mut()).zip(c) {
-            let d = v - m;
-            *a1 += d;
-            *a2 += d * d;
-        }
+        let d: [f32; LANES] = std::array::from_fn(|l| c[l] - m);
+        a1 = std::array::from_fn(|l| a1[l] + d[l]);
+        a2 = std::array::from_fn(|l| a2[l] + d[l] * d[l]);
     }
+    (s1.v, s2.v) = (a1, a2);
     for &v in rest {
         let d = v - m;
         s1.tail += f64::from(d);
@@ -139,16 +149,17 @@ fn add_centered(s1: &mut Lanes, s2: &mut Lanes, x: &[f32], m: f32) {
 }
 
 /// `s1 += sum(dy)`, `s2 += sum(dy * (x - center))`.
-#[inline]
+#[inline(never)]
 fn add_grad(s1: &mut Lanes, s2: &mut Lanes, x: &[f32], dy: &[f32], center: f32) {
     let (xc, xr) = x.as_chunks::<LANES>();
     let (gc, gr) = dy.as_chunks::<LANES>();
+    let (mut a1, mut a2) = (s1.v, s2.v);
     for (a, g) in xc.iter().zip(gc) {
-        for l in 0..LANES {
-            s1.v[l] += g[l];
-            s2.v[l] += g[l] * (a[l] - center);
-        }
+        let d: [f32; LANES] = std::array::from_fn(|l| a[l] - center);
+        a1 = std::array::from_fn(|l| a1[l] + g[l]);
+        a2 = std::array::from_fn(|l| a2[l] + g[l] * d[l]);
     }
+    (s1.v, s2.v) = (a1, a2);
     for (&a, &g) in xr.iter().zip(gr) {
         s1.tail += f64::from(g);
         s2.tail += f64::from(g * (a - center));
@@ -196,6 +207,9 @@ enum Plan {
     /// Row walk: `rows` rows of `cols = C * inner` positions, cut into
     /// `row_tasks` row ranges times column blocks of [`ROW_COLS`].
     Rows { row_tasks: usize },
+    /// Block walk: tasks of `block` channels times one of `row_tasks` ranges
+    /// of runs (`o`), each visiting its runs in memory order.
+    Blocks { block: usize, row_tasks: usize },
 }
 
 fn plan(walk: &ChannelWalk) -> Plan {
@@ -212,6 +226,11 @@ fn plan(walk: &ChannelWalk) -> Plan {
             .min((walk.outer / min_rows).max(1))
             .max(1);
         Plan::Rows { row_tasks }
+    } else if walk.inner < BLOCK_WALK_BELOW {
+        let block = (PIECE / walk.inner).clamp(1, walk.channels);
+        let blocks = walk.channels.div_ceil(block);
+        let row_tasks = want_tasks.div_ceil(blocks).clamp(1, walk.outer);
+        Plan::Blocks { block, row_tasks }
     } else {
         let m = walk.per_channel();
         let by_size = m.div_ceil(TASK);
@@ -302,6 +321,27 @@ fn channel_moments(x: &[f32], walk: &ChannelWalk) -> Vec<Moments> {
                 .map(|p| p.iter().fold(Moments::default(), |a, &b| a.merge(b)))
                 .collect()
         }
+        Plan::Blocks { block, row_tasks } => {
+            let c = walk.channels;
+            let blocks = c.div_ceil(block);
+            let partials: Vec<Vec<Moments>> = (0..blocks * row_tasks)
+                .into_par_iter()
+                .map(|t| {
+                    let (b, rt) = (t / row_tasks, t % row_tasks);
+                    let (c0, c1) = (b * block, ((b + 1) * block).min(c));
+                    let (r0, r1) = part_range(walk.outer, row_tasks, rt);
+                    block_moments(x, walk, (c0, c1), (r0, r1))
+                })
+                .collect();
+            let mut out = vec![Moments::default(); c];
+            for (t, part) in partials.iter().enumerate() {
+                let c0 = (t / row_tasks) * block;
+                for (o, p) in out[c0..].iter_mut().zip(part) {
+                    *o = o.merge(*p);
+                }
+            }
+            out
+        }
         Plan::Rows { row_tasks } => {
             let cols = walk.channels * walk.inner;
             let col_blocks = cols.div_ceil(ROW_COLS);
@@ -332,6 +372,56 @@ fn channel_moments(x: &[f32], walk: &ChannelWalk) -> Vec<Moments> {
                 .collect()
         }
     }
+}
+
+/// Moments of channels `c0..c1` over runs `r0..r1` (a [`Plan::Blocks`]
+/// task): the corrected two-pass algorithm per cache-sized slab of runs, each
+/// pass in memory order, slabs merged in `f64`.
+fn block_moments(
+    x: &[f32],
+    walk: &ChannelWalk,
+    (c0, c1): (usize, usize),
+    (r0, r1): (usize, usize),
+) -> Vec<Moments> {
+    let (c, inner, nb) = (walk.channels, walk.inner, c1 - c0);
+    let run = |o: usize, j: usize| {
+        let start = (o * c + c0 + j) * inner;
+        &x[start..start + inner]
+    };
+    let mut acc = vec![Moments::default(); nb];
+    let mut sums = vec![Lanes::new(); nb];
+    let mut s1 = vec![Lanes::new(); nb];
+    let mut s2 = vec![Lanes::new(); nb];
+    let mut means = vec![0.0f32; nb];
+    for (b0, b1) in row_blocks(r0, r1, nb * inner) {
+        let n = ((b1 - b0) * inner) as f64;
+        sums.fill(Lanes::new());
+        for o in b0..b1 {
+            for (j, l) in sums.iter_mut().enumerate() {
+                add_sum(l, run(o, j));
+            }
+        }
+        for (m, l) in means.iter_mut().zip(&sums) {
+            *m = (l.total() / n) as f32;
+        }
+        s1.fill(Lanes::new());
+        s2.fill(Lanes::new());
+        for o in b0..b1 {
+            for (j, (a1, a2)) in s1.iter_mut().zip(s2.iter_mut()).enumerate() {
+                add_centered(a1, a2, run(o, j), means[j]);
+            }
+        }
+        for (j, a) in acc.iter_mut().enumerate() {
+            let (d1, d2) = (s1[j].total(), s2[j].total());
+            let m2 = d2 - d1 * d1 / n;
+            *a = a.merge(Moments {
+                n,
+                mean: f64::from(means[j]) + d1 / n,
+                m2: if m2 < 0.0 { 0.0 } else { m2 },
+            });
+        }
+    }
+    acc
 }
 
 /// Moments of every column `p0..p1` over rows `r0..r1`: two passes per
@@ -421,6 +511,55 @@ fn channel_grad_sums(
                 .chunks(parts)
                 .map(|p| p.iter().fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1)))
                 .collect()
+        }
+        Plan::Blocks { block, row_tasks } => {
+            let c = walk.channels;
+            let blocks = c.div_ceil(block);
+            let partials: Vec<Vec<(f64, f64)>> = (0..blocks * row_tasks)
+                .into_par_iter()
+                .map(|t| {
+                    let (b, rt) = (t / row_tasks, t % row_tasks);
+                    let (c0, c1) = (b * block, ((b + 1) * block).min(c));
+                    let (r0, r1) = part_range(walk.outer, row_tasks, rt);
+                    // f32 lanes per channel, moved to f64 every PIECE elements.
+                    let mut lanes = vec![(Lanes::new(), Lanes::new(), 0usize); c1 - c0];
+                    let mut acc = vec![(0.0f64, 0.0f64); c1 - c0];
+                    for o in r0..r1 {
+                        for (j, ch) in (c0..c1).enumerate() {
+                            let start = (o * c + ch) * walk.inner;
+                            let span = start..start + walk.inner;
+                            let l = &mut lanes[j];
+                            add_grad(
+                                &mut l.0,
+                                &mut l.1,
+                                &x[span.clone()],
+                                &dy[span],
+                                center32[ch],
+                            );
+                            l.2 += walk.inner;
+                            if l.2 >= PIECE {
+                                acc[j].0 += l.0.total();
+                                acc[j].1 += l.1.total();
+                                *l = (Lanes::new(), Lanes::new(), 0);
+                            }
+                        }
+                    }
+                    for (a, l) in acc.iter_mut().zip(&lanes) {
+                        a.0 += l.0.total();
+                        a.1 += l.1.total();
+                    }
+                    acc
+                })
+                .collect();
+            let mut out = vec![(0.0f64, 0.0f64); c];
+            for (t, part) in partials.iter().enumerate() {
+                let c0 = (t / row_tasks) * block;
+                for (o, p) in out[c0..].iter_mut().zip(part) {
+                    o.0 += p.0;
+                    o.1 += p.1;
+                }
+            }
+            out
         }
         Plan::Rows { row_tasks } => {
             let cols = walk.channels * walk.inner;
@@ -1095,6 +1234,8 @@ mod tests {
         assert!(matches!(plan(&nhwc), Plan::Rows { .. }));
         let chans = ChannelWalk::new(&[8, 64, 32, 32], Layout::ChannelsFirst).unwrap();
         assert!(matches!(plan(&chans), Plan::Channels { .. }));
+        let short = ChannelWalk::new(&[32, 2048, 7, 7], Layout::ChannelsFirst).unwrap();
+        assert!(matches!(plan(&short), Plan::Blocks { .. }));
         // A big single channel is split over tasks.
         let big = ChannelWalk::new(&[2, 1, 1 << 17], Layout::ChannelsFirst).unwrap();
         assert!(matches!(plan(&big), Plan::Channels { parts } if parts >= 2));
