@@ -813,7 +813,14 @@ pub fn parallel_copy(src: &[f32], dst: &mut [f32]) -> Result<()> {
         .min(TASK * 4);
     dst.par_chunks_mut(chunk)
         .zip(src.par_chunks(chunk))
-        .for_each(|(d, s)| d.copy_from_slice(s));
+        .for_each(|(d, s)| {
+            // `+ 0.0` keeps LLVM from calling memcpy, whose non-temporal stores
+            // would send a cache-sized copy to DRAM while BatchNorm's passes,
+            // with ordinary stores, stay in cache: a streaming loop like theirs.
+            for (d, &s) in d.iter_mut().zip(s) {
+                *d = s + 0.0;
+            }
+        });
     Ok(())
 }
 
