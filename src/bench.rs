@@ -754,6 +754,20 @@ pub fn to_json(records: &[Record]) -> Result<String> {
         })
 }
 
+/// A GB/s axis label without trailing zeros: `100`, `2.5`, `0.01`.
+fn gbps_label(v: f64) -> String {
+    let s = if v >= 10.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.3}")
+    };
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
 /// Draws GB/s per shape, one panel per op: a line per device (GPU time from
 /// timestamps where measured, else wall clock) and its copy roofline dashed
 /// in the same colour; log scale.
@@ -807,7 +821,8 @@ pub fn write_svg(path: &Path, records: &[Record], title: &str) -> Result<()> {
     let (lo, hi) = values.fold((f64::INFINITY, 0.0f64), |(lo, hi), v| {
         (lo.min(v), hi.max(v))
     });
-    let (lo, hi) = (lo / 2.0, hi * 2.0);
+    // Room above the lines for the legend (log scale: a decade and a half).
+    let (lo, hi) = (lo / 2.0, hi * 30.0);
     let panel_h = 340u32;
     let root = SVGBackend::new(path, (1000, 60 + panel_h * ops.len() as u32)).into_drawing_area();
     let e = |x: &dyn std::fmt::Display| out_err(x.to_string());
@@ -831,14 +846,14 @@ pub fn write_svg(path: &Path, records: &[Record], title: &str) -> Result<()> {
             .margin(8)
             .x_label_area_size(30)
             .y_label_area_size(60)
-            .build_cartesian_2d((0..n).into_segmented(), (lo..hi).log_scale())
+            .build_cartesian_2d((0..(n - 1).max(1)).into_segmented(), (lo..hi).log_scale())
             .map_err(|x| e(&x))?;
         chart
             .configure_mesh()
             .x_labels(shapes.len())
             .x_label_formatter(&label_of)
             .y_desc("GB/s")
-            .y_label_formatter(&|v| format!("{v:.3}"))
+            .y_label_formatter(&|v| gbps_label(*v))
             .draw()
             .map_err(|x| e(&x))?;
         for (k, (backend, device)) in series.iter().enumerate() {
@@ -1059,6 +1074,14 @@ mod tests {
         assert_eq!(Op::Backward.bytes_per_element(DType::F32), 20.0);
         assert_eq!(Op::Backward.bytes_per_element(DType::F16), 10.0);
         assert_eq!(copy_bytes_per_element(DType::F32), 8.0);
+    }
+
+    #[test]
+    fn axis_labels_drop_trailing_zeros() {
+        assert_eq!(gbps_label(100.0), "100");
+        assert_eq!(gbps_label(2.5), "2.5");
+        assert_eq!(gbps_label(0.01), "0.01");
+        assert_eq!(gbps_label(1.0), "1");
     }
 
     #[test]
