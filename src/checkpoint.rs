@@ -116,11 +116,7 @@ impl StateDict {
     /// a valid safetensors file.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
-            action: "read",
-            path: path.display().to_string(),
-            source,
-        })?;
+        let bytes = crate::error::read_file(path)?;
         Self::from_bytes(bytes, path.display().to_string())
     }
 

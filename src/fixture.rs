@@ -201,11 +201,7 @@ impl Fixture {
     /// file and what is wrong, when it is not a valid `batchnorm-fixture/1` file.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
-            action: "read",
-            path: path.display().to_string(),
-            source,
-        })?;
+        let bytes = crate::error::read_file(path)?;
         Self::from_bytes(&bytes, path.display().to_string())
     }
 

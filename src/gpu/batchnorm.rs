@@ -361,11 +361,7 @@ impl GpuBatchNorm {
                 ],
                 p.channels.div_ceil(WG_CHANNEL),
             );
-            let normalize = if vec4 {
-                &e.normalize_vec4
-            } else {
-                &e.normalize
-            };
+            let normalize = e.normalize(vec4);
             self.pass(
                 enc,
                 normalize,
@@ -463,11 +459,7 @@ impl GpuBatchNorm {
                     p.channels.div_ceil(WG_CHANNEL),
                 );
             }
-            let normalize = if vec4 {
-                &e.normalize_vec4
-            } else {
-                &e.normalize
-            };
+            let normalize = e.normalize(vec4);
             self.pass(
                 enc,
                 normalize,
@@ -589,11 +581,7 @@ impl GpuBatchNorm {
                 ],
                 p.channels.div_ceil(WG_CHANNEL),
             );
-            let dx_kernel = if vec4 {
-                &e.backward_dx_vec4
-            } else {
-                &e.backward_dx
-            };
+            let dx_kernel = e.backward_dx(vec4);
             self.pass(
                 enc,
                 dx_kernel,

@@ -165,6 +165,26 @@ impl ElementKernels {
     }
 }
 
+impl ElementKernels {
+    /// The normalize pass: vec4 when the element count is a multiple of 4.
+    pub fn normalize(&self, vec4: bool) -> &Kernel {
+        if vec4 {
+            &self.normalize_vec4
+        } else {
+            &self.normalize
+        }
+    }
+
+    /// The dx pass: vec4 when the element count is a multiple of 4.
+    pub fn backward_dx(&self, vec4: bool) -> &Kernel {
+        if vec4 {
+            &self.backward_dx_vec4
+        } else {
+            &self.backward_dx
+        }
+    }
+}
+
 /// Every pipeline of the crate, for one device.
 #[derive(Debug)]
 pub(crate) struct Kernels {
