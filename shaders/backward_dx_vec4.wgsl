@@ -6,7 +6,7 @@
 @group(0) @binding(3) var<storage, read> coef: array<vec4<f32>>;   // (center, a, b, c)
 @group(0) @binding(4) var<storage, read_write> dx: array<Elem4>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,

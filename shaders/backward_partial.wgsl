@@ -9,7 +9,7 @@
 var<workgroup> sh_s1: array<f32, WG>;
 var<workgroup> sh_s2: array<f32, WG>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,

@@ -4,6 +4,11 @@
 // `enable f16;` the same for f16. Kernels load with `f32(...)` and store with
 // `Elem(...)`, so they accumulate in f32 for either storage type.
 //
+// src/shaders.rs also prepends the constants WG (threads per workgroup of the
+// kernels that walk the big tensors), WG_CHANNEL (of the per-channel kernels),
+// FLAG_UPDATE_RUNNING and FLAG_BATCH_STATS (bits of Params.flags), so that
+// Rust and WGSL share one definition of each.
+//
 // Keep `Params` in sync with `Params` in src/gpu/kernels.rs.
 struct Params {
     channels: u32,     // C
@@ -13,17 +18,12 @@ struct Params {
     slices: u32,       // partial reductions per channel
     slice_len: u32,    // elements of a channel per slice
     per_channel: u32,  // M = outer * inner
-    flags: u32,        // FLAG_*
+    flags: u32,        // FLAG_UPDATE_RUNNING | FLAG_BATCH_STATS
     eps: f32,
     momentum: f32,     // factor of this step (PyTorch convention)
     unbias: f32,       // M / (M - 1)
     inv_m: f32,        // 1 / M
 }
-
-const FLAG_UPDATE_RUNNING: u32 = 1u;
-const FLAG_BATCH_STATS: u32 = 2u;
-
-const WG: u32 = 256u;
 
 // Workgroups are dispatched on a 2-D grid when one dimension is not enough.
 fn linear_workgroup(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {

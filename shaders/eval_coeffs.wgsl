@@ -6,13 +6,13 @@
 @group(0) @binding(2) var<storage, read> running: array<vec2<f32>>;   // (mean, var)
 @group(0) @binding(3) var<storage, read_write> coef: array<vec4<f32>>;
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG_CHANNEL)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let c = linear_workgroup(wid, nwg) * 64u + lid;
+    let c = linear_workgroup(wid, nwg) * WG_CHANNEL + lid;
     if c >= p.channels {
         return;
     }

@@ -9,13 +9,13 @@
 @group(0) @binding(5) var<storage, read_write> saved: array<vec2<f32>>;  // (mean, invstd)
 @group(0) @binding(6) var<storage, read_write> coef: array<vec4<f32>>;   // (center, scale, shift, 0)
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG_CHANNEL)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let c = linear_workgroup(wid, nwg) * 64u + lid;
+    let c = linear_workgroup(wid, nwg) * WG_CHANNEL + lid;
     if c >= p.channels {
         return;
     }

@@ -10,7 +10,7 @@ var<workgroup> sh_n: array<f32, WG>;
 var<workgroup> sh_mean: array<f32, WG>;
 var<workgroup> sh_m2: array<f32, WG>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,

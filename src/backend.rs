@@ -1,7 +1,8 @@
 //! One interface over every implementation, so one test body runs on all of them.
 
-use crate::config::{BatchNormConfig, DType, Mode};
+use crate::config::{BatchNormConfig, Mode};
 use crate::error::{Error, Result};
+use crate::layout::DType;
 use crate::state::{BatchNormState, Gradients, SavedStats};
 use ndarray::{ArrayD, ArrayViewD};
 

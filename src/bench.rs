@@ -20,10 +20,11 @@
 //! [`Record`]), `--svg FILE` (GB/s per shape, CPU vs GPU, copy rooflines
 //! dashed). Progress goes to stderr.
 
-use crate::config::{BatchNormConfig, DType, Layout, Mode};
+use crate::config::{BatchNormConfig, Mode};
 use crate::cpu::{CpuBatchNorm, parallel_copy};
 use crate::error::{Error, Result};
 use crate::gpu::{AdapterSelection, GpuBatchNorm, GpuContext, GpuTensor, enumerate_adapters};
+use crate::layout::{DType, Layout};
 use crate::shape::ChannelWalk;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;

@@ -1,6 +1,6 @@
 //! The crate's error type.
 
-use crate::config::Layout;
+use crate::layout::Layout;
 
 /// Everything that can go wrong in this crate. Each message names the value
 /// or shape that was wrong.

@@ -22,10 +22,11 @@
 //! ```
 
 use crate::backend::BatchNormBackend;
-use crate::config::{BatchNormConfig, DType, Layout, Mode};
+use crate::config::{BatchNormConfig, Mode};
 use crate::cpu::CpuBatchNorm;
 use crate::error::{Error, Result};
 use crate::gpu::{GpuBatchNorm, GpuContext};
+use crate::layout::{DType, Layout};
 use crate::reference::CpuReference;
 use crate::shape::ChannelWalk;
 use crate::state::BatchNormState;

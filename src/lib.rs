@@ -51,21 +51,26 @@ pub mod cpu;
 mod error;
 pub mod fixture;
 pub mod gpu;
+mod layout;
 pub mod reference;
 pub mod shaders;
 mod shape;
 mod state;
+mod stats;
+mod validate;
 
 pub use backend::BatchNormBackend;
 pub use checkpoint::StateDict;
-pub use config::{BatchNormConfig, DType, Layout, Mode};
+pub use config::{BatchNormConfig, Mode};
 pub use cpu::CpuBatchNorm;
 pub use error::{Error, Result};
 pub use fixture::{Fixture, FixtureReport, run_fixture};
 pub use gpu::{AdapterSelection, GpuBatchNorm, GpuContext, GpuGradients, GpuTensor};
+pub use layout::{DType, Layout};
 pub use reference::CpuReference;
 pub use shape::ChannelWalk;
 pub use state::{BatchNormState, Gradients, SavedStats};
+pub use stats::Moments;
 pub use wgpu;
 
 /// The README's examples, compiled and run as doctests.

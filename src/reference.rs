@@ -1,17 +1,20 @@
 //! The CPU reference: the oracle every other backend is checked against.
 //!
-//! It accumulates in `f64` and mirrors the GPU passes stage by stage
-//! (`stats` ~ `shaders/stats_partial.wgsl` + `shaders/stats_finalize.wgsl`,
-//! `normalize` ~ `shaders/normalize.wgsl`, `backward_reduce` ~
-//! `shaders/backward_partial.wgsl`, `backward_finalize` ~
-//! `shaders/backward_finalize.wgsl`, `backward_dx` ~ `shaders/backward_dx.wgsl`),
-//! so a reader can hold one beside the other. It is not the fast path.
+//! It accumulates in `f64` and has one function per GPU stage, named as the
+//! shader and the host function that run it (`stats_partial` ~
+//! `shaders/stats_partial.wgsl` ~ `GpuBatchNorm::stats_partial`, and so on:
+//! `stats_finalize`, `normalize`, `eval_coeffs`, `backward_partial`,
+//! `backward_finalize`, `backward_dx`), so a reader can hold one beside the
+//! other. It is not the fast path.
 
 use crate::backend::BatchNormBackend;
-use crate::config::{BatchNormConfig, DType, Mode};
-use crate::error::{Error, Result};
+use crate::config::{BatchNormConfig, Mode};
+use crate::error::Result;
+use crate::layout::DType;
 use crate::shape::ChannelWalk;
-use crate::state::{BatchNormState, Gradients, SavedStats};
+use crate::state::{BatchNormState, Gradients, SavedBatchStats, SavedStats};
+use crate::stats::{Moments, backward_stats, update_running};
+use crate::validate;
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
 /// Per-channel coefficients of the elementwise pass:
@@ -40,29 +43,108 @@ pub struct DxCoef {
     pub c: f64,
 }
 
-/// Batch mean and biased variance of every channel, by a two-pass sum in `f64`.
+/// Training statistics, stage 1 (`shaders/stats_partial.wgsl`): count, mean
+/// and `M2` of each slice of `slice_len` elements of each channel (index
+/// `c * slices + s`), by a two-pass sum in `f64`.
 ///
 /// ```text
-/// mean = sum(x) / M
-/// var  = sum((x - mean)^2) / M
+/// mean = sum(x) / n
+/// M2   = sum((x - mean)^2)
 /// ```
-pub fn stats(x: &[f32], walk: &ChannelWalk) -> Vec<(f64, f64)> {
+pub fn stats_partial(x: &[f32], walk: &ChannelWalk, slice_len: usize) -> Vec<Moments> {
     let m = walk.per_channel();
-    (0..walk.channels)
-        .map(|c| {
-            let sum: f64 = (0..m).map(|j| x[walk.index(c, j)] as f64).sum();
-            let mean = sum / m as f64;
-            let ss: f64 = (0..m)
+    let slice_len = slice_len.clamp(1, m);
+    let slices = m.div_ceil(slice_len);
+    (0..walk.channels * slices)
+        .map(|t| {
+            let (c, s) = (t / slices, t % slices);
+            let (begin, end) = (s * slice_len, ((s + 1) * slice_len).min(m));
+            let n = (end - begin) as f64;
+            let sum: f64 = (begin..end).map(|j| x[walk.index(c, j)] as f64).sum();
+            let mean = sum / n;
+            let m2: f64 = (begin..end)
                 .map(|j| {
                     let d = x[walk.index(c, j)] as f64 - mean;
                     d * d
                 })
                 .sum();
-            (mean, ss / m as f64)
+            Moments { n, mean, m2 }
         })
         .collect()
 }
 
+/// Batch statistics of every channel and the coefficients of the normalize pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchStats {
+    /// Batch mean.
+    pub mean: Vec<f64>,
+    /// Biased batch variance.
+    pub var: Vec<f64>,
+    /// `1 / sqrt(var + eps)`.
+    pub invstd: Vec<f64>,
+    /// Coefficients of [`normalize`].
+    pub coef: Vec<NormalizeCoef>,
+}
+
+/// Training statistics, stage 2 (`shaders/stats_finalize.wgsl`): per channel,
+/// Chan-merges the slices of [`stats_partial`] into the batch mean and biased
+/// variance, and gives `invstd` and the coefficients of [`normalize`]. (The
+/// shader also moves the running statistics; here that is
+/// `BatchNormState`'s update, shared with the fast CPU backend.)
+///
+/// ```text
+/// var    = M2 / M
+/// invstd = 1 / sqrt(var + eps)
+/// y      = (x - mean) * (weight * invstd) + bias
+/// ```
+pub fn stats_finalize(partials: &[Moments], eps: f64, weight: &[f64], bias: &[f64]) -> BatchStats {
+    let channels = weight.len();
+    let slices = partials.len() / channels.max(1);
+    let merged: Vec<Moments> = partials
+        .chunks(slices.max(1))
+        .map(|p| p.iter().fold(Moments::default(), |a, &b| a.merge(b)))
+        .collect();
+    let mean: Vec<f64> = merged.iter().map(|m| m.mean).collect();
+    let var: Vec<f64> = merged.iter().map(|m| m.var()).collect();
+    let invstd: Vec<f64> = var.iter().map(|&v| 1.0 / (v + eps).sqrt()).collect();
+    let coef = (0..channels)
+        .map(|c| NormalizeCoef {
+            center: mean[c],
+            scale: weight[c] * invstd[c],
+            shift: bias[c],
+        })
+        .collect();
+    BatchStats {
+        mean,
+        var,
+        invstd,
+        coef,
+    }
+}
+
+/// Evaluation coefficients (`shaders/eval_coeffs.wgsl`): the normalize pass
+/// centred on the running mean.
+///
+/// ```text
+/// scale = weight / sqrt(running_var + eps),  shift = bias
+/// ```
+pub fn eval_coeffs(
+    running_mean: &[f32],
+    running_var: &[f32],
+    weight: &[f64],
+    bias: &[f64],
+    eps: f64,
+) -> Vec<NormalizeCoef> {
+    (0..running_mean.len())
+        .map(|c| NormalizeCoef {
+            center: running_mean[c] as f64,
+            scale: weight[c] / (running_var[c] as f64 + eps).sqrt(),
+            shift: bias[c],
+        })
+        .collect()
+}
+
+/// The elementwise pass (`shaders/normalize.wgsl`, `normalize_vec4.wgsl`):
 /// `y = (x - center[c]) * scale[c] + shift[c]`, rounded to `f32`.
 pub fn normalize(x: &[f32], walk: &ChannelWalk, coef: &[NormalizeCoef]) -> Vec<f32> {
     x.iter()
@@ -74,8 +156,9 @@ pub fn normalize(x: &[f32], walk: &ChannelWalk, coef: &[NormalizeCoef]) -> Vec<f
         .collect()
 }
 
-/// `S1 = sum(dy)` and `S2 = sum(dy * (x - center))` of every channel.
-pub fn backward_reduce(
+/// Backward, stage 1 (`shaders/backward_partial.wgsl`): `S1 = sum(dy)` and
+/// `S2 = sum(dy * (x - center))` of every channel.
+pub fn backward_partial(
     x: &[f32],
     dy: &[f32],
     walk: &ChannelWalk,
@@ -93,7 +176,8 @@ pub fn backward_reduce(
         .collect()
 }
 
-/// Gradients of the parameters and the coefficients of `dx`.
+/// Backward, stage 2 (`shaders/backward_finalize.wgsl`): gradients of the
+/// parameters and the coefficients of `dx`.
 ///
 /// ```text
 /// batch statistics:   dbias = S1, dweight = S2 * invstd,
@@ -129,6 +213,7 @@ pub fn backward_finalize(
     (s2 * invstd, s1, coef)
 }
 
+/// Backward, stage 3 (`shaders/backward_dx.wgsl`, `backward_dx_vec4.wgsl`):
 /// `dx = a*dy + b*(x - center) + c`, rounded to `f32`.
 pub fn backward_dx(x: &[f32], dy: &[f32], walk: &ChannelWalk, coef: &[DxCoef]) -> Vec<f32> {
     x.iter()
@@ -148,43 +233,6 @@ pub fn backward_dx(x: &[f32], dy: &[f32], walk: &ChannelWalk, coef: &[DxCoef]) -
         .collect()
 }
 
-/// Checks `x` against the layer and walks it; `batch_stats` asks for M > 1.
-pub(crate) fn input_walk(
-    config: &BatchNormConfig,
-    dims: &[usize],
-    batch_stats: bool,
-) -> Result<ChannelWalk> {
-    let walk = ChannelWalk::for_features(dims, config.layout, config.num_features)?;
-    if batch_stats {
-        walk.check_trainable()?;
-    }
-    Ok(walk)
-}
-
-/// Checks that `dy` has the shape of `x`.
-pub(crate) fn check_same_shape(x: &[usize], dy: &[usize]) -> Result<()> {
-    if x != dy {
-        return Err(Error::ShapeMismatch {
-            what: "dy".into(),
-            expected: x.to_vec(),
-            got: dy.to_vec(),
-        });
-    }
-    Ok(())
-}
-
-/// Whether a call in `mode` normalizes with batch statistics.
-pub(crate) fn uses_batch_stats(config: &BatchNormConfig, mode: Mode) -> bool {
-    mode == Mode::Train || !config.track_running_stats
-}
-
-#[derive(Debug, Clone)]
-struct Saved {
-    dims: Vec<usize>,
-    mean: Vec<f64>,
-    invstd: Vec<f64>,
-}
-
 /// BatchNorm on the CPU in `f64`: the reference implementation.
 ///
 /// ```
@@ -201,7 +249,7 @@ struct Saved {
 pub struct CpuReference {
     config: BatchNormConfig,
     state: BatchNormState,
-    saved: Option<Saved>,
+    saved: Option<SavedBatchStats>,
     storage: DType,
 }
 
@@ -209,7 +257,7 @@ impl CpuReference {
     /// A layer in PyTorch's initial state.
     ///
     /// # Errors
-    /// [`Error::Config`] when the configuration is invalid.
+    /// [`crate::Error::Config`] when the configuration is invalid.
     pub fn new(config: BatchNormConfig) -> Result<Self> {
         config.validate()?;
         let state = BatchNormState::new(&config);
@@ -234,49 +282,31 @@ impl CpuReference {
         ArrayD::from_shape_vec(IxDyn(&walk.dims), v).expect("shape of x")
     }
 
-    fn weight(&self, c: usize) -> f64 {
-        self.state.weight.as_ref().map_or(1.0, |w| w[c] as f64)
-    }
-
-    fn bias(&self, c: usize) -> f64 {
-        self.state.bias.as_ref().map_or(0.0, |b| b[c] as f64)
+    /// `(weight, bias)` per channel in `f64`; `(1, 0)` without affine.
+    fn affine(&self) -> (Vec<f64>, Vec<f64>) {
+        self.state.affine(self.config.num_features)
     }
 
     fn batch_forward(
         &mut self,
         x: ArrayViewD<'_, f32>,
-        update_running: bool,
+        update_running_stats: bool,
     ) -> Result<ArrayD<f32>> {
-        let walk = input_walk(&self.config, x.shape(), true)?;
+        let walk = validate::input(&self.config, x.shape(), true)?;
         let xs = &self.stored(&x)[..];
-        let eps = self.config.eps;
-        let stats = stats(xs, &walk);
-        let invstd: Vec<f64> = stats.iter().map(|&(_, v)| 1.0 / (v + eps).sqrt()).collect();
-        let coef: Vec<NormalizeCoef> = (0..walk.channels)
-            .map(|c| NormalizeCoef {
-                center: stats[c].0,
-                scale: self.weight(c) * invstd[c],
-                shift: self.bias(c),
-            })
-            .collect();
-        let y = normalize(xs, &walk, &coef);
-        if update_running && self.config.track_running_stats {
-            let nbt = self.state.num_batches_tracked.unwrap_or(0) + 1;
-            let f = self.config.momentum_factor(nbt);
-            let m = walk.per_channel() as f64;
-            let rm = self.state.running_mean.as_mut().expect("tracked");
-            let rv = self.state.running_var.as_mut().expect("tracked");
-            for c in 0..walk.channels {
-                let (mean, var) = stats[c];
-                rm[c] = ((1.0 - f) * rm[c] as f64 + f * mean) as f32;
-                rv[c] = ((1.0 - f) * rv[c] as f64 + f * var * m / (m - 1.0)) as f32;
-            }
-            self.state.num_batches_tracked = Some(nbt);
+        let (weight, bias) = self.affine();
+        // One slice per channel: the two-pass sum over the whole channel.
+        let partials = stats_partial(xs, &walk, walk.per_channel());
+        let stats = stats_finalize(&partials, self.config.eps, &weight, &bias);
+        let y = normalize(xs, &walk, &stats.coef);
+        if update_running_stats {
+            let m = walk.per_channel();
+            update_running(&mut self.state, &self.config, &stats.mean, &stats.var, m);
         }
-        self.saved = Some(Saved {
+        self.saved = Some(SavedBatchStats {
             dims: walk.dims.clone(),
-            mean: stats.iter().map(|s| s.0).collect(),
-            invstd,
+            mean: stats.mean,
+            invstd: stats.invstd,
         });
         Ok(self.output(&walk, y))
     }
@@ -299,17 +329,12 @@ impl BatchNormBackend for CpuReference {
         if !self.config.track_running_stats {
             return self.batch_forward(x, false);
         }
-        let walk = input_walk(&self.config, x.shape(), false)?;
+        let walk = validate::input(&self.config, x.shape(), false)?;
         let xs = &self.stored(&x)[..];
         let rm = self.state.running_mean.as_ref().expect("tracked");
         let rv = self.state.running_var.as_ref().expect("tracked");
-        let coef: Vec<NormalizeCoef> = (0..walk.channels)
-            .map(|c| NormalizeCoef {
-                center: rm[c] as f64,
-                scale: self.weight(c) / (rv[c] as f64 + self.config.eps).sqrt(),
-                shift: self.bias(c),
-            })
-            .collect();
+        let (weight, bias) = self.affine();
+        let coef = eval_coeffs(rm, rv, &weight, &bias, self.config.eps);
         let y = normalize(xs, &walk, &coef);
         Ok(self.output(&walk, y))
     }
@@ -320,43 +345,26 @@ impl BatchNormBackend for CpuReference {
         dy: ArrayViewD<'_, f32>,
         mode: Mode,
     ) -> Result<Gradients> {
-        let batch = uses_batch_stats(&self.config, mode);
-        let walk = input_walk(&self.config, x.shape(), false)?;
-        check_same_shape(x.shape(), dy.shape())?;
-        let (center, invstd): (Vec<f64>, Vec<f64>) = if batch {
-            match &self.saved {
-                Some(s) if s.dims == walk.dims => (s.mean.clone(), s.invstd.clone()),
-                Some(s) => {
-                    return Err(Error::NoSavedStatistics {
-                        detail: format!(" (saved for shape {:?}, got {:?})", s.dims, walk.dims),
-                    });
-                }
-                None => {
-                    return Err(Error::NoSavedStatistics {
-                        detail: String::new(),
-                    });
-                }
-            }
-        } else {
-            let rm = self.state.running_mean.as_ref().expect("tracked");
-            let rv = self.state.running_var.as_ref().expect("tracked");
-            (
-                rm.iter().map(|&v| v as f64).collect(),
-                rv.iter()
-                    .map(|&v| 1.0 / (v as f64 + self.config.eps).sqrt())
-                    .collect(),
-            )
-        };
+        let batch = validate::uses_batch_stats(&self.config, mode);
+        let walk = validate::input(&self.config, x.shape(), false)?;
+        validate::same_shape("dy", x.shape(), dy.shape())?;
+        let (center, invstd) = backward_stats(
+            &self.config,
+            &self.state,
+            self.saved.as_ref(),
+            &walk.dims,
+            batch,
+        )?;
         let xs = &self.stored(&x)[..];
         let dys = &self.stored(&dy)[..];
-        let sums = backward_reduce(xs, dys, &walk, &center);
+        let sums = backward_partial(xs, dys, &walk, &center);
+        let (weight, _) = self.affine();
         let m = walk.per_channel();
         let mut dweight = Vec::with_capacity(walk.channels);
         let mut dbias = Vec::with_capacity(walk.channels);
         let mut coef = Vec::with_capacity(walk.channels);
         for c in 0..walk.channels {
-            let (dw, db, k) =
-                backward_finalize(sums[c], center[c], invstd[c], self.weight(c), m, batch);
+            let (dw, db, k) = backward_finalize(sums[c], center[c], invstd[c], weight[c], m, batch);
             dweight.push(dw as f32);
             dbias.push(db as f32);
             coef.push(k);
@@ -371,10 +379,7 @@ impl BatchNormBackend for CpuReference {
     }
 
     fn saved_stats(&self) -> Result<Option<SavedStats>> {
-        Ok(self.saved.as_ref().map(|s| SavedStats {
-            mean: s.mean.iter().map(|&v| v as f32).collect(),
-            invstd: s.invstd.iter().map(|&v| v as f32).collect(),
-        }))
+        Ok(self.saved.as_ref().map(SavedBatchStats::to_f32))
     }
 
     fn state(&self) -> Result<BatchNormState> {

@@ -1,24 +1,26 @@
 //! The WGSL sources, embedded at compile time.
 //!
-//! Each file under `shaders/` holds one compute entry point, `main`; the
-//! shared `Params` struct and helpers in `shaders/common.wgsl` are prepended
-//! to every one of them, after a storage prelude that makes the element type
-//! of the big tensors f32 or f16: the kernels that touch those tensors exist
-//! in both variants from the same file.
+//! Each file under `shaders/` holds one compute entry point, `main`. Before
+//! its text come a storage prelude that makes the element type of the big
+//! tensors f32 or f16 (the kernels that touch those tensors exist in both
+//! variants from the same file), the constants of [`CONSTANTS`] (workgroup
+//! sizes and flag bits, defined once here for Rust and WGSL alike), and the
+//! shared `Params` struct and helpers of `shaders/common.wgsl`.
 
 /// A compute shader: its file name (without `.wgsl`) and full source text.
 #[derive(Debug, Clone, Copy)]
 pub struct Shader {
     /// File name under `shaders/`, without extension; also the pipeline label suffix.
     pub name: &'static str,
-    /// Storage prelude ([`PRELUDE_F32`] or [`PRELUDE_F16`]), `common.wgsl`, then the file's text.
+    /// Storage prelude ([`PRELUDE_F32`] or [`PRELUDE_F16`]), [`CONSTANTS`],
+    /// `common.wgsl`, then the file's text.
     pub source: &'static str,
     /// The file's own text.
     pub file: &'static str,
 }
 
 impl Shader {
-    /// Lines before the file's own text in [`Shader::source`] (prelude and `common.wgsl`),
+    /// Lines before the file's own text in [`Shader::source`] (prelude, constants and `common.wgsl`),
     /// to map a line number in the source back to the file.
     pub fn prefix_lines(&self) -> usize {
         self.source[..self.source.len() - self.file.len()]
@@ -27,20 +29,82 @@ impl Shader {
     }
 }
 
+// Each value below is written once, in a macro that expands to a literal, so
+// that both the Rust constants and the WGSL text of every shader (through
+// `concat!`) come from it.
+macro_rules! wg {
+    () => {
+        256
+    };
+}
+macro_rules! wg_channel {
+    () => {
+        64
+    };
+}
+macro_rules! flag_update_running {
+    () => {
+        1
+    };
+}
+macro_rules! flag_batch_stats {
+    () => {
+        2
+    };
+}
+macro_rules! prelude_f32 {
+    () => {
+        "alias Elem = f32;\nalias Elem4 = vec4<f32>;\n"
+    };
+}
+macro_rules! prelude_f16 {
+    () => {
+        "enable f16;\nalias Elem = f16;\nalias Elem4 = vec4<f16>;\n"
+    };
+}
+macro_rules! constants {
+    () => {
+        concat!(
+            "const WG: u32 = ",
+            wg!(),
+            "u;\nconst WG_CHANNEL: u32 = ",
+            wg_channel!(),
+            "u;\nconst FLAG_UPDATE_RUNNING: u32 = ",
+            flag_update_running!(),
+            "u;\nconst FLAG_BATCH_STATS: u32 = ",
+            flag_batch_stats!(),
+            "u;\n"
+        )
+    };
+}
+
+/// Threads per workgroup of the kernels that walk the big tensors (`WG` in the shaders).
+pub const WG: u32 = wg!();
+/// Threads per workgroup of the per-channel kernels (`WG_CHANNEL` in the shaders).
+pub const WG_CHANNEL: u32 = wg_channel!();
+/// `Params::flags` bit: the training forward moves the running statistics.
+pub const FLAG_UPDATE_RUNNING: u32 = flag_update_running!();
+/// `Params::flags` bit: the backward uses batch statistics.
+pub const FLAG_BATCH_STATS: u32 = flag_batch_stats!();
+
 /// The shared prefix, `shaders/common.wgsl`.
 pub const COMMON: &str = include_str!("../shaders/common.wgsl");
 
 /// Element type of the big tensors for f32 storage.
-pub const PRELUDE_F32: &str = "alias Elem = f32;\nalias Elem4 = vec4<f32>;\n";
+pub const PRELUDE_F32: &str = prelude_f32!();
 /// Element type of the big tensors for f16 storage (needs `wgpu::Features::SHADER_F16`).
-pub const PRELUDE_F16: &str = "enable f16;\nalias Elem = f16;\nalias Elem4 = vec4<f16>;\n";
+pub const PRELUDE_F16: &str = prelude_f16!();
+/// The workgroup sizes and flag bits above, as WGSL constants; every shader
+/// has them after its storage prelude.
+pub const CONSTANTS: &str = constants!();
 
 macro_rules! shader {
     ($name:literal) => {
         Shader {
             name: $name,
             source: concat!(
-                "alias Elem = f32;\nalias Elem4 = vec4<f32>;\n",
+                prelude_f32!(),
+                constants!(),
                 include_str!("../shaders/common.wgsl"),
                 include_str!(concat!("../shaders/", $name, ".wgsl"))
             ),
@@ -51,7 +115,8 @@ macro_rules! shader {
         Shader {
             name: concat!($name, "_f16"),
             source: concat!(
-                "enable f16;\nalias Elem = f16;\nalias Elem4 = vec4<f16>;\n",
+                prelude_f16!(),
+                constants!(),
                 include_str!("../shaders/common.wgsl"),
                 include_str!(concat!("../shaders/", $name, ".wgsl"))
             ),

@@ -7,8 +7,8 @@
 //! `inner = 1`. The shaders and the CPU paths take this description and
 //! nothing else, so one kernel serves both layouts.
 
-use crate::config::Layout;
 use crate::error::{Error, Result};
+use crate::layout::Layout;
 
 /// The walk of a contiguous tensor's channels.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -121,16 +121,6 @@ impl ChannelWalk {
     #[inline]
     pub fn channel_of(&self, idx: usize) -> usize {
         (idx / self.inner) % self.channels
-    }
-
-    /// Errors when training is asked of a tensor with one value per channel.
-    pub(crate) fn check_trainable(&self) -> Result<()> {
-        if self.per_channel() < 2 {
-            return Err(Error::SingleValuePerChannel {
-                shape: self.dims.clone(),
-            });
-        }
-        Ok(())
     }
 }
 

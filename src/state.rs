@@ -1,7 +1,6 @@
 //! Parameters and running statistics of a BatchNorm layer, with PyTorch's names.
 
 use crate::config::BatchNormConfig;
-use crate::error::{Error, Result};
 
 /// Learnable parameters and running statistics, as PyTorch's `state_dict` names them.
 ///
@@ -35,65 +34,17 @@ impl BatchNormState {
             num_batches_tracked: track.then_some(0),
         }
     }
+}
 
-    /// Checks that the fields present are exactly those `config` has, with length `C`.
-    ///
-    /// # Errors
-    /// [`Error::ParameterLength`] for a wrong length, [`Error::MissingParameter`] for a
-    /// field that is missing or that the configuration rules out.
-    pub fn validate(&self, config: &BatchNormConfig) -> Result<()> {
-        let c = config.num_features;
-        let vectors = [
-            ("weight", &self.weight, config.affine, "affine"),
-            ("bias", &self.bias, config.affine, "affine"),
-            (
-                "running_mean",
-                &self.running_mean,
-                config.track_running_stats,
-                "track_running_stats",
-            ),
-            (
-                "running_var",
-                &self.running_var,
-                config.track_running_stats,
-                "track_running_stats",
-            ),
-        ];
-        for (name, value, wanted, flag) in vectors {
-            match (value, wanted) {
-                (Some(v), true) if v.len() != c => {
-                    return Err(Error::ParameterLength {
-                        name: name.into(),
-                        expected: c,
-                        got: v.len(),
-                    });
-                }
-                (Some(_), false) => {
-                    return Err(Error::MissingParameter {
-                        name: name.into(),
-                        why: format!("the layer was configured with {flag} = false"),
-                    });
-                }
-                (None, true) => {
-                    return Err(Error::MissingParameter {
-                        name: name.into(),
-                        why: format!("the layer has {flag} = true and needs it"),
-                    });
-                }
-                _ => {}
-            }
-        }
-        match (self.num_batches_tracked, config.track_running_stats) {
-            (Some(_), false) => Err(Error::MissingParameter {
-                name: "num_batches_tracked".into(),
-                why: "the layer was configured with track_running_stats = false".into(),
-            }),
-            (None, true) => Err(Error::MissingParameter {
-                name: "num_batches_tracked".into(),
-                why: "the layer has track_running_stats = true and needs it".into(),
-            }),
-            _ => Ok(()),
-        }
+impl BatchNormState {
+    /// `(weight, bias)` of `channels` channels in `f64`; `(1, 0)` where the
+    /// layer is not affine.
+    pub(crate) fn affine(&self, channels: usize) -> (Vec<f64>, Vec<f64>) {
+        let widen = |v: &Option<Vec<f32>>, default: f64| match v {
+            Some(v) => v.iter().map(|&e| f64::from(e)).collect(),
+            None => vec![default; channels],
+        };
+        (widen(&self.weight, 1.0), widen(&self.bias, 0.0))
     }
 }
 
@@ -115,4 +66,27 @@ pub struct Gradients {
     pub dweight: Option<Vec<f32>>,
     /// Gradient with respect to `bias` (affine only).
     pub dbias: Option<Vec<f32>>,
+}
+
+/// The batch statistics a forward saved for backward, in `f64`, with the
+/// shape of the input they belong to (the CPU backends' `save_mean`,
+/// `save_invstd`).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct SavedBatchStats {
+    /// Shape of the forward's input.
+    pub dims: Vec<usize>,
+    /// Batch mean per channel.
+    pub mean: Vec<f64>,
+    /// `1 / sqrt(biased_var + eps)` per channel.
+    pub invstd: Vec<f64>,
+}
+
+impl SavedBatchStats {
+    /// The statistics rounded to `f32`, as [`SavedStats`].
+    pub fn to_f32(&self) -> SavedStats {
+        SavedStats {
+            mean: self.mean.iter().map(|&v| v as f32).collect(),
+            invstd: self.invstd.iter().map(|&v| v as f32).collect(),
+        }
+    }
 }

@@ -1,164 +1,33 @@
-//! Adapter choice and the device a BatchNorm runs on.
+//! The device a BatchNorm runs on, with this crate's pipelines built for it.
 
+use super::adapter::{AdapterSelection, matching_adapters};
+use super::device::{DeviceHandle, ErrorScopes};
 use super::kernels::Kernels;
+use super::timing::Timing;
 use crate::error::{Error, Result};
+use crate::shaders::WG;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use wgpu::util::DeviceExt;
+use std::time::Duration;
 
 static NEXT_CONTEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// Which adapter(s) to use.
-///
-/// [`AdapterSelection::from_env`] reads wgpu's own variables: `WGPU_BACKEND`
-/// (e.g. `vulkan`, `gl`, `metal`, `dx12`, comma-separated), `WGPU_ADAPTER_NAME`
-/// (a case-insensitive substring of the adapter name) and `WGPU_POWER_PREF`
-/// (`low`, `high`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AdapterSelection {
-    /// Backends to look at.
-    pub backends: wgpu::Backends,
-    /// Case-insensitive substring the adapter name must contain.
-    pub name: Option<String>,
-    /// Preferred kind of adapter when several match.
-    pub power_preference: wgpu::PowerPreference,
-}
-
-impl Default for AdapterSelection {
-    /// Every native backend, any name, high performance first.
-    fn default() -> Self {
-        Self {
-            backends: wgpu::Backends::PRIMARY | wgpu::Backends::GL,
-            name: None,
-            power_preference: wgpu::PowerPreference::HighPerformance,
-        }
-    }
-}
-
-impl AdapterSelection {
-    /// The default selection, narrowed by `WGPU_BACKEND`, `WGPU_ADAPTER_NAME`
-    /// and `WGPU_POWER_PREF` when they are set.
-    pub fn from_env() -> Self {
-        let mut sel = Self::default();
-        if let Some(b) = wgpu::Backends::from_env() {
-            sel.backends = b;
-        }
-        if let Ok(name) = std::env::var("WGPU_ADAPTER_NAME")
-            && !name.is_empty()
-        {
-            sel.name = Some(name);
-        }
-        if let Some(p) = wgpu::PowerPreference::from_env() {
-            sel.power_preference = p;
-        }
-        sel
-    }
-
-    /// Only `backend`.
-    pub fn with_backend(mut self, backend: wgpu::Backend) -> Self {
-        self.backends = wgpu::Backends::from(backend);
-        self
-    }
-
-    /// Only adapters whose name contains `name` (case-insensitive).
-    pub fn with_name(mut self, name: impl Into<String>) -> Self {
-        self.name = Some(name.into());
-        self
-    }
-
-    fn describe(&self) -> String {
-        let mut s = format!(" among backends {:?}", self.backends);
-        if let Some(n) = &self.name {
-            s.push_str(&format!(" with a name containing {n:?}"));
-        }
-        s
-    }
-
-    fn matches(&self, info: &wgpu::AdapterInfo) -> bool {
-        self.name
-            .as_ref()
-            .is_none_or(|n| info.name.to_lowercase().contains(&n.to_lowercase()))
-    }
-}
-
-/// Parses a backend name as `bnorm` and the environment spell it.
-pub fn parse_backend(name: &str) -> Option<wgpu::Backend> {
-    match name.to_ascii_lowercase().as_str() {
-        "vulkan" | "vk" => Some(wgpu::Backend::Vulkan),
-        "gl" | "gles" | "opengl" => Some(wgpu::Backend::Gl),
-        "metal" | "mtl" => Some(wgpu::Backend::Metal),
-        "dx12" | "d3d12" => Some(wgpu::Backend::Dx12),
-        _ => None,
-    }
-}
-
-fn instance(backends: wgpu::Backends) -> wgpu::Instance {
-    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle().with_env();
-    desc.backends = backends;
-    wgpu::Instance::new(desc)
-}
-
-fn rank(info: &wgpu::AdapterInfo, pref: wgpu::PowerPreference) -> (u8, u8) {
-    use wgpu::DeviceType as D;
-    let kind = match (info.device_type, pref) {
-        (D::DiscreteGpu, wgpu::PowerPreference::LowPower) => 1,
-        (D::IntegratedGpu, wgpu::PowerPreference::LowPower) => 0,
-        (D::DiscreteGpu, _) => 0,
-        (D::IntegratedGpu, _) => 1,
-        (D::VirtualGpu, _) => 2,
-        (D::Cpu, _) => 3,
-        (D::Other, _) => 4,
-    };
-    let backend = u8::from(info.backend == wgpu::Backend::Gl);
-    (kind, backend)
-}
-
-/// Adapters that match `selection` and can run compute shaders, best first.
-fn matching_adapters(selection: &AdapterSelection) -> Vec<wgpu::Adapter> {
-    let instance = instance(selection.backends);
-    let mut adapters: Vec<wgpu::Adapter> =
-        pollster::block_on(instance.enumerate_adapters(selection.backends))
-            .into_iter()
-            .filter(|a| selection.matches(&a.get_info()))
-            .filter(|a| {
-                a.get_downlevel_capabilities()
-                    .flags
-                    .contains(wgpu::DownlevelFlags::COMPUTE_SHADERS)
-            })
-            .collect();
-    adapters.sort_by_key(|a| rank(&a.get_info(), selection.power_preference));
-    adapters
-}
-
-/// Every adapter wgpu finds for `selection`, best first, whether or not it can run this crate.
-pub fn enumerate_adapters(selection: &AdapterSelection) -> Vec<wgpu::Adapter> {
-    let instance = instance(selection.backends);
-    let mut adapters: Vec<wgpu::Adapter> =
-        pollster::block_on(instance.enumerate_adapters(selection.backends))
-            .into_iter()
-            .filter(|a| selection.matches(&a.get_info()))
-            .collect();
-    adapters.sort_by_key(|a| rank(&a.get_info(), selection.power_preference));
-    adapters
-}
+/// Storage buffers the kernel with the most bindings uses.
+const STORAGE_BUFFERS_PER_STAGE: u32 = 6;
 
 pub(crate) struct ContextInner {
-    pub id: u64,
-    pub info: wgpu::AdapterInfo,
-    pub device: wgpu::Device,
-    pub queue: wgpu::Queue,
-    pub limits: wgpu::Limits,
-    pub features: wgpu::Features,
-    pub kernels: Kernels,
-    lost: Arc<Mutex<Option<String>>>,
+    id: u64,
+    info: wgpu::AdapterInfo,
+    limits: wgpu::Limits,
+    features: wgpu::Features,
+    handle: DeviceHandle,
+    kernels: Kernels,
     /// Serializes this crate's submissions on the device: wgpu's GL backend
     /// gives up on its context lock after a few seconds, so long runs from
     /// several threads must queue here instead.
     submit_lock: Mutex<()>,
-    /// The vec4 copy of [`GpuContext::copy`].
-    pub copy_kernel: super::copy::CopyKernel,
     /// GPU timing of submits (see [`GpuContext::set_timestamps`]).
-    pub timing: super::timing::Timing,
+    timing: Timing,
 }
 
 /// A wgpu device with this crate's pipelines built for it. Cheap to clone.
@@ -173,7 +42,7 @@ pub(crate) struct ContextInner {
 /// ```
 #[derive(Clone)]
 pub struct GpuContext {
-    pub(crate) inner: Arc<ContextInner>,
+    inner: std::sync::Arc<ContextInner>,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -241,14 +110,14 @@ impl GpuContext {
                 what: "compute shaders".into(),
             });
         }
-        if limits.max_compute_invocations_per_workgroup < super::kernels::WG
-            || limits.max_compute_workgroup_size_x < super::kernels::WG
-            || limits.max_storage_buffers_per_shader_stage < 6
+        if limits.max_compute_invocations_per_workgroup < WG
+            || limits.max_compute_workgroup_size_x < WG
+            || limits.max_storage_buffers_per_shader_stage < STORAGE_BUFFERS_PER_STAGE
         {
             return Err(Error::Unsupported {
                 adapter: info.name.clone(),
                 what: format!(
-                    "256-thread workgroups and 6 storage buffers per stage (has {} threads, {} buffers)",
+                    "{WG}-thread workgroups and {STORAGE_BUFFERS_PER_STAGE} storage buffers per stage (has {} threads, {} buffers)",
                     limits.max_compute_invocations_per_workgroup,
                     limits.max_storage_buffers_per_shader_stage
                 ),
@@ -268,30 +137,23 @@ impl GpuContext {
             adapter: info.name.clone(),
             message: e.to_string(),
         })?;
-        let lost = Arc::new(Mutex::new(None));
-        let lost_cb = Arc::clone(&lost);
-        device.set_device_lost_callback(move |reason, message| {
-            if let Ok(mut l) = lost_cb.lock() {
-                *l = Some(format!("{reason:?}: {message}"));
-            }
-        });
-        let scope = ErrorScopes::push(&device);
-        let kernels = Kernels::new(&device, features.contains(wgpu::Features::SHADER_F16));
-        let copy_kernel = super::copy::CopyKernel::new(&device);
+        let handle = DeviceHandle::new(device, queue);
+        let scope = ErrorScopes::push(&handle.device);
+        let kernels = Kernels::new(
+            &handle.device,
+            features.contains(wgpu::Features::SHADER_F16),
+        );
         scope.pop("pipeline creation")?;
         Ok(Self {
-            inner: Arc::new(ContextInner {
+            inner: std::sync::Arc::new(ContextInner {
                 id: NEXT_CONTEXT_ID.fetch_add(1, Ordering::Relaxed),
                 info,
-                device,
-                queue,
                 limits,
                 features,
+                handle,
                 kernels,
-                lost,
                 submit_lock: Mutex::new(()),
-                copy_kernel,
-                timing: Default::default(),
+                timing: Timing::default(),
             }),
         })
     }
@@ -323,12 +185,12 @@ impl GpuContext {
 
     /// The wgpu device, for applications that run their own passes beside this crate's.
     pub fn device(&self) -> &wgpu::Device {
-        &self.inner.device
+        &self.inner.handle.device
     }
 
     /// The wgpu queue.
     pub fn queue(&self) -> &wgpu::Queue {
-        &self.inner.queue
+        &self.inner.handle.queue
     }
 
     /// A number unique to this context in the process.
@@ -336,12 +198,9 @@ impl GpuContext {
         self.inner.id
     }
 
-    /// Errors when the device was lost.
-    pub(crate) fn check_alive(&self) -> Result<()> {
-        match self.inner.lost.lock().ok().and_then(|l| l.clone()) {
-            Some(m) => Err(Error::DeviceLost(m)),
-            None => Ok(()),
-        }
+    /// The pipelines built for this device.
+    pub(crate) fn kernels(&self) -> &Kernels {
+        &self.inner.kernels
     }
 
     /// Checks that a buffer of `bytes` fits the device as a storage binding.
@@ -368,29 +227,12 @@ impl GpuContext {
 
     /// A storage buffer of `bytes` (at least 16), readable, writable and copyable.
     pub(crate) fn storage_buffer(&self, label: &str, bytes: u64) -> wgpu::Buffer {
-        self.inner.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size: bytes.max(16).next_multiple_of(4),
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_SRC
-                | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        })
+        self.inner.handle.storage_buffer(label, bytes)
     }
 
     /// A storage buffer holding `data`.
     pub(crate) fn storage_buffer_init(&self, label: &str, data: &[u8]) -> wgpu::Buffer {
-        let mut contents = data.to_vec();
-        contents.resize(data.len().max(16).next_multiple_of(4), 0);
-        self.inner
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents: &contents,
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_SRC
-                    | wgpu::BufferUsages::COPY_DST,
-            })
+        self.inner.handle.storage_buffer_init(label, data)
     }
 
     /// Records with `record`, submits once and waits, turning wgpu errors into
@@ -404,23 +246,25 @@ impl GpuContext {
     }
 
     /// [`GpuContext::submit`]; `timed = false` keeps it out of GPU timing (readbacks).
-    pub(crate) fn submit_with(
+    fn submit_with(
         &self,
         during: &str,
         timed: bool,
         record: impl FnOnce(&mut wgpu::CommandEncoder),
     ) -> Result<()> {
-        self.check_alive()?;
+        let handle = &self.inner.handle;
+        handle.check_alive()?;
         let _serial = self
             .inner
             .submit_lock
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let device = &self.inner.device;
-        let scope = ErrorScopes::push(device);
-        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some(during),
-        });
+        let scope = ErrorScopes::push(&handle.device);
+        let mut encoder = handle
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some(during),
+            });
         let timer = timed.then(|| self.inner.timing.submit_timer()).flatten();
         if let Some(t) = &timer {
             t.begin(&mut encoder);
@@ -429,28 +273,16 @@ impl GpuContext {
         if let Some(t) = &timer {
             t.end(&mut encoder);
         }
-        self.inner.queue.submit([encoder.finish()]);
+        handle.queue.submit([encoder.finish()]);
         scope.pop(during)?;
-        self.wait(during)?;
-        timer.map_or(Ok(()), |t| t.finish(self))
-    }
-
-    /// Waits for all submitted work.
-    pub(crate) fn wait(&self, during: &str) -> Result<()> {
-        self.inner
-            .device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Wgpu {
-                during: during.into(),
-                message: e.to_string(),
-            })?;
-        self.check_alive()
+        handle.wait(during)?;
+        timer.map_or(Ok(()), |t| t.finish(handle))
     }
 
     /// Copies the first `bytes` of `buffer` back to the host.
     pub(crate) fn read_bytes(&self, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
         let padded = bytes.max(4).next_multiple_of(4);
-        let staging = self.inner.device.create_buffer(&wgpu::BufferDescriptor {
+        let staging = self.device().create_buffer(&wgpu::BufferDescriptor {
             label: Some("batchnorm.readback"),
             size: padded,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
@@ -459,30 +291,7 @@ impl GpuContext {
         self.submit_with("readback", false, |enc| {
             enc.copy_buffer_to_buffer(buffer, 0, &staging, 0, padded);
         })?;
-        self.map_read(&staging, bytes)
-    }
-
-    /// Maps `staging` (a `MAP_READ` buffer whose copy was submitted), returns
-    /// its first `bytes` and unmaps it.
-    pub(crate) fn map_read(&self, staging: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
-        let slice = staging.slice(..);
-        let (tx, rx) = futures_intrusive::channel::shared::oneshot_channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            tx.send(r).ok();
-        });
-        self.wait("readback")?;
-        match pollster::block_on(rx.receive()) {
-            Some(Ok(())) => {}
-            Some(Err(e)) => return Err(Error::Readback(e.to_string())),
-            None => return Err(Error::Readback("map callback dropped".into())),
-        }
-        let view = slice
-            .get_mapped_range()
-            .map_err(|e| Error::Readback(e.to_string()))?;
-        let out = view[..bytes as usize].to_vec();
-        drop(view);
-        staging.unmap();
-        Ok(out)
+        self.inner.handle.map_read(&staging, bytes)
     }
 
     /// Copies `len` f32 values of `buffer` back to the host.
@@ -490,40 +299,55 @@ impl GpuContext {
         let bytes = self.read_bytes(buffer, (len * 4) as u64)?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
-}
 
-/// Validation, out-of-memory and internal error scopes, popped together.
-pub(crate) struct ErrorScopes {
-    guards: Vec<wgpu::ErrorScopeGuard>,
-}
-
-impl ErrorScopes {
-    pub fn push(device: &wgpu::Device) -> Self {
-        Self {
-            guards: vec![
-                device.push_error_scope(wgpu::ErrorFilter::Validation),
-                device.push_error_scope(wgpu::ErrorFilter::OutOfMemory),
-                device.push_error_scope(wgpu::ErrorFilter::Internal),
-            ],
-        }
+    /// Whether the device can time submits with timestamp queries
+    /// (`wgpu::Features::TIMESTAMP_QUERY`).
+    pub fn has_timestamps(&self) -> bool {
+        self.features().contains(wgpu::Features::TIMESTAMP_QUERY)
     }
 
-    pub fn pop(mut self, during: &str) -> Result<()> {
-        let mut first = None;
-        while let Some(guard) = self.guards.pop() {
-            if let Some(e) = pollster::block_on(guard.pop())
-                && first.is_none()
-            {
-                first = Some(e.to_string());
-            }
+    /// Turns GPU timing on or off. While on, the passes of every operation's
+    /// submit are bracketed by two timestamp queries, the submit waits for
+    /// them, and [`GpuContext::last_gpu_time`] gives the GPU time between them
+    /// (readbacks are not timed). Turning it on or off forgets the last time.
+    ///
+    /// ```no_run
+    /// use wgpu_batchnorm::{BatchNormConfig, GpuBatchNorm, GpuContext, GpuTensor};
+    /// let ctx = GpuContext::new()?;
+    /// let mut bn = GpuBatchNorm::new(&ctx, BatchNormConfig::new(64))?;
+    /// let x = vec![1.0; 8 * 64 * 256];
+    /// let x = GpuTensor::from_slice(&ctx, &x, &[8, 64, 256], bn.config().layout)?;
+    /// if ctx.has_timestamps() {
+    ///     ctx.set_timestamps(true)?;
+    ///     bn.forward_train(&x)?;
+    ///     println!("{:?} on the GPU", ctx.last_gpu_time());
+    /// }
+    /// # Ok::<(), wgpu_batchnorm::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] when turning it on and the adapter lacks
+    /// `TIMESTAMP_QUERY`; [`Error::Wgpu`] when the query set cannot be made.
+    pub fn set_timestamps(&self, on: bool) -> Result<()> {
+        if on && !self.has_timestamps() {
+            return Err(Error::Unsupported {
+                adapter: self.name().to_string(),
+                what: "timestamp queries (wgpu feature TIMESTAMP_QUERY)".into(),
+            });
         }
-        match first {
-            Some(message) => Err(Error::Wgpu {
-                during: during.into(),
-                message,
-            }),
-            None => Ok(()),
-        }
+        self.inner.timing.set(self.device(), on)
+    }
+
+    /// Whether GPU timing is on (see [`GpuContext::set_timestamps`]).
+    pub fn timestamps_enabled(&self) -> bool {
+        self.inner.timing.enabled()
+    }
+
+    /// GPU time of the last timed submit, from its two timestamps and
+    /// `wgpu::Queue::get_timestamp_period`; `None` while timing is off, before
+    /// the first timed submit, or when the device gave unusable timestamps.
+    pub fn last_gpu_time(&self) -> Option<Duration> {
+        self.inner.timing.last()
     }
 }
 
@@ -547,7 +371,7 @@ mod tests {
     #[test]
     fn validation_errors_come_back_as_err() {
         let Some(ctx) = first_context() else { return };
-        let k = &ctx.inner.kernels.f32.stats_partial;
+        let k = &ctx.kernels().f32.stats_partial;
         // a 16-byte uniform where the shader's Params needs 48: invalid at dispatch
         let small = ctx.storage_buffer("too small", 16);
         let uniform = ctx.device().create_buffer(&wgpu::BufferDescriptor {
@@ -562,7 +386,7 @@ mod tests {
         let result = match bind_err {
             Err(e) => Err(e),
             Ok(()) => ctx.submit("invalid dispatch", |enc| {
-                super::super::kernels::dispatch(enc, k, &bg, 1, 65535);
+                crate::gpu::kernels::dispatch(enc, k, &bg, 1, 65535);
             }),
         };
         let err = result.expect_err("an invalid dispatch must be refused");

@@ -2,14 +2,10 @@
 
 use crate::shaders::{self, Shader};
 
-/// Threads per workgroup of the reduction and elementwise kernels (`WG` in the shaders).
-pub(crate) const WG: u32 = 256;
-/// Threads per workgroup of the per-channel kernels.
-pub(crate) const WG_CHANNEL: u32 = 64;
-
 /// Uniform block shared by every kernel of an operation.
 ///
-/// Keep in sync with `Params` in shaders/common.wgsl.
+/// Keep in sync with `Params` in shaders/common.wgsl (a test compares the two
+/// layouts through naga's reflection of the shader module).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub(crate) struct Params {
@@ -26,11 +22,6 @@ pub(crate) struct Params {
     pub unbias: f32,
     pub inv_m: f32,
 }
-
-/// `FLAG_UPDATE_RUNNING` in shaders/common.wgsl.
-pub(crate) const FLAG_UPDATE_RUNNING: u32 = 1;
-/// `FLAG_BATCH_STATS` in shaders/common.wgsl.
-pub(crate) const FLAG_BATCH_STATS: u32 = 2;
 
 /// How a kernel sees one binding.
 #[derive(Clone, Copy)]
@@ -49,6 +40,8 @@ pub(crate) struct Kernel {
 }
 
 impl Kernel {
+    /// Builds the pipeline of `shader` with one buffer binding per slot (call
+    /// inside an error scope).
     fn new(device: &wgpu::Device, shader: Shader, slots: &[Slot]) -> Self {
         let label = format!("batchnorm.{}", shader.name);
         let entries: Vec<wgpu::BindGroupLayoutEntry> = slots
@@ -97,14 +90,25 @@ impl Kernel {
         }
     }
 
-    /// A bind group of `buffers`, in binding order.
+    /// A bind group of whole `buffers`, in binding order.
     pub fn bind(&self, device: &wgpu::Device, buffers: &[&wgpu::Buffer]) -> wgpu::BindGroup {
-        let entries: Vec<wgpu::BindGroupEntry> = buffers
+        let resources: Vec<wgpu::BindingResource> =
+            buffers.iter().map(|b| b.as_entire_binding()).collect();
+        self.bind_resources(device, &resources)
+    }
+
+    /// A bind group of `resources` (whole buffers or ranges), in binding order.
+    pub fn bind_resources(
+        &self,
+        device: &wgpu::Device,
+        resources: &[wgpu::BindingResource<'_>],
+    ) -> wgpu::BindGroup {
+        let entries: Vec<wgpu::BindGroupEntry> = resources
             .iter()
             .enumerate()
-            .map(|(i, b)| wgpu::BindGroupEntry {
+            .map(|(i, r)| wgpu::BindGroupEntry {
                 binding: i as u32,
-                resource: b.as_entire_binding(),
+                resource: r.clone(),
             })
             .collect();
         device.create_bind_group(&wgpu::BindGroupDescriptor {
@@ -194,6 +198,8 @@ pub(crate) struct Kernels {
     pub f32: ElementKernels,
     /// Present when the device has `SHADER_F16`.
     pub f16: Option<ElementKernels>,
+    /// The bandwidth roofline of `GpuContext::copy`.
+    pub copy_vec4: Kernel,
 }
 
 impl Kernels {
@@ -209,6 +215,7 @@ impl Kernels {
             ),
             f32: ElementKernels::new(device, false),
             f16: f16.then(|| ElementKernels::new(device, true)),
+            copy_vec4: Kernel::new(device, shaders::COPY_VEC4, &[R, W]),
         }
     }
 }
@@ -231,4 +238,105 @@ pub(crate) fn dispatch(
     pass.set_pipeline(&kernel.pipeline);
     pass.set_bind_group(0, bind_group, &[]);
     pass.dispatch_workgroups(x, y, 1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use naga::{ScalarKind, TypeInner};
+
+    /// `(name, offset, size, kind)` of each member of a struct.
+    type Members = Vec<(String, u32, u32, ScalarKind)>;
+
+    /// Members and size of `Params` as naga lays out the WGSL struct of
+    /// shaders/common.wgsl (every shader holds the same text).
+    fn wgsl_params() -> (Members, u32) {
+        let module = naga::front::wgsl::parse_str(shaders::STATS_FINALIZE.source)
+            .expect("stats_finalize parses");
+        let mut layouter = naga::proc::Layouter::default();
+        layouter.update(module.to_ctx()).expect("layout");
+        let (_, ty) = module
+            .types
+            .iter()
+            .find(|(_, t)| t.name.as_deref() == Some("Params"))
+            .expect("a struct named Params");
+        let TypeInner::Struct { members, span } = &ty.inner else {
+            panic!("Params is not a struct: {:?}", ty.inner);
+        };
+        let members = members
+            .iter()
+            .map(|m| {
+                let kind = match module.types[m.ty].inner {
+                    TypeInner::Scalar(s) => s.kind,
+                    ref other => panic!("Params member {:?} is not a scalar: {other:?}", m.name),
+                };
+                let name = m.name.clone().unwrap_or_default();
+                (name, m.offset, layouter[m.ty].size, kind)
+            })
+            .collect();
+        (members, *span)
+    }
+
+    /// `(name, offset, size, kind)` of the listed fields of the Rust `Params`;
+    /// the `let` fails to compile when a listed type is wrong.
+    macro_rules! rust_members {
+        ($($field:ident: $ty:ident),* $(,)?) => {{
+            let p = Params::default();
+            vec![$({
+                let value: $ty = p.$field;
+                let kind = if stringify!($ty) == "f32" { ScalarKind::Float } else { ScalarKind::Uint };
+                (
+                    stringify!($field).to_string(),
+                    std::mem::offset_of!(Params, $field) as u32,
+                    std::mem::size_of_val(&value) as u32,
+                    kind,
+                )
+            }),*]
+        }};
+    }
+
+    #[test]
+    fn rust_and_wgsl_params_have_the_same_layout() {
+        let rust = rust_members!(
+            channels: u32,
+            outer: u32,
+            inner: u32,
+            total: u32,
+            slices: u32,
+            slice_len: u32,
+            per_channel: u32,
+            flags: u32,
+            eps: f32,
+            momentum: f32,
+            unbias: f32,
+            inv_m: f32,
+        );
+        let (wgsl, span) = wgsl_params();
+        assert_eq!(
+            rust, wgsl,
+            "Params in src/gpu/kernels.rs vs shaders/common.wgsl"
+        );
+        // Fields missing from the list above would show here.
+        assert_eq!(std::mem::size_of::<Params>() as u32, span);
+    }
+
+    #[test]
+    fn shader_constants_come_from_the_rust_ones() {
+        let module = naga::front::wgsl::parse_str(shaders::NORMALIZE.source).expect("parses");
+        let value = |name: &str| {
+            let (_, c) = module
+                .constants
+                .iter()
+                .find(|(_, c)| c.name.as_deref() == Some(name))
+                .unwrap_or_else(|| panic!("no constant {name}"));
+            match module.global_expressions[c.init] {
+                naga::Expression::Literal(naga::Literal::U32(v)) => v,
+                ref e => panic!("{name} = {e:?}"),
+            }
+        };
+        assert_eq!(value("WG"), shaders::WG);
+        assert_eq!(value("WG_CHANNEL"), shaders::WG_CHANNEL);
+        assert_eq!(value("FLAG_UPDATE_RUNNING"), shaders::FLAG_UPDATE_RUNNING);
+        assert_eq!(value("FLAG_BATCH_STATS"), shaders::FLAG_BATCH_STATS);
+    }
 }

@@ -1,12 +1,22 @@
-//! The wgpu backend: device choice, device-resident tensors, the BatchNorm passes.
+//! The wgpu backend: adapter choice, the device and its pipelines,
+//! device-resident tensors, the BatchNorm passes.
+//!
+//! Modules, each using only those listed before it: `adapter` (which
+//! adapters), `device` (a device and queue: error scopes, waits, readback),
+//! `kernels` (pipelines and bind group layouts), `timing` (timestamp
+//! queries), `context` (the [`GpuContext`]), `tensor` ([`GpuTensor`]), `copy`
+//! (the copy roofline), `batchnorm` ([`GpuBatchNorm`]).
 
+mod adapter;
 mod batchnorm;
 mod context;
 mod copy;
+mod device;
 pub(crate) mod kernels;
 mod tensor;
 mod timing;
 
+pub use adapter::{AdapterSelection, enumerate_adapters, parse_backend};
 pub use batchnorm::{GpuBatchNorm, GpuGradients};
-pub use context::{AdapterSelection, GpuContext, enumerate_adapters, parse_backend};
+pub use context::GpuContext;
 pub use tensor::GpuTensor;

@@ -1,8 +1,8 @@
 //! Device-resident tensors.
 
 use super::context::GpuContext;
-use crate::config::{DType, Layout};
 use crate::error::{Error, Result};
+use crate::layout::{DType, Layout};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
 /// A contiguous tensor that lives in a GPU buffer, with its shape, layout and
@@ -278,6 +278,20 @@ impl GpuTensor {
     /// The context (device) the tensor lives on.
     pub fn context(&self) -> &GpuContext {
         &self.ctx
+    }
+
+    /// Errors unless the tensor lives on `ctx`'s device; `what` names it.
+    pub(crate) fn check_device(&self, what: &str, ctx: &GpuContext) -> Result<()> {
+        if self.ctx.id() != ctx.id() {
+            return Err(Error::DeviceMismatch {
+                what: what.into(),
+                expected: ctx.id(),
+                expected_name: ctx.label(),
+                got: self.ctx.id(),
+                got_name: self.ctx.label(),
+            });
+        }
+        Ok(())
     }
 
     /// The underlying buffer, for applications that bind it in their own passes.

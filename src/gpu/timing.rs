@@ -1,12 +1,12 @@
 //! GPU timing of submits with timestamp queries, for `bnorm bench`.
 //!
-//! While timing is on, [`GpuContext::submit`](super::context) brackets the
+//! While timing is on, `GpuContext::submit` brackets the
 //! recorded passes between two empty compute passes that write timestamps
 //! (the first at its start, the second at its end), resolves the two queries
 //! into a buffer, and reads them back after the wait.
 
-use super::context::{ErrorScopes, GpuContext};
-use crate::error::{Error, Result};
+use super::device::{DeviceHandle, ErrorScopes};
+use crate::error::Result;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -104,15 +104,15 @@ impl SubmitTimer<'_> {
     }
 
     /// Reads the timestamps back (after the submit's wait) and stores the time.
-    pub fn finish(mut self, ctx: &GpuContext) -> Result<()> {
+    pub fn finish(mut self, handle: &DeviceHandle) -> Result<()> {
         self.state.last = None;
         let q = self.queries();
-        let bytes = ctx.map_read(&q.readback, q.readback.size())?;
+        let bytes = handle.map_read(&q.readback, q.readback.size())?;
         let stamps: Vec<u64> = bytemuck::pod_collect_to_vec(&bytes);
         if let [start, end] = stamps[..]
             && end > start
         {
-            let period_ns = f64::from(ctx.queue().get_timestamp_period());
+            let period_ns = f64::from(handle.queue.get_timestamp_period());
             self.state.last = Some(Duration::from_secs_f64(
                 (end - start) as f64 * period_ns * 1e-9,
             ));
@@ -131,66 +131,30 @@ impl Timing {
         let state = self.lock();
         state.queries.is_some().then_some(SubmitTimer { state })
     }
-}
 
-impl GpuContext {
-    /// Whether the device can time submits with timestamp queries
-    /// (`wgpu::Features::TIMESTAMP_QUERY`).
-    pub fn has_timestamps(&self) -> bool {
-        self.features().contains(wgpu::Features::TIMESTAMP_QUERY)
-    }
-
-    /// Turns GPU timing on or off. While on, the passes of every operation's
-    /// submit are bracketed by two timestamp queries, the submit waits for
-    /// them, and [`GpuContext::last_gpu_time`] gives the GPU time between them
-    /// (readbacks are not timed). Turning it on or off forgets the last time.
-    ///
-    /// ```no_run
-    /// use wgpu_batchnorm::{BatchNormConfig, GpuBatchNorm, GpuContext, GpuTensor};
-    /// let ctx = GpuContext::new()?;
-    /// let mut bn = GpuBatchNorm::new(&ctx, BatchNormConfig::new(64))?;
-    /// let x = vec![1.0; 8 * 64 * 256];
-    /// let x = GpuTensor::from_slice(&ctx, &x, &[8, 64, 256], bn.config().layout)?;
-    /// if ctx.has_timestamps() {
-    ///     ctx.set_timestamps(true)?;
-    ///     bn.forward_train(&x)?;
-    ///     println!("{:?} on the GPU", ctx.last_gpu_time());
-    /// }
-    /// # Ok::<(), wgpu_batchnorm::Error>(())
-    /// ```
-    ///
-    /// # Errors
-    /// [`Error::Unsupported`] when turning it on and the adapter lacks
-    /// `TIMESTAMP_QUERY`; [`Error::Wgpu`] when the query set cannot be made.
-    pub fn set_timestamps(&self, on: bool) -> Result<()> {
-        if on && !self.has_timestamps() {
-            return Err(Error::Unsupported {
-                adapter: self.name().to_string(),
-                what: "timestamp queries (wgpu feature TIMESTAMP_QUERY)".into(),
-            });
-        }
-        let mut state = self.inner.timing.lock();
+    /// Turns timing on (creating the query set on `device`) or off; either
+    /// forgets the last time.
+    pub fn set(&self, device: &wgpu::Device, on: bool) -> Result<()> {
+        let mut state = self.lock();
         state.last = None;
         if !on {
             state.queries = None;
         } else if state.queries.is_none() {
-            let scope = ErrorScopes::push(self.device());
-            let queries = TimestampQueries::new(self.device());
+            let scope = ErrorScopes::push(device);
+            let queries = TimestampQueries::new(device);
             scope.pop("timestamp query set creation")?;
             state.queries = Some(queries);
         }
         Ok(())
     }
 
-    /// Whether GPU timing is on (see [`GpuContext::set_timestamps`]).
-    pub fn timestamps_enabled(&self) -> bool {
-        self.inner.timing.lock().queries.is_some()
+    /// Whether timing is on.
+    pub fn enabled(&self) -> bool {
+        self.lock().queries.is_some()
     }
 
-    /// GPU time of the last timed submit, from its two timestamps and
-    /// `wgpu::Queue::get_timestamp_period`; `None` while timing is off, before
-    /// the first timed submit, or when the device gave unusable timestamps.
-    pub fn last_gpu_time(&self) -> Option<Duration> {
-        self.inner.timing.lock().last
+    /// GPU time of the last timed submit.
+    pub fn last(&self) -> Option<Duration> {
+        self.lock().last
     }
 }

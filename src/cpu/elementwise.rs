@@ -1,0 +1,192 @@
+//! The elementwise passes of the fast CPU backend, `y = (x - c) * s + b`
+//! and `dx = a dy + b (x - m) + c`, in parallel over contiguous segments
+//! that share their coefficients; and the CPU's copy roofline.
+
+use super::plan::{ROW_WALK_BELOW, TASK};
+use crate::error::{Error, Result};
+use crate::shape::ChannelWalk;
+use rayon::prelude::*;
+
+/// Per-channel coefficients of an elementwise pass, as `f32` arrays.
+pub(super) struct Coefs {
+    /// One entry per channel, or per row position (`C * inner`) for a row walk.
+    pub(super) per_position: bool,
+    pub(super) k: [Vec<f32>; 4],
+}
+
+impl Coefs {
+    /// Lays out per-channel coefficients for `walk`.
+    pub(super) fn new(walk: &ChannelWalk, k: [Vec<f32>; 4]) -> Coefs {
+        if walk.inner < ROW_WALK_BELOW {
+            let inner = walk.inner;
+            let expand = |v: &[f32]| -> Vec<f32> {
+                v.iter()
+                    .flat_map(|&a| std::iter::repeat_n(a, inner))
+                    .collect()
+            };
+            Coefs {
+                per_position: true,
+                k: [expand(&k[0]), expand(&k[1]), expand(&k[2]), expand(&k[3])],
+            }
+        } else {
+            Coefs {
+                per_position: false,
+                k,
+            }
+        }
+    }
+}
+
+/// Runs `f(start, len, coefficient slices or one value each)` over `out` in
+/// parallel, one call per contiguous segment that shares its coefficients
+/// (per-channel) or lies in one row (per-position).
+pub(super) fn for_each_segment(
+    out: &mut [f32],
+    walk: &ChannelWalk,
+    coefs: &Coefs,
+    f: impl Fn(&mut [f32], usize, Seg<'_>) + Sync,
+) {
+    let chunk = TASK
+        .max(out.len().div_ceil(rayon::current_num_threads().max(1) * 4))
+        .min(TASK * 4);
+    out.par_chunks_mut(chunk).enumerate().for_each(|(t, o)| {
+        let base = t * chunk;
+        let mut i = 0;
+        while i < o.len() {
+            let g = base + i;
+            if coefs.per_position {
+                let cols = coefs.k[0].len();
+                let p = g % cols;
+                let n = (cols - p).min(o.len() - i);
+                let k = &coefs.k;
+                let seg = Seg::Slices([
+                    &k[0][p..p + n],
+                    &k[1][p..p + n],
+                    &k[2][p..p + n],
+                    &k[3][p..p + n],
+                ]);
+                f(&mut o[i..i + n], g, seg);
+                i += n;
+            } else {
+                let run = g / walk.inner;
+                let c = run % walk.channels;
+                let n = ((run + 1) * walk.inner - g).min(o.len() - i);
+                let k = &coefs.k;
+                f(
+                    &mut o[i..i + n],
+                    g,
+                    Seg::Scalar([k[0][c], k[1][c], k[2][c], k[3][c]]),
+                );
+                i += n;
+            }
+        }
+    });
+}
+
+/// Coefficients of one segment.
+pub(super) enum Seg<'a> {
+    Scalar([f32; 4]),
+    Slices([&'a [f32]; 4]),
+}
+
+/// `y = (x - c) * s + b`, per position.
+#[inline]
+#[allow(clippy::needless_range_loop)]
+pub(super) fn normalize_row(y: &mut [f32], x: &[f32], c: &[f32], s: &[f32], b: &[f32]) {
+    let n = y.len();
+    let (x, c, s, b) = (&x[..n], &c[..n], &s[..n], &b[..n]);
+    for j in 0..n {
+        y[j] = (x[j] - c[j]) * s[j] + b[j];
+    }
+}
+
+/// `dx = a dy + b (x - m) + c` per position, coefficients `[m, a, b, c]`;
+/// where `b = 0` (running statistics) `x` does not enter, so a NaN in `x`
+/// stays out, as in PyTorch's evaluation backward.
+#[inline]
+#[allow(clippy::needless_range_loop)]
+pub(super) fn backward_dx_row(dx: &mut [f32], x: &[f32], dy: &[f32], [m, a, b, c]: [&[f32]; 4]) {
+    let n = dx.len();
+    let (x, dy, m, a, b, c) = (&x[..n], &dy[..n], &m[..n], &a[..n], &b[..n], &c[..n]);
+    for j in 0..n {
+        let xt = if b[j] == 0.0 {
+            0.0
+        } else {
+            b[j] * (x[j] - m[j])
+        };
+        dx[j] = a[j] * dy[j] + xt + c[j];
+    }
+}
+
+/// `y = (x - center) * scale + shift`, coefficients `[center, scale, shift, _]`.
+pub(super) fn normalize(x: &[f32], y: &mut [f32], walk: &ChannelWalk, coefs: &Coefs) {
+    for_each_segment(y, walk, coefs, |y, start, seg| {
+        let x = &x[start..start + y.len()];
+        match seg {
+            Seg::Scalar([c, s, b, _]) => {
+                for (o, &v) in y.iter_mut().zip(x) {
+                    *o = (v - c) * s + b;
+                }
+            }
+            Seg::Slices([c, s, b, _]) => normalize_row(y, x, c, s, b),
+        }
+    });
+}
+
+/// `dx = a * dy + b * (x - center) + c`, coefficients `[center, a, b, c]`.
+pub(super) fn backward_dx(
+    x: &[f32],
+    dy: &[f32],
+    dx: &mut [f32],
+    walk: &ChannelWalk,
+    coefs: &Coefs,
+) {
+    for_each_segment(dx, walk, coefs, |dx, start, seg| {
+        let span = start..start + dx.len();
+        let (x, dy) = (&x[span.clone()], &dy[span]);
+        match seg {
+            // b = 0 (running statistics): x does not enter dx, so a NaN in x
+            // stays out, as in PyTorch's evaluation backward.
+            Seg::Scalar([_, a, 0.0, c]) => {
+                for (o, &g) in dx.iter_mut().zip(dy) {
+                    *o = a * g + c;
+                }
+            }
+            Seg::Scalar([m, a, b, c]) => {
+                for ((o, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+                    *o = a * g + b * (v - m) + c;
+                }
+            }
+            Seg::Slices(k) => backward_dx_row(dx, x, dy, k),
+        }
+    });
+}
+
+/// Copies `src` into `dst` on every core: the CPU's bandwidth roofline for
+/// `bnorm bench` (8 bytes of traffic per `f32` element).
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] when the lengths differ.
+pub fn parallel_copy(src: &[f32], dst: &mut [f32]) -> Result<()> {
+    if src.len() != dst.len() {
+        return Err(Error::ShapeMismatch {
+            what: "copy destination".into(),
+            expected: vec![src.len()],
+            got: vec![dst.len()],
+        });
+    }
+    let chunk = TASK
+        .max(src.len().div_ceil(rayon::current_num_threads().max(1) * 4))
+        .min(TASK * 4);
+    dst.par_chunks_mut(chunk)
+        .zip(src.par_chunks(chunk))
+        .for_each(|(d, s)| {
+            // `+ 0.0` keeps LLVM from calling memcpy, whose non-temporal stores
+            // would send a cache-sized copy to DRAM while BatchNorm's passes,
+            // with ordinary stores, stay in cache: a streaming loop like theirs.
+            for (d, &s) in d.iter_mut().zip(s) {
+                *d = s + 0.0;
+            }
+        });
+    Ok(())
+}

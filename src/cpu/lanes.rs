@@ -1,0 +1,110 @@
+//! The inner loops of the reductions: [`LANES`] independent `f32`
+//! accumulators over contiguous runs, and per-position accumulators over
+//! rows (channels-last and short-run walks).
+
+/// Independent accumulators of the inner loops (a multiple of every SIMD width).
+pub(super) const LANES: usize = 16;
+
+/// [`LANES`] independent `f32` accumulators (the compiler keeps them in SIMD
+/// registers) and an `f64` tail for the elements past the last full chunk.
+///
+/// The functions that add to them are `#[inline(never)]`: on their own they
+/// compile to packed SIMD (`subps`, `mulps`, `addps` on x86-64), while
+/// inlined into the piece loops LLVM vectorized across chunks instead, with
+/// strided scalar loads (twice slower on 7x7 runs).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Lanes {
+    pub(super) v: [f32; LANES],
+    pub(super) tail: f64,
+}
+
+impl Lanes {
+    pub(super) fn new() -> Self {
+        Self {
+            v: [0.0; LANES],
+            tail: 0.0,
+        }
+    }
+
+    /// The sum of every lane and the tail, in `f64`.
+    pub(super) fn total(&self) -> f64 {
+        self.v.iter().map(|&v| f64::from(v)).sum::<f64>() + self.tail
+    }
+}
+
+/// `acc += sum(x)`.
+#[inline(never)]
+pub(super) fn add_sum(acc: &mut Lanes, x: &[f32]) {
+    let (chunks, rest) = x.as_chunks::<LANES>();
+    // Lanes in a local array and whole-array updates: SIMD adds, no reloads.
+    let mut a = acc.v;
+    for c in chunks {
+        a = std::array::from_fn(|l| a[l] + c[l]);
+    }
+    acc.v = a;
+    acc.tail += rest.iter().map(|&v| f64::from(v)).sum::<f64>();
+}
+
+/// `s1 += sum(x - m)`, `s2 += sum((x - m)^2)`.
+#[inline(never)]
+pub(super) fn add_centered(s1: &mut Lanes, s2: &mut Lanes, x: &[f32], m: f32) {
+    let (chunks, rest) = x.as_chunks::<LANES>();
+    let (mut a1, mut a2) = (s1.v, s2.v);
+    for c in chunks {
+        let d: [f32; LANES] = std::array::from_fn(|l| c[l] - m);
+        a1 = std::array::from_fn(|l| a1[l] + d[l]);
+        a2 = std::array::from_fn(|l| a2[l] + d[l] * d[l]);
+    }
+    (s1.v, s2.v) = (a1, a2);
+    for &v in rest {
+        let d = v - m;
+        s1.tail += f64::from(d);
+        s2.tail += f64::from(d * d);
+    }
+}
+
+/// `s1 += sum(dy)`, `s2 += sum(dy * (x - center))`.
+#[inline(never)]
+pub(super) fn add_grad(s1: &mut Lanes, s2: &mut Lanes, x: &[f32], dy: &[f32], center: f32) {
+    let (xc, xr) = x.as_chunks::<LANES>();
+    let (gc, gr) = dy.as_chunks::<LANES>();
+    let (mut a1, mut a2) = (s1.v, s2.v);
+    for (a, g) in xc.iter().zip(gc) {
+        let d: [f32; LANES] = std::array::from_fn(|l| a[l] - center);
+        a1 = std::array::from_fn(|l| a1[l] + g[l]);
+        a2 = std::array::from_fn(|l| a2[l] + g[l] * d[l]);
+    }
+    (s1.v, s2.v) = (a1, a2);
+    for (&a, &g) in xr.iter().zip(gr) {
+        s1.tail += f64::from(g);
+        s2.tail += f64::from(g * (a - center));
+    }
+}
+
+// The row loops below index slices cut to one length, the form LLVM
+// vectorizes most reliably (long `zip` chains sometimes stay scalar).
+
+/// `s1 += row - m`, `s2 += (row - m)^2`, per position.
+#[inline]
+#[allow(clippy::needless_range_loop)]
+pub(super) fn add_row_centered(s1: &mut [f32], s2: &mut [f32], m: &[f32], row: &[f32]) {
+    let n = s1.len();
+    let (s2, m, row) = (&mut s2[..n], &m[..n], &row[..n]);
+    for j in 0..n {
+        let d = row[j] - m[j];
+        s1[j] += d;
+        s2[j] += d * d;
+    }
+}
+
+/// `s1 += dy`, `s2 += dy * (x - center)`, per position.
+#[inline]
+#[allow(clippy::needless_range_loop)]
+pub(super) fn add_row_grad(s1: &mut [f32], s2: &mut [f32], center: &[f32], x: &[f32], dy: &[f32]) {
+    let n = s1.len();
+    let (s2, center, x, dy) = (&mut s2[..n], &center[..n], &x[..n], &dy[..n]);
+    for j in 0..n {
+        s1[j] += dy[j];
+        s2[j] += dy[j] * (x[j] - center[j]);
+    }
+}

@@ -1,0 +1,381 @@
+//! A fast BatchNorm on the CPU, in `f32`, on every core.
+//!
+//! [`CpuBatchNorm`] has the semantics of [`crate::CpuReference`] (PyTorch's) but
+//! is built for speed rather than as an oracle:
+//!
+//! - rayon tasks over channels, and over slices of a channel when the
+//!   channels are few and large; the partial statistics of the slices merge
+//!   with Chan's formula in a fixed order, so a run is reproducible for a
+//!   given number of threads;
+//! - inner loops over contiguous runs with 16 independent `f32` lanes, which
+//!   the compiler turns into SIMD code;
+//! - channels-last tensors (and channels-first ones with a spatial size below
+//!   16, such as `(N, C)`) are walked row by row: a row holds every channel
+//!   side by side, and per-channel vectors are accumulated instead of
+//!   striding through memory.
+//!
+//! Statistics never use `E[x^2] - E[x]^2`. Each piece of at most 4096
+//! elements is reduced by the corrected two-pass algorithm while it sits in
+//! the L1/L2 cache (a first pass for its mean `m`, then `sum(x - m)` and
+//! `sum((x - m)^2)`), and pieces merge in `f64`:
+//!
+//! ```text
+//! piece:  mean_p = m + s1/n,   M2_p = s2 - s1^2/n        (s1, s2 over x - m)
+//! merge:  d = mean_b - mean_a, n = n_a + n_b
+//!         mean = mean_a + d n_b/n,  M2 = M2_a + M2_b + d^2 n_a n_b/n
+//! ```
+//!
+//! so a channel with mean 300 and unit variance loses no precision. The
+//! slice-based methods ([`CpuBatchNorm::forward_train_slice`] and friends)
+//! skip ndarray entirely, for benchmarks and for callers with their own
+//! buffers.
+
+mod elementwise;
+mod lanes;
+mod plan;
+mod reduce;
+
+pub use elementwise::parallel_copy;
+
+use crate::backend::BatchNormBackend;
+use crate::config::{BatchNormConfig, Mode};
+use crate::error::Result;
+use crate::reference;
+use crate::state::{BatchNormState, Gradients, SavedBatchStats, SavedStats};
+use crate::stats::{backward_stats, update_running};
+use crate::validate;
+use elementwise::{Coefs, backward_dx, normalize};
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use reduce::{channel_grad_sums, channel_moments};
+
+/// BatchNorm on the CPU in `f32` with rayon: the fast CPU backend.
+///
+/// Same semantics and state as [`crate::CpuReference`] (PyTorch's), within the
+/// `f32` tolerance of it; per-channel statistics are merged in `f64`. Runs on
+/// rayon's global pool (`RAYON_NUM_THREADS` sets its size).
+///
+/// ```
+/// use wgpu_batchnorm::{BatchNormConfig, CpuBatchNorm, Mode};
+/// let mut bn = CpuBatchNorm::new(BatchNormConfig::new(2))?;
+/// let dims = [2, 2, 3]; // (N, C, L)
+/// let x: Vec<f32> = (0..12).map(|i| i as f32).collect();
+/// let mut y = vec![0.0; 12];
+/// bn.forward_train_slice(&x, &dims, &mut y)?;
+/// // channel 0 holds 0, 1, 2, 6, 7, 8: mean 4
+/// assert!((bn.saved_stats().unwrap().mean[0] - 4.0).abs() < 1e-6);
+/// let (mut dx, mut dw, mut db) = (vec![0.0; 12], vec![0.0; 2], vec![0.0; 2]);
+/// bn.backward_slice(&x, &y, &dims, Mode::Train, &mut dx, &mut dw, &mut db)?;
+/// assert!((db[0] - y[..3].iter().chain(&y[6..9]).sum::<f32>()).abs() < 1e-5);
+/// # Ok::<(), wgpu_batchnorm::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct CpuBatchNorm {
+    config: BatchNormConfig,
+    state: BatchNormState,
+    saved: Option<SavedBatchStats>,
+}
+
+impl CpuBatchNorm {
+    /// A layer in PyTorch's initial state.
+    ///
+    /// # Errors
+    /// [`crate::Error::Config`] when the configuration is invalid.
+    pub fn new(config: BatchNormConfig) -> Result<Self> {
+        config.validate()?;
+        let state = BatchNormState::new(&config);
+        Ok(Self {
+            config,
+            state,
+            saved: None,
+        })
+    }
+
+    /// The layer's configuration.
+    pub fn config(&self) -> &BatchNormConfig {
+        &self.config
+    }
+
+    /// Parameters and running statistics.
+    pub fn state(&self) -> &BatchNormState {
+        &self.state
+    }
+
+    /// Replaces parameters and running statistics.
+    ///
+    /// # Errors
+    /// [`crate::Error::ParameterLength`], [`crate::Error::MissingParameter`].
+    pub fn set_state(&mut self, state: &BatchNormState) -> Result<()> {
+        state.validate(&self.config)?;
+        self.state = state.clone();
+        Ok(())
+    }
+
+    /// Batch statistics kept by the last forward that computed them.
+    pub fn saved_stats(&self) -> Option<SavedStats> {
+        self.saved.as_ref().map(SavedBatchStats::to_f32)
+    }
+
+    /// Normalizes with batch statistics; with `update`, moves the running ones.
+    fn batch_forward(
+        &mut self,
+        x: &[f32],
+        dims: &[usize],
+        y: &mut [f32],
+        update: bool,
+    ) -> Result<()> {
+        let walk = validate::input(&self.config, dims, true)?;
+        validate::slice_len("x", x.len(), &walk)?;
+        validate::slice_len("y", y.len(), &walk)?;
+        let (weight, bias) = self.state.affine(walk.channels);
+        let moments = channel_moments(x, &walk);
+        let stats = reference::stats_finalize(&moments, self.config.eps, &weight, &bias);
+        // y = (x - c32) * s + (b + (c32 - mean) * s): the rounding of the centre
+        // to f32 is folded into the shift, so large means cost no precision.
+        let c = walk.channels;
+        let (mut k0, mut k1, mut k2) = (
+            Vec::with_capacity(c),
+            Vec::with_capacity(c),
+            Vec::with_capacity(c),
+        );
+        for ch in 0..c {
+            let c32 = stats.mean[ch] as f32;
+            let s = weight[ch] * stats.invstd[ch];
+            k0.push(c32);
+            k1.push(s as f32);
+            k2.push((bias[ch] + (f64::from(c32) - stats.mean[ch]) * s) as f32);
+        }
+        normalize(x, y, &walk, &Coefs::new(&walk, [k0, k1, k2, vec![0.0; c]]));
+        if update {
+            let m = walk.per_channel();
+            update_running(&mut self.state, &self.config, &stats.mean, &stats.var, m);
+        }
+        self.saved = Some(SavedBatchStats {
+            dims: walk.dims,
+            mean: stats.mean,
+            invstd: stats.invstd,
+        });
+        Ok(())
+    }
+
+    /// Training forward on a contiguous tensor of shape `dims` (in the layer's
+    /// layout) into `y`: normalizes with batch statistics, keeps them for
+    /// backward and updates the running statistics when tracked.
+    ///
+    /// ```text
+    /// y = (x - mean) / sqrt(var + eps) * weight + bias      (var biased)
+    /// running_mean = (1-m) running_mean + m mean
+    /// running_var  = (1-m) running_var  + m var M/(M-1)
+    /// ```
+    ///
+    /// # Errors
+    /// [`crate::Error::Rank`], [`crate::Error::ChannelMismatch`], [`crate::Error::Empty`],
+    /// [`crate::Error::TooLarge`], [`crate::Error::SingleValuePerChannel`], and
+    /// [`crate::Error::ShapeMismatch`] when `x` or `y` does not hold `dims`' elements.
+    /// On error the layer is unchanged and `y` unwritten.
+    pub fn forward_train_slice(&mut self, x: &[f32], dims: &[usize], y: &mut [f32]) -> Result<()> {
+        self.batch_forward(x, dims, y, true)
+    }
+
+    /// Evaluation forward into `y`: running statistics, or batch statistics
+    /// (kept for backward; running statistics untouched) when they are not tracked.
+    ///
+    /// ```text
+    /// y = (x - running_mean) / sqrt(running_var + eps) * weight + bias
+    /// ```
+    ///
+    /// # Errors
+    /// As [`CpuBatchNorm::forward_train_slice`]; one value per channel is an
+    /// error only without tracked statistics.
+    pub fn forward_eval_slice(&mut self, x: &[f32], dims: &[usize], y: &mut [f32]) -> Result<()> {
+        if !self.config.track_running_stats {
+            return self.batch_forward(x, dims, y, false);
+        }
+        let walk = validate::input(&self.config, dims, false)?;
+        validate::slice_len("x", x.len(), &walk)?;
+        validate::slice_len("y", y.len(), &walk)?;
+        let rm = self.state.running_mean.as_ref().expect("tracked");
+        let rv = self.state.running_var.as_ref().expect("tracked");
+        let (weight, bias) = self.state.affine(walk.channels);
+        let coef = reference::eval_coeffs(rm, rv, &weight, &bias, self.config.eps);
+        let c = walk.channels;
+        let k1: Vec<f32> = coef.iter().map(|k| k.scale as f32).collect();
+        let k2: Vec<f32> = coef.iter().map(|k| k.shift as f32).collect();
+        normalize(
+            x,
+            y,
+            &walk,
+            &Coefs::new(&walk, [rm.clone(), k1, k2, vec![0.0; c]]),
+        );
+        Ok(())
+    }
+
+    /// Backward of the forward in `mode` at input `x` with upstream gradient
+    /// `dy`, into `dx` (shape `dims`), `dweight` and `dbias` (length `C`; written
+    /// also without affine, as if `weight = 1`).
+    ///
+    /// ```text
+    /// batch statistics (Mode::Train, or Mode::Eval without tracking):
+    ///   dbias = sum(dy), dweight = sum(dy (x - mean)) invstd
+    ///   dx = weight invstd (dy - sum(dy)/M - (x - mean) invstd^2 sum(dy (x - mean))/M)
+    /// running statistics (Mode::Eval with tracking):
+    ///   dx = dy weight / sqrt(running_var + eps)
+    /// ```
+    ///
+    /// # Errors
+    /// Shape errors as [`CpuBatchNorm::forward_train_slice`],
+    /// [`crate::Error::ShapeMismatch`] for a slice of the wrong length,
+    /// [`crate::Error::NoSavedStatistics`] when batch statistics of this shape were not
+    /// computed by a forward first. On error nothing is written.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_slice(
+        &mut self,
+        x: &[f32],
+        dy: &[f32],
+        dims: &[usize],
+        mode: Mode,
+        dx: &mut [f32],
+        dweight: &mut [f32],
+        dbias: &mut [f32],
+    ) -> Result<()> {
+        let walk = validate::input(&self.config, dims, false)?;
+        validate::slice_len("x", x.len(), &walk)?;
+        validate::slice_len("dy", dy.len(), &walk)?;
+        validate::slice_len("dx", dx.len(), &walk)?;
+        let c = walk.channels;
+        validate::channel_len("dweight", dweight.len(), c)?;
+        validate::channel_len("dbias", dbias.len(), c)?;
+        let batch = validate::uses_batch_stats(&self.config, mode);
+        let (center, invstd) = backward_stats(
+            &self.config,
+            &self.state,
+            self.saved.as_ref(),
+            &walk.dims,
+            batch,
+        )?;
+        let (weight, _) = self.state.affine(c);
+        let center32: Vec<f32> = center.iter().map(|&v| v as f32).collect();
+        let sums = channel_grad_sums(x, dy, &walk, &center32);
+        let mf = walk.per_channel() as f64;
+        let mut k = [
+            vec![0.0f32; c],
+            vec![0.0f32; c],
+            vec![0.0f32; c],
+            vec![0.0f32; c],
+        ];
+        for ch in 0..c {
+            let (s1, s2_32) = sums[ch];
+            // Sums were taken around the f32 centre; move them to the exact one.
+            let s2 = s2_32 + (f64::from(center32[ch]) - center[ch]) * s1;
+            let is = invstd[ch];
+            let a = weight[ch] * is;
+            dweight[ch] = (s2 * is) as f32;
+            dbias[ch] = s1 as f32;
+            let (b, cc) = if batch {
+                (-a * is * is * s2 / mf, -a * s1 / mf)
+            } else {
+                (0.0, 0.0)
+            };
+            // dx = a dy + b (x - c32) + (c + b (c32 - centre))
+            k[0][ch] = center32[ch];
+            k[1][ch] = a as f32;
+            k[2][ch] = b as f32;
+            k[3][ch] = (cc + b * (f64::from(center32[ch]) - center[ch])) as f32;
+        }
+        backward_dx(x, dy, dx, &walk, &Coefs::new(&walk, k));
+        Ok(())
+    }
+}
+
+/// The shape of an ndarray input, owned.
+fn dims_of(x: &ArrayViewD<'_, f32>) -> Vec<usize> {
+    x.shape().to_vec()
+}
+
+impl BatchNormBackend for CpuBatchNorm {
+    fn backend_name(&self) -> String {
+        "cpu".into()
+    }
+
+    fn config(&self) -> &BatchNormConfig {
+        &self.config
+    }
+
+    fn forward_train(&mut self, x: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>> {
+        let dims = dims_of(&x);
+        let xs = x.as_standard_layout();
+        let xs = xs.as_slice().expect("standard layout is contiguous");
+        let mut y = vec![0.0f32; xs.len()];
+        self.forward_train_slice(xs, &dims, &mut y)?;
+        Ok(ArrayD::from_shape_vec(IxDyn(&dims), y).expect("shape of x"))
+    }
+
+    fn forward_eval(&mut self, x: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>> {
+        let dims = dims_of(&x);
+        let xs = x.as_standard_layout();
+        let xs = xs.as_slice().expect("standard layout is contiguous");
+        let mut y = vec![0.0f32; xs.len()];
+        self.forward_eval_slice(xs, &dims, &mut y)?;
+        Ok(ArrayD::from_shape_vec(IxDyn(&dims), y).expect("shape of x"))
+    }
+
+    fn backward(
+        &mut self,
+        x: ArrayViewD<'_, f32>,
+        dy: ArrayViewD<'_, f32>,
+        mode: Mode,
+    ) -> Result<Gradients> {
+        let dims = dims_of(&x);
+        // Shape checks first so that a wrong dy is named as such.
+        validate::input(&self.config, &dims, false)?;
+        validate::same_shape("dy", x.shape(), dy.shape())?;
+        let xs = x.as_standard_layout();
+        let xs = xs.as_slice().expect("standard layout is contiguous");
+        let dys = dy.as_standard_layout();
+        let dys = dys.as_slice().expect("standard layout is contiguous");
+        let c = self.config.num_features;
+        let (mut dx, mut dw, mut db) = (vec![0.0f32; xs.len()], vec![0.0f32; c], vec![0.0f32; c]);
+        self.backward_slice(xs, dys, &dims, mode, &mut dx, &mut dw, &mut db)?;
+        let affine = self.config.affine;
+        Ok(Gradients {
+            dx: ArrayD::from_shape_vec(IxDyn(&dims), dx).expect("shape of x"),
+            dweight: affine.then_some(dw),
+            dbias: affine.then_some(db),
+        })
+    }
+
+    fn saved_stats(&self) -> Result<Option<SavedStats>> {
+        Ok(CpuBatchNorm::saved_stats(self))
+    }
+
+    fn state(&self) -> Result<BatchNormState> {
+        Ok(self.state.clone())
+    }
+
+    fn set_state(&mut self, state: &BatchNormState) -> Result<()> {
+        CpuBatchNorm::set_state(self, state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+
+    #[test]
+    fn slice_length_errors_leave_the_layer_unchanged() {
+        let mut bn = CpuBatchNorm::new(BatchNormConfig::new(3)).unwrap();
+        let before = bn.state().clone();
+        let x = vec![1.0f32; 12];
+        let mut y = vec![0.0f32; 11];
+        let e = bn.forward_train_slice(&x, &[4, 3], &mut y).unwrap_err();
+        assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
+        assert!(e.to_string().contains("y (a slice of 11 elements)"), "{e}");
+        assert_eq!(bn.state(), &before);
+        assert!(bn.saved_stats().is_none());
+        let e = bn
+            .forward_train_slice(&x[..3], &[1, 3], &mut y[..3])
+            .unwrap_err();
+        assert!(matches!(e, Error::SingleValuePerChannel { .. }), "{e}");
+        assert_eq!(bn.state(), &before);
+    }
+}

@@ -1,0 +1,136 @@
+//! The wgpu device and queue under a [`GpuContext`](super::GpuContext): error
+//! scopes, waiting, readback and buffer creation.
+
+use crate::error::{Error, Result};
+use std::sync::{Arc, Mutex};
+use wgpu::util::DeviceExt;
+
+/// A device, its queue, and whether the device was lost.
+pub(crate) struct DeviceHandle {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    lost: Arc<Mutex<Option<String>>>,
+}
+
+impl DeviceHandle {
+    /// Wraps `device` and `queue`, and starts tracking device loss.
+    pub fn new(device: wgpu::Device, queue: wgpu::Queue) -> Self {
+        let lost = Arc::new(Mutex::new(None));
+        let lost_cb = Arc::clone(&lost);
+        device.set_device_lost_callback(move |reason, message| {
+            if let Ok(mut l) = lost_cb.lock() {
+                *l = Some(format!("{reason:?}: {message}"));
+            }
+        });
+        Self {
+            device,
+            queue,
+            lost,
+        }
+    }
+
+    /// Errors when the device was lost.
+    pub fn check_alive(&self) -> Result<()> {
+        match self.lost.lock().ok().and_then(|l| l.clone()) {
+            Some(m) => Err(Error::DeviceLost(m)),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for all submitted work.
+    pub fn wait(&self, during: &str) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Wgpu {
+                during: during.into(),
+                message: e.to_string(),
+            })?;
+        self.check_alive()
+    }
+
+    /// Maps `staging` (a `MAP_READ` buffer whose copy was submitted), returns
+    /// its first `bytes` and unmaps it.
+    pub fn map_read(&self, staging: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+        let slice = staging.slice(..);
+        let (tx, rx) = futures_intrusive::channel::shared::oneshot_channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            tx.send(r).ok();
+        });
+        self.wait("readback")?;
+        match pollster::block_on(rx.receive()) {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(Error::Readback(e.to_string())),
+            None => return Err(Error::Readback("map callback dropped".into())),
+        }
+        let view = slice
+            .get_mapped_range()
+            .map_err(|e| Error::Readback(e.to_string()))?;
+        let out = view[..bytes as usize].to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// A storage buffer of `bytes` (at least 16), readable, writable and copyable.
+    pub fn storage_buffer(&self, label: &str, bytes: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.max(16).next_multiple_of(4),
+            usage: STORAGE_USAGE,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// A storage buffer holding `data`.
+    pub fn storage_buffer_init(&self, label: &str, data: &[u8]) -> wgpu::Buffer {
+        let mut contents = data.to_vec();
+        contents.resize(data.len().max(16).next_multiple_of(4), 0);
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: &contents,
+                usage: STORAGE_USAGE,
+            })
+    }
+}
+
+/// Usage of the storage buffers this crate allocates.
+const STORAGE_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+/// Validation, out-of-memory and internal error scopes, popped together.
+pub(crate) struct ErrorScopes {
+    guards: Vec<wgpu::ErrorScopeGuard>,
+}
+
+impl ErrorScopes {
+    pub fn push(device: &wgpu::Device) -> Self {
+        Self {
+            guards: vec![
+                device.push_error_scope(wgpu::ErrorFilter::Validation),
+                device.push_error_scope(wgpu::ErrorFilter::OutOfMemory),
+                device.push_error_scope(wgpu::ErrorFilter::Internal),
+            ],
+        }
+    }
+
+    /// Pops the scopes; the first error caught becomes an [`Error::Wgpu`].
+    pub fn pop(mut self, during: &str) -> Result<()> {
+        let mut first = None;
+        while let Some(guard) = self.guards.pop() {
+            if let Some(e) = pollster::block_on(guard.pop())
+                && first.is_none()
+            {
+                first = Some(e.to_string());
+            }
+        }
+        match first {
+            Some(message) => Err(Error::Wgpu {
+                during: during.into(),
+                message,
+            }),
+            None => Ok(()),
+        }
+    }
+}
