@@ -403,3 +403,30 @@ impl BatchNormBackend for CpuReference {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::Layout;
+
+    #[test]
+    fn slices_merge_to_the_statistics_of_the_whole_channel() {
+        let walk = ChannelWalk::new(&[3, 2, 7], Layout::ChannelsFirst).unwrap();
+        let x: Vec<f32> = (0..walk.len())
+            .map(|i| 300.0 + ((i * 37) % 11) as f32 * 0.25)
+            .collect();
+        let (w, b) = (vec![1.5, 0.5], vec![0.0, 2.0]);
+        let whole = stats_finalize(&stats_partial(&x, &walk, walk.per_channel()), 1e-5, &w, &b);
+        // 21 values per channel in slices of 4: five full slices and one of 1.
+        let partials = stats_partial(&x, &walk, 4);
+        assert_eq!(partials.len(), 2 * 6);
+        assert_eq!(partials[5].n, 1.0);
+        let sliced = stats_finalize(&partials, 1e-5, &w, &b);
+        for c in 0..2 {
+            assert!((whole.mean[c] - sliced.mean[c]).abs() < 1e-12 * whole.mean[c].abs());
+            assert!((whole.var[c] - sliced.var[c]).abs() < 1e-9 * whole.var[c]);
+            assert!(whole.var[c] > 0.0);
+            assert_eq!(sliced.coef[c].shift, b[c]);
+        }
+    }
+}

@@ -75,6 +75,7 @@ fn every_shader_file_is_embedded() {
         );
         assert!(embedded.source.ends_with(&on_disk));
         assert!(embedded.source.contains(shaders::COMMON));
+        assert!(embedded.source.contains(shaders::CONSTANTS));
         assert!(embedded.source.starts_with(shaders::PRELUDE_F32));
         // the f16 variant, where one exists, is the same file behind the f16 prelude
         if let Some(f16) = shaders::ALL
