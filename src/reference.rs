@@ -422,11 +422,11 @@ mod tests {
         assert_eq!(partials.len(), 2 * 6);
         assert_eq!(partials[5].n, 1.0);
         let sliced = stats_finalize(&partials, 1e-5, &w, &b);
-        for c in 0..2 {
+        for (c, &shift) in b.iter().enumerate() {
             assert!((whole.mean[c] - sliced.mean[c]).abs() < 1e-12 * whole.mean[c].abs());
             assert!((whole.var[c] - sliced.var[c]).abs() < 1e-9 * whole.var[c]);
             assert!(whole.var[c] > 0.0);
-            assert_eq!(sliced.coef[c].shift, b[c]);
+            assert_eq!(sliced.coef[c].shift, shift);
         }
     }
 }

@@ -291,6 +291,25 @@ fn dims_of(x: &ArrayViewD<'_, f32>) -> Vec<usize> {
     x.shape().to_vec()
 }
 
+/// A slice forward of [`CpuBatchNorm`] (`forward_train_slice`, `forward_eval_slice`).
+type SliceForward = fn(&mut CpuBatchNorm, &[f32], &[usize], &mut [f32]) -> Result<()>;
+
+impl CpuBatchNorm {
+    /// Runs `forward` on an ndarray input, into a new array.
+    fn forward_array(
+        &mut self,
+        x: ArrayViewD<'_, f32>,
+        forward: SliceForward,
+    ) -> Result<ArrayD<f32>> {
+        let dims = dims_of(&x);
+        let xs = x.as_standard_layout();
+        let xs = xs.as_slice().expect("standard layout is contiguous");
+        let mut y = vec![0.0f32; xs.len()];
+        forward(self, xs, &dims, &mut y)?;
+        Ok(ArrayD::from_shape_vec(IxDyn(&dims), y).expect("shape of x"))
+    }
+}
+
 impl BatchNormBackend for CpuBatchNorm {
     fn backend_name(&self) -> String {
         "cpu".into()
@@ -301,21 +320,11 @@ impl BatchNormBackend for CpuBatchNorm {
     }
 
     fn forward_train(&mut self, x: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>> {
-        let dims = dims_of(&x);
-        let xs = x.as_standard_layout();
-        let xs = xs.as_slice().expect("standard layout is contiguous");
-        let mut y = vec![0.0f32; xs.len()];
-        self.forward_train_slice(xs, &dims, &mut y)?;
-        Ok(ArrayD::from_shape_vec(IxDyn(&dims), y).expect("shape of x"))
+        self.forward_array(x, CpuBatchNorm::forward_train_slice)
     }
 
     fn forward_eval(&mut self, x: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>> {
-        let dims = dims_of(&x);
-        let xs = x.as_standard_layout();
-        let xs = xs.as_slice().expect("standard layout is contiguous");
-        let mut y = vec![0.0f32; xs.len()];
-        self.forward_eval_slice(xs, &dims, &mut y)?;
-        Ok(ArrayD::from_shape_vec(IxDyn(&dims), y).expect("shape of x"))
+        self.forward_array(x, CpuBatchNorm::forward_eval_slice)
     }
 
     fn backward(
