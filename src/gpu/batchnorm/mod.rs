@@ -80,7 +80,7 @@ pub struct GpuBatchNorm {
     scratch_bytes: u64,
     slice_len: Option<u32>,
     max_per_dim: Option<u32>,
-    /// Storage type used for ndarray inputs of the [`BatchNormBackend`] methods.
+    /// Storage type used for ndarray inputs of the [`crate::BatchNormBackend`] methods.
     storage: DType,
 }
 
@@ -185,7 +185,7 @@ impl GpuBatchNorm {
         }
     }
 
-    /// Sets the storage type that the [`BatchNormBackend`] methods round their
+    /// Sets the storage type that the [`crate::BatchNormBackend`] methods round their
     /// ndarray inputs to before computing (outputs come back widened to f32).
     /// Device-resident calls take the type of the tensors they are given.
     ///
