@@ -33,7 +33,7 @@ use ndarray::{ArrayD, IxDyn};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The value of the `format` metadata key this module reads.
 pub const FORMAT: &str = "batchnorm-fixture/1";
@@ -788,70 +788,6 @@ pub fn run_fixture(fixture: &Fixture, target: &dyn FixtureTarget) -> FixtureRepo
         run.eval(bn, &mut report);
     }
     report
-}
-
-/// Loads `path` and runs it on every target: one report per target, or one
-/// failed report (backend `-`) when the file cannot be loaded.
-///
-/// ```no_run
-/// use wgpu_batchnorm::fixture::{CpuTarget, FixtureTarget, check_file};
-/// let targets: Vec<Box<dyn FixtureTarget>> = vec![Box::new(CpuTarget)];
-/// for r in check_file("tests/fixtures/bn2d.safetensors", &targets) {
-///     println!("{r}");
-/// }
-/// ```
-pub fn check_file(
-    path: impl AsRef<Path>,
-    targets: &[Box<dyn FixtureTarget>],
-) -> Vec<FixtureReport> {
-    let path = path.as_ref();
-    match Fixture::load(path) {
-        Ok(f) => targets
-            .iter()
-            .map(|t| run_fixture(&f, t.as_ref()))
-            .collect(),
-        Err(e) => vec![FixtureReport::load_failure(
-            &path.display().to_string(),
-            "-",
-            &e,
-        )],
-    }
-}
-
-/// Expands `paths` into fixture files: files as given, folders scanned
-/// (not recursively) for `*.safetensors`, sorted by name within each folder.
-///
-/// ```no_run
-/// let files = wgpu_batchnorm::fixture::collect_fixture_files(&["tests/fixtures"])?;
-/// assert!(files.iter().all(|f| f.extension().is_some_and(|e| e == "safetensors")));
-/// # Ok::<(), wgpu_batchnorm::Error>(())
-/// ```
-///
-/// # Errors
-/// [`Error::Io`] for a path that does not exist or a folder that cannot be read.
-pub fn collect_fixture_files<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for p in paths {
-        let p = p.as_ref();
-        let io = |source| Error::Io {
-            action: "read",
-            path: p.display().to_string(),
-            source,
-        };
-        let meta = std::fs::metadata(p).map_err(io)?;
-        if meta.is_dir() {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(p)
-                .map_err(io)?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| f.is_file() && f.extension().is_some_and(|e| e == "safetensors"))
-                .collect();
-            files.sort();
-            out.extend(files);
-        } else {
-            out.push(p.to_path_buf());
-        }
-    }
-    Ok(out)
 }
 
 struct Run<'a> {

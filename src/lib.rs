@@ -44,7 +44,6 @@
 #![warn(missing_docs)]
 
 mod backend;
-pub mod bench;
 pub mod checkpoint;
 mod config;
 pub mod cpu;
