@@ -1,6 +1,7 @@
 //! Criterion benches: `cpu_{train,eval,backward}` (the fast CPU backend) and
 //! `gpu_{train,eval,backward}` (every adapter wgpu finds), with
-//! `Throughput::Bytes` of the ideal traffic (f32: 12, 8 and 20 bytes per
+//! `Throughput::Bytes` of the ideal traffic (`Operation::ideal_bytes_per_element`,
+//! f32: 12, 8 and 20 bytes per
 //! element), so criterion reports GB/s.
 //!
 //! GPU timings use `iter_custom` around the `_into` methods, each of which
@@ -17,26 +18,54 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use std::time::{Duration, Instant};
-use wgpu_batchnorm::bench::{BenchShape, Op, parse_shape};
 use wgpu_batchnorm::{
     AdapterSelection, BatchNormConfig, CpuBatchNorm, DType, GpuBatchNorm, GpuContext, GpuTensor,
-    Layout, Mode,
+    Layout, Mode, Operation,
 };
 
 /// Default shapes: small enough that `cargo bench` takes minutes on a
 /// 2-core machine with a software adapter.
 const SHAPES: &[&str] = &["8x64x32x32", "1024x256"];
 
-fn shapes() -> Vec<BenchShape> {
+/// A logical `N x C x spatial` shape (channels-first), from `NxCx...`.
+struct Shape {
+    name: String,
+    dims: Vec<usize>,
+}
+
+impl Shape {
+    fn parse(s: &str) -> Result<Shape, String> {
+        let dims = s
+            .split(['x', 'X'])
+            .map(|d| d.trim().parse::<usize>().ok().filter(|&d| d > 0))
+            .collect::<Option<Vec<usize>>>()
+            .filter(|d| (2..=5).contains(&d.len()))
+            .ok_or_else(|| format!("{s:?} is not a shape NxCx... of 2 to 5 positive dimensions"))?;
+        Ok(Shape {
+            name: s.trim().to_string(),
+            dims,
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.dims.iter().product()
+    }
+
+    fn channels(&self) -> usize {
+        self.dims[1]
+    }
+}
+
+fn shapes() -> Vec<Shape> {
     match std::env::var("BNORM_BENCH_SHAPES") {
         Ok(list) if !list.trim().is_empty() => list
             .split([',', ' '])
             .filter(|s| !s.is_empty())
-            .map(|s| parse_shape(s).unwrap_or_else(|e| panic!("BNORM_BENCH_SHAPES: {e}")))
+            .map(|s| Shape::parse(s).unwrap_or_else(|e| panic!("BNORM_BENCH_SHAPES: {e}")))
             .collect(),
         _ => SHAPES
             .iter()
-            .map(|s| parse_shape(s).expect("valid default shape"))
+            .map(|s| Shape::parse(s).expect("valid default shape"))
             .collect(),
     }
 }
@@ -49,25 +78,24 @@ fn data(n: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
-fn group_name(prefix: &str, op: Op) -> String {
+fn group_name(prefix: &str, op: Operation) -> String {
     let op = match op {
-        Op::Train => "train",
-        Op::Eval => "eval",
-        Op::Backward => "backward",
+        Operation::TrainForward => "train",
+        Operation::EvalForward => "eval",
+        Operation::Backward => "backward",
     };
     format!("{prefix}_{op}")
 }
 
-fn bytes(shape: &BenchShape, op: Op) -> u64 {
-    (shape.len() as f64 * op.bytes_per_element(DType::F32)) as u64
+fn bytes(shape: &Shape, op: Operation) -> u64 {
+    (shape.len() as f64 * op.ideal_bytes_per_element(DType::F32)) as u64
 }
 
 fn cpu(c: &mut Criterion) {
-    let layout = Layout::ChannelsFirst;
-    for op in Op::ALL {
+    for op in Operation::ALL {
         let mut group = c.benchmark_group(group_name("cpu", op));
         for shape in shapes() {
-            let dims = shape.dims(layout);
+            let dims = shape.dims.as_slice();
             let n = shape.len();
             let ch = shape.channels();
             let x = data(n, 1);
@@ -75,13 +103,17 @@ fn cpu(c: &mut Criterion) {
             let (mut y, mut dx) = (vec![0.0f32; n], vec![0.0f32; n]);
             let (mut dw, mut db) = (vec![0.0f32; ch], vec![0.0f32; ch]);
             let mut bn = CpuBatchNorm::new(BatchNormConfig::new(ch)).expect("config");
-            bn.forward_train_slice(&x, &dims, &mut y).expect("forward");
+            bn.forward_train_slice(&x, dims, &mut y).expect("forward");
             group.throughput(Throughput::Bytes(bytes(&shape, op)));
-            group.bench_function(BenchmarkId::from_parameter(shape.name()), |b| match op {
-                Op::Train => b.iter(|| bn.forward_train_slice(&x, &dims, &mut y).unwrap()),
-                Op::Eval => b.iter(|| bn.forward_eval_slice(&x, &dims, &mut y).unwrap()),
-                Op::Backward => b.iter(|| {
-                    bn.backward_slice(&x, &dy, &dims, Mode::Train, &mut dx, &mut dw, &mut db)
+            group.bench_function(BenchmarkId::from_parameter(&shape.name), |b| match op {
+                Operation::TrainForward => {
+                    b.iter(|| bn.forward_train_slice(&x, dims, &mut y).unwrap())
+                }
+                Operation::EvalForward => {
+                    b.iter(|| bn.forward_eval_slice(&x, dims, &mut y).unwrap())
+                }
+                Operation::Backward => b.iter(|| {
+                    bn.backward_slice(&x, &dy, dims, Mode::Train, &mut dx, &mut dw, &mut db)
                         .unwrap()
                 }),
             });
@@ -99,19 +131,19 @@ fn gpu(c: &mut Criterion) {
         }
     };
     let layout = Layout::ChannelsFirst;
-    for op in Op::ALL {
+    for op in Operation::ALL {
         let mut group = c.benchmark_group(group_name("gpu", op));
         for ctx in &contexts {
             for shape in shapes() {
-                let dims = shape.dims(layout);
+                let dims = shape.dims.as_slice();
                 let n = shape.len();
                 let ch = [shape.channels()];
                 let tensors = (|| {
                     Ok::<_, wgpu_batchnorm::Error>((
-                        GpuTensor::from_slice(ctx, &data(n, 1), &dims, layout)?,
-                        GpuTensor::from_slice(ctx, &data(n, 2), &dims, layout)?,
-                        GpuTensor::uninit(ctx, &dims, layout)?,
-                        GpuTensor::uninit(ctx, &dims, layout)?,
+                        GpuTensor::from_slice(ctx, &data(n, 1), dims, layout)?,
+                        GpuTensor::from_slice(ctx, &data(n, 2), dims, layout)?,
+                        GpuTensor::uninit(ctx, dims, layout)?,
+                        GpuTensor::uninit(ctx, dims, layout)?,
                         GpuTensor::uninit(ctx, &ch, layout)?,
                         GpuTensor::uninit(ctx, &ch, layout)?,
                         GpuBatchNorm::new(ctx, BatchNormConfig::new(ch[0]))?,
@@ -120,22 +152,22 @@ fn gpu(c: &mut Criterion) {
                 let (x, dy, y, dx, dw, db, mut bn) = match tensors {
                     Ok(t) => t,
                     Err(e) => {
-                        eprintln!("*** SKIPPED {} {}: {e} ***", ctx.label(), shape.name());
+                        eprintln!("*** SKIPPED {} {}: {e} ***", ctx.label(), shape.name);
                         continue;
                     }
                 };
                 bn.forward_train_into(&x, &y).expect("forward");
                 group.throughput(Throughput::Bytes(bytes(&shape, op)));
-                let id = BenchmarkId::new(ctx.adapter_info().backend.to_string(), shape.name());
+                let id = BenchmarkId::new(ctx.adapter_info().backend.to_string(), &shape.name);
                 group.bench_function(id, |b| {
                     b.iter_custom(|iters| {
                         let start = Instant::now();
                         for _ in 0..iters {
                             // Each call submits once and waits for the device.
                             match op {
-                                Op::Train => bn.forward_train_into(&x, &y),
-                                Op::Eval => bn.forward_eval_into(&x, &y),
-                                Op::Backward => {
+                                Operation::TrainForward => bn.forward_train_into(&x, &y),
+                                Operation::EvalForward => bn.forward_eval_into(&x, &y),
+                                Operation::Backward => {
                                     bn.backward_into(&x, &dy, Mode::Train, &dx, &dw, &db)
                                 }
                             }

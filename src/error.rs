@@ -203,20 +203,13 @@ pub enum Error {
         /// What is wrong, naming the key, dtype or shape.
         message: String,
     },
-    /// A benchmark output (`bnorm bench --json`, `--svg`) could not be written.
-    #[error("cannot write {path}: {message}")]
-    Output {
-        /// The file.
-        path: String,
-        /// What went wrong.
-        message: String,
-    },
 }
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Reads a whole file, an [`Error::Io`] naming it when that fails.
+#[cfg(feature = "safetensors")]
 pub(crate) fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|source| Error::Io {
         action: "read",

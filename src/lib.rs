@@ -40,18 +40,27 @@
 //!
 //! No GPU? Mesa's software Vulkan device (lavapipe, `apt-get install
 //! mesa-vulkan-drivers` on Debian and Ubuntu) runs all of it on the CPU.
+//!
+//! ## Features
+//!
+//! - `safetensors` (off by default): PyTorch checkpoints (`checkpoint`,
+//!   `StateDict`) and the parity-fixture format and runner (`fixture`), both
+//!   safetensors files. Without it the crate compiles only what BatchNorm
+//!   itself needs.
 
 #![warn(missing_docs)]
 
 mod backend;
-pub mod bench;
+#[cfg(feature = "safetensors")]
 pub mod checkpoint;
 mod config;
 pub mod cpu;
 mod error;
+#[cfg(feature = "safetensors")]
 pub mod fixture;
 pub mod gpu;
 mod layout;
+mod operation;
 pub mod reference;
 pub mod shaders;
 mod shape;
@@ -60,20 +69,23 @@ mod stats;
 mod validate;
 
 pub use backend::BatchNormBackend;
+#[cfg(feature = "safetensors")]
 pub use checkpoint::StateDict;
 pub use config::{BatchNormConfig, Mode};
 pub use cpu::CpuBatchNorm;
 pub use error::{Error, Result};
+#[cfg(feature = "safetensors")]
 pub use fixture::{Fixture, FixtureReport, run_fixture};
 pub use gpu::{AdapterSelection, GpuBatchNorm, GpuContext, GpuGradients, GpuTensor};
 pub use layout::{DType, Layout};
+pub use operation::Operation;
 pub use reference::CpuReference;
 pub use shape::ChannelWalk;
 pub use state::{BatchNormState, Gradients, SavedStats};
 pub use stats::Moments;
 pub use wgpu;
 
-/// The README's examples, compiled and run as doctests.
-#[cfg(doctest)]
+/// The README's examples, compiled and run as doctests (some load checkpoints).
+#[cfg(all(doctest, feature = "safetensors"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;

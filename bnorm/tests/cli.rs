@@ -1,5 +1,6 @@
 //! The `bnorm` command-line tool: `check`, `adapters`, `layers`, exit statuses.
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use common::gpu_contexts;
@@ -7,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use wgpu_batchnorm::wgpu::Features;
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+/// The workspace root, where the fixtures and checkpoints are.
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 fn fixture(case: &str) -> PathBuf {

@@ -1,0 +1,383 @@
+//! Timing the operations on the fast CPU backend and on a GPU adapter, each
+//! against a copy on the same device.
+
+use super::args::BenchShape;
+use super::record::Record;
+use indicatif::ProgressBar;
+use std::time::Instant;
+use wgpu_batchnorm::cpu::parallel_copy;
+use wgpu_batchnorm::{
+    BatchNormConfig, CpuBatchNorm, DType, Error, GpuBatchNorm, GpuContext, GpuTensor, Layout, Mode,
+    Operation, Result,
+};
+
+/// Copy traffic per element: read and write, 8 B for f32.
+pub fn copy_bytes_per_element(dtype: DType) -> f64 {
+    2.0 * dtype.size() as f64
+}
+
+/// A measurement that did not run, and why.
+#[derive(Debug)]
+pub struct Skip {
+    /// What was to be measured.
+    pub what: String,
+    /// Why it was not.
+    pub error: Error,
+}
+
+impl Skip {
+    /// An unsupported feature (f16 on the CPU, no timestamps) is a note, not a failure.
+    pub fn is_failure(&self) -> bool {
+        !matches!(self.error, Error::Unsupported { .. })
+    }
+}
+
+/// Everything one run measured.
+#[derive(Debug, Default)]
+pub struct Run {
+    /// One per measurement.
+    pub records: Vec<Record>,
+    /// Measurements that did not run.
+    pub skips: Vec<Skip>,
+    /// Remarks for the end of the table.
+    pub notes: Vec<String>,
+}
+
+/// Median of `v` (not empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// Median wall-clock seconds of `f` over `repeat` runs after `warmup`.
+fn time_wall(warmup: u32, repeat: u32, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut t = Vec::with_capacity(repeat as usize);
+    for _ in 0..repeat {
+        let start = Instant::now();
+        f()?;
+        t.push(start.elapsed().as_secs_f64());
+    }
+    Ok(median(t))
+}
+
+/// Median GPU seconds of `f` (one submit each) from timestamp queries.
+fn time_gpu(
+    ctx: &GpuContext,
+    warmup: u32,
+    repeat: u32,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    ctx.set_timestamps(true)?;
+    let mut run = || -> Result<f64> {
+        for _ in 0..warmup {
+            f()?;
+        }
+        let mut t = Vec::with_capacity(repeat as usize);
+        for _ in 0..repeat {
+            f()?;
+            let d = ctx.last_gpu_time().ok_or_else(|| Error::Unsupported {
+                adapter: ctx.name().to_string(),
+                what: "usable timestamps (the queries came back empty or out of order)".into(),
+            })?;
+            t.push(d.as_secs_f64());
+        }
+        Ok(median(t))
+    };
+    let result = run();
+    ctx.set_timestamps(false)?;
+    result
+}
+
+/// Deterministic pseudo-random data in [-2, 2) (xorshift), never zeros everywhere.
+fn data(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+        })
+        .collect()
+}
+
+/// CPU model (from /proc/cpuinfo where there is one) and rayon's thread count.
+fn cpu_name() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    format!("{model} ({} threads)", rayon::current_num_threads())
+}
+
+/// What one measurement is about.
+pub struct Case<'a> {
+    /// Logical shape.
+    pub shape: &'a BenchShape,
+    /// Layout of the tensors.
+    pub layout: Layout,
+    /// Storage type of the tensors.
+    pub dtype: DType,
+    /// Timed runs.
+    pub repeat: u32,
+    /// Untimed runs before them.
+    pub warmup: u32,
+}
+
+impl Case<'_> {
+    /// The record of `op` taking `seconds`, set against a copy at `copy_gbps`.
+    fn record(
+        &self,
+        op: Operation,
+        backend: &str,
+        device: &str,
+        seconds: f64,
+        copy_gbps: f64,
+    ) -> Record {
+        let n = self.shape.len();
+        let gbps = n as f64 * op.ideal_bytes_per_element(self.dtype) / seconds / 1e9;
+        Record {
+            op: op.name(),
+            backend: backend.to_string(),
+            device: device.to_string(),
+            shape: self.shape.name(),
+            layout: self.layout.name(),
+            dtype: self.dtype.name(),
+            elements: n,
+            repeat: self.repeat,
+            median_s: seconds,
+            gbps,
+            copy_gbps,
+            fraction_of_copy: gbps / copy_gbps,
+            gpu_time_source: None,
+            gpu_over_cpu: None,
+        }
+    }
+}
+
+/// Measures the CPU backend on one shape.
+pub fn bench_cpu(case: &Case<'_>, ops: &[Operation], run: &mut Run, pb: &ProgressBar) {
+    let device = cpu_name();
+    let what = format!("cpu {} {}", case.shape.name(), case.layout);
+    if case.dtype != DType::F32 {
+        run.skips.push(Skip {
+            what,
+            error: Error::Unsupported {
+                adapter: "cpu".into(),
+                what: format!(
+                    "{} storage: the CPU backend computes in f32 (measure it with --dtype f32)",
+                    case.dtype
+                ),
+            },
+        });
+        pb.inc(ops.len() as u64 + 1);
+        return;
+    }
+    let dims = case.shape.dims(case.layout);
+    let n = case.shape.len();
+    let c = case.shape.channels();
+    let x = data(n, 1);
+    let dy = data(n, 2);
+    let mut y = vec![0.0f32; n];
+    let mut dx = vec![0.0f32; n];
+    let (mut dw, mut db) = (vec![0.0f32; c], vec![0.0f32; c]);
+
+    pb.set_message(format!("cpu copy {}", case.shape.name()));
+    let copy = time_wall(case.warmup, case.repeat, || parallel_copy(&x, &mut y));
+    pb.inc(1);
+    let copy_gbps = match copy {
+        Ok(t) => n as f64 * copy_bytes_per_element(case.dtype) / t / 1e9,
+        Err(error) => {
+            run.skips.push(Skip { what, error });
+            pb.inc(ops.len() as u64);
+            return;
+        }
+    };
+    let mut bn = match CpuBatchNorm::new(BatchNormConfig::new(c).with_layout(case.layout)) {
+        Ok(bn) => bn,
+        Err(error) => {
+            run.skips.push(Skip { what, error });
+            pb.inc(ops.len() as u64);
+            return;
+        }
+    };
+    for &op in ops {
+        pb.set_message(format!("cpu {} {}", op.name(), case.shape.name()));
+        let t = match op {
+            Operation::TrainForward => time_wall(case.warmup, case.repeat, || {
+                bn.forward_train_slice(&x, &dims, &mut y)
+            }),
+            Operation::EvalForward => time_wall(case.warmup, case.repeat, || {
+                bn.forward_eval_slice(&x, &dims, &mut y)
+            }),
+            Operation::Backward => bn.forward_train_slice(&x, &dims, &mut y).and_then(|()| {
+                time_wall(case.warmup, case.repeat, || {
+                    bn.backward_slice(&x, &dy, &dims, Mode::Train, &mut dx, &mut dw, &mut db)
+                })
+            }),
+        };
+        pb.inc(1);
+        match t {
+            Ok(t) => run
+                .records
+                .push(case.record(op, "cpu", &device, t, copy_gbps)),
+            Err(error) => run.skips.push(Skip {
+                what: format!("cpu {} {} {}", op.name(), case.shape.name(), case.layout),
+                error,
+            }),
+        }
+    }
+}
+
+/// The GPU tensors of one shape.
+struct GpuData {
+    x: GpuTensor,
+    dy: GpuTensor,
+    y: GpuTensor,
+    dx: GpuTensor,
+    dw: GpuTensor,
+    db: GpuTensor,
+}
+
+impl GpuData {
+    fn new(ctx: &GpuContext, case: &Case<'_>) -> Result<Self> {
+        let dims = case.shape.dims(case.layout);
+        let n = case.shape.len();
+        let c = [case.shape.channels()];
+        Ok(Self {
+            x: GpuTensor::from_slice_as(ctx, &data(n, 1), &dims, case.layout, case.dtype)?,
+            dy: GpuTensor::from_slice_as(ctx, &data(n, 2), &dims, case.layout, case.dtype)?,
+            y: GpuTensor::uninit_as(ctx, &dims, case.layout, case.dtype)?,
+            dx: GpuTensor::uninit_as(ctx, &dims, case.layout, case.dtype)?,
+            dw: GpuTensor::uninit(ctx, &c, case.layout)?,
+            db: GpuTensor::uninit(ctx, &c, case.layout)?,
+        })
+    }
+}
+
+/// Times `f` on `ctx` by each available source: `(source, seconds or error)`.
+fn time_sources(
+    ctx: &GpuContext,
+    case: &Case<'_>,
+    mut f: impl FnMut() -> Result<()>,
+) -> Vec<(&'static str, Result<f64>)> {
+    let mut out = Vec::new();
+    if ctx.has_timestamps() {
+        out.push(("timestamp", time_gpu(ctx, case.warmup, case.repeat, &mut f)));
+    }
+    out.push(("wall", time_wall(case.warmup, case.repeat, &mut f)));
+    out
+}
+
+/// Measures one adapter on one shape.
+pub fn bench_gpu(
+    ctx: &GpuContext,
+    case: &Case<'_>,
+    ops: &[Operation],
+    run: &mut Run,
+    pb: &ProgressBar,
+) {
+    let backend = ctx.adapter_info().backend.to_string();
+    let device = ctx.name().to_string();
+    let what = format!("{} {} {}", ctx.label(), case.shape.name(), case.layout);
+    let setup = GpuData::new(ctx, case).and_then(|d| {
+        let cfg = BatchNormConfig::new(case.shape.channels()).with_layout(case.layout);
+        Ok((d, GpuBatchNorm::new(ctx, cfg)?))
+    });
+    let (d, mut bn) = match setup {
+        Ok(s) => s,
+        Err(error) => {
+            run.skips.push(Skip { what, error });
+            pb.inc(ops.len() as u64 + 1);
+            return;
+        }
+    };
+    pb.set_message(format!("{} copy {}", ctx.label(), case.shape.name()));
+    let n = case.shape.len() as f64;
+    let mut copy_gbps = Vec::new();
+    for (source, t) in time_sources(ctx, case, || ctx.copy(&d.x, &d.y)) {
+        match t {
+            Ok(t) => copy_gbps.push((source, n * copy_bytes_per_element(case.dtype) / t / 1e9)),
+            Err(error) => run.skips.push(Skip {
+                what: format!("{what} copy ({source} time)"),
+                error,
+            }),
+        }
+    }
+    pb.inc(1);
+    for &op in ops {
+        pb.set_message(format!(
+            "{} {} {}",
+            ctx.label(),
+            op.name(),
+            case.shape.name()
+        ));
+        let times = match op {
+            Operation::TrainForward => {
+                time_sources(ctx, case, || bn.forward_train_into(&d.x, &d.y))
+            }
+            Operation::EvalForward => time_sources(ctx, case, || bn.forward_eval_into(&d.x, &d.y)),
+            Operation::Backward => match bn.forward_train_into(&d.x, &d.y) {
+                Ok(()) => time_sources(ctx, case, || {
+                    bn.backward_into(&d.x, &d.dy, Mode::Train, &d.dx, &d.dw, &d.db)
+                }),
+                Err(e) => vec![("wall", Err(e))],
+            },
+        };
+        pb.inc(1);
+        for (source, t) in times {
+            let copy = copy_gbps
+                .iter()
+                .find(|(s, _)| *s == source)
+                .map_or(f64::NAN, |&(_, g)| g);
+            match t {
+                Ok(t) => {
+                    let mut r = case.record(op, &backend, &device, t, copy);
+                    r.gpu_time_source = Some(source);
+                    run.records.push(r);
+                }
+                Err(error) => run.skips.push(Skip {
+                    what: format!("{what} {} ({source} time)", op.name()),
+                    error,
+                }),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traffic_per_element() {
+        for (op, dtype, bytes) in [
+            (Operation::TrainForward, DType::F32, 12.0),
+            (Operation::EvalForward, DType::F32, 8.0),
+            (Operation::Backward, DType::F32, 20.0),
+            (Operation::Backward, DType::F16, 10.0),
+        ] {
+            assert_eq!(op.ideal_bytes_per_element(dtype), bytes, "{op:?} {dtype}");
+        }
+        assert_eq!(copy_bytes_per_element(DType::F32), 8.0);
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
+}

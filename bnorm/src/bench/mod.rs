@@ -1,0 +1,171 @@
+//! `bnorm bench`: CPU vs GPU throughput of BatchNorm, against a copy kernel
+//! measured on the same device in the same run.
+//!
+//! For each operation (training forward, evaluation forward, backward) and
+//! shape, on the fast CPU backend ([`CpuBatchNorm`](wgpu_batchnorm::CpuBatchNorm))
+//! and on every GPU adapter:
+//!
+//! - the median time over `--repeat` runs after `--warmup` runs;
+//! - GB/s of the ideal traffic per element
+//!   ([`Operation::ideal_bytes_per_element`](wgpu_batchnorm::Operation::ideal_bytes_per_element):
+//!   f32 train forward 12 B, eval 8 B, backward 20 B; f16 storage half);
+//! - that figure as a fraction of a copy measured on the same device in the
+//!   same run (GPU: the vec4 kernel of
+//!   [`GpuContext::copy`](wgpu_batchnorm::GpuContext::copy); CPU:
+//!   [`parallel_copy`](wgpu_batchnorm::cpu::parallel_copy); 8 B per element);
+//! - on GPUs, the time both from timestamp queries (GPU time of the passes,
+//!   where the adapter has `TIMESTAMP_QUERY`) and from the wall clock around
+//!   submit-and-wait, each in its own record (`gpu_time_source`), each
+//!   against a copy timed the same way; and the GPU/CPU ratio (CPU time over
+//!   GPU time for the same op, shape, layout and dtype).
+//!
+//! Results: a table on stdout ([`table`](table::table)), `--json FILE` (one
+//! record per measurement, [`Record`](record::Record)), `--svg FILE` (GB/s per
+//! shape, CPU vs GPU, copy rooflines dashed, [`svg`]). Progress goes to stderr.
+
+mod args;
+mod measure;
+mod record;
+mod svg;
+mod table;
+
+pub use args::BenchArgs;
+
+use crate::gpus::open_adapters;
+use args::BackendArg;
+use indicatif::{ProgressBar, ProgressStyle};
+use measure::{Case, Run, Skip, bench_cpu, bench_gpu};
+use std::fmt;
+use std::path::Path;
+use wgpu_batchnorm::{AdapterSelection, DType, Layout};
+
+/// A file `bnorm bench` was asked to write (`--json`, `--svg`) could not be written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputError {
+    /// The file.
+    pub path: String,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl fmt::Display for OutputError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cannot write {}: {}", self.path, self.message)
+    }
+}
+
+impl std::error::Error for OutputError {}
+
+/// Writes `text` to `path`.
+fn write_file(path: &Path, text: &str) -> Result<(), OutputError> {
+    std::fs::write(path, text).map_err(|e| OutputError {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+/// Runs `bnorm bench` and returns its exit status: 0 when every measurement
+/// ran (unsupported combinations, e.g. f16 on the CPU, are noted but not
+/// failures), 1 when one failed or nothing could be measured.
+///
+/// # Errors
+/// When `--json` or `--svg` cannot be written.
+pub fn run(args: &BenchArgs) -> Result<u8, OutputError> {
+    let shapes = args.shapes();
+    let (repeat, warmup) = (args.repeat(), args.warmup());
+    let ops = args.op.operations();
+    let dtype = DType::from(args.dtype);
+    let want_layout = Layout::from(args.layout);
+    let mut run = Run::default();
+    let cpu = args.backend != BackendArg::Gpu;
+    let gpus = if args.backend == BackendArg::Cpu {
+        Vec::new()
+    } else {
+        let opened = open_adapters(&AdapterSelection::from_env(), args.adapter.as_deref());
+        run.skips.extend(opened.failed.into_iter().map(|f| Skip {
+            what: format!("{} (all measurements)", f.label),
+            error: f.error,
+        }));
+        if opened.contexts.is_empty() {
+            run.notes.push(match &args.adapter {
+                Some(a) => format!("no GPU adapter matches --adapter {a:?}"),
+                None => "no GPU adapter found (see `bnorm adapters`)".into(),
+            });
+        }
+        opened.contexts
+    };
+    let backends = usize::from(cpu) + gpus.len();
+    let steps = (shapes.len() * backends * (ops.len() + 1)) as u64;
+    let pb = ProgressBar::new(steps);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {wide_msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    for shape in &shapes {
+        let layout = if want_layout == Layout::ChannelsLast && shape.0.len() < 3 {
+            run.notes.push(format!(
+                "{} has no channels-last form (rank 2); measured as NCHW",
+                shape.name()
+            ));
+            Layout::ChannelsFirst
+        } else {
+            want_layout
+        };
+        let case = Case {
+            shape,
+            layout,
+            dtype,
+            repeat,
+            warmup,
+        };
+        if cpu {
+            bench_cpu(&case, &ops, &mut run, &pb);
+        }
+        for ctx in &gpus {
+            bench_gpu(ctx, &case, &ops, &mut run, &pb);
+        }
+    }
+    pb.finish_and_clear();
+    record::fill_ratios(&mut run.records);
+
+    println!(
+        "bnorm bench: median of {repeat} runs after {warmup} warm-up; GB/s of ideal traffic \
+         (per element, f32: train 12 B, eval 8 B, backward 20 B; f16 half); \"of copy\": against a copy \
+         on the same device in this run, timed the same way (GPU: vec4 kernel, CPU: all threads; 8 B per \
+         f32 element); GPU/CPU: CPU time / GPU time. GPU \"time from\": timestamp = GPU time between \
+         timestamp queries, wall = host clock around submit and wait.\n"
+    );
+    print!("{}", table::table(&run.records));
+    for note in &run.notes {
+        println!("note: {note}");
+    }
+    for s in &run.skips {
+        let kind = if s.is_failure() {
+            "FAILED"
+        } else {
+            "not measured"
+        };
+        println!("{kind}: {}: {}", s.what, s.error);
+    }
+    if let Some(path) = &args.json {
+        write_file(path, &record::to_json(&run.records)?)?;
+        eprintln!("wrote {} records to {}", run.records.len(), path.display());
+    }
+    if let Some(path) = &args.svg {
+        if run.records.is_empty() {
+            eprintln!("no chart: nothing was measured");
+        } else {
+            let title = format!(
+                "bnorm bench, {} {}: GB/s per shape (median of {repeat})",
+                want_layout.name(),
+                dtype.name()
+            );
+            svg::write_svg(path, &run.records, &title)?;
+            eprintln!("wrote the chart to {}", path.display());
+        }
+    }
+    let failed = run.skips.iter().any(Skip::is_failure);
+    Ok(u8::from(failed || run.records.is_empty()))
+}
