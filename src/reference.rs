@@ -346,8 +346,7 @@ impl BatchNormBackend for CpuReference {
         mode: Mode,
     ) -> Result<Gradients> {
         let batch = validate::uses_batch_stats(&self.config, mode);
-        let walk = validate::input(&self.config, x.shape(), false)?;
-        validate::same_shape("dy", x.shape(), dy.shape())?;
+        let walk = validate::backward_input(&self.config, x.shape(), dy.shape())?;
         let (center, invstd) = backward_stats(
             &self.config,
             &self.state,

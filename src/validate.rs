@@ -128,6 +128,21 @@ pub(crate) fn input(
     Ok(walk)
 }
 
+/// Checks the input `x` and upstream gradient `dy` of a backward, in that
+/// order, and walks `x`.
+///
+/// # Errors
+/// As [`input`], and [`Error::ShapeMismatch`] naming `dy` when its shape differs.
+pub(crate) fn backward_input(
+    config: &BatchNormConfig,
+    x: &[usize],
+    dy: &[usize],
+) -> Result<ChannelWalk> {
+    let walk = input(config, x, false)?;
+    same_shape("dy", x, dy)?;
+    Ok(walk)
+}
+
 /// Whether a call in `mode` normalizes with batch statistics.
 pub(crate) fn uses_batch_stats(config: &BatchNormConfig, mode: Mode) -> bool {
     mode == Mode::Train || !config.track_running_stats

@@ -335,8 +335,7 @@ impl BatchNormBackend for CpuBatchNorm {
     ) -> Result<Gradients> {
         let dims = dims_of(&x);
         // Shape checks first so that a wrong dy is named as such.
-        validate::input(&self.config, &dims, false)?;
-        validate::same_shape("dy", x.shape(), dy.shape())?;
+        validate::backward_input(&self.config, &dims, dy.shape())?;
         let xs = x.as_standard_layout();
         let xs = xs.as_slice().expect("standard layout is contiguous");
         let dys = dy.as_standard_layout();

@@ -116,8 +116,7 @@ impl GpuBatchNorm {
     ) -> Result<()> {
         self.check_tensor("x", x)?;
         self.check_tensor("dy", dy)?;
-        let walk = validate::input(&self.config, x.shape(), false)?;
-        validate::same_shape("dy", x.shape(), dy.shape())?;
+        let walk = validate::backward_input(&self.config, x.shape(), dy.shape())?;
         self.check_output("dx", dx, &walk.dims, x.dtype())?;
         validate::dtype("dy", x.dtype(), dy.dtype())?;
         let c = [self.config.num_features];
