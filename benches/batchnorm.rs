@@ -19,8 +19,8 @@
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use std::time::{Duration, Instant};
 use wgpu_batchnorm::{
-    AdapterSelection, BatchNormConfig, CpuBatchNorm, DType, GpuBatchNorm, GpuContext, GpuTensor,
-    Layout, Mode, Operation,
+    AdapterSelection, BatchNormConfig, CpuBatchNorm, DType, GpuBatchNorm, GpuContext,
+    GpuSavedStats, GpuTensor, Layout, Mode, Operation,
 };
 
 /// Default shapes: small enough that `cargo bench` takes minutes on a
@@ -144,19 +144,21 @@ fn gpu(c: &mut Criterion) {
                         GpuTensor::from_slice(ctx, &data(n, 2), dims, layout)?,
                         GpuTensor::uninit(ctx, dims, layout)?,
                         GpuTensor::uninit(ctx, dims, layout)?,
-                        GpuTensor::uninit(ctx, &ch, layout)?,
-                        GpuTensor::uninit(ctx, &ch, layout)?,
                         GpuBatchNorm::new(ctx, BatchNormConfig::new(ch[0]))?,
                     ))
                 })();
-                let (x, dy, y, dx, dw, db, mut bn) = match tensors {
+                let (x, dy, y, dx, mut bn) = match tensors {
                     Ok(t) => t,
                     Err(e) => {
                         eprintln!("*** SKIPPED {} {}: {e} ***", ctx.label(), shape.name);
                         continue;
                     }
                 };
-                bn.forward_train_into(&x, &y).expect("forward");
+                let mut saved = GpuSavedStats::new(&bn).expect("saved statistics");
+                ctx.run("forward", |enc| {
+                    bn.record_forward_train(enc, &x, &y, Some(&mut saved))
+                })
+                .expect("forward");
                 group.throughput(Throughput::Bytes(bytes(&shape, op)));
                 let id = BenchmarkId::new(ctx.adapter_info().backend.to_string(), &shape.name);
                 group.bench_function(id, |b| {
@@ -164,13 +166,15 @@ fn gpu(c: &mut Criterion) {
                         let start = Instant::now();
                         for _ in 0..iters {
                             // Each call submits once and waits for the device.
-                            match op {
-                                Operation::TrainForward => bn.forward_train_into(&x, &y),
-                                Operation::EvalForward => bn.forward_eval_into(&x, &y),
-                                Operation::Backward => {
-                                    bn.backward_into(&x, &dy, Mode::Train, &dx, &dw, &db)
+                            ctx.run("bench", |enc| match op {
+                                Operation::TrainForward => {
+                                    bn.record_forward_train(enc, &x, &y, Some(&mut saved))
                                 }
-                            }
+                                Operation::EvalForward => bn.record_forward_eval(enc, &x, &y, None),
+                                Operation::Backward => {
+                                    bn.record_backward(enc, &x, &dy, &saved, &dx)
+                                }
+                            })
                             .unwrap();
                         }
                         start.elapsed()

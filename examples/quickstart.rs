@@ -34,9 +34,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Device-resident: upload once, chain calls, read back at the end.
     let gx = GpuTensor::from_array(&ctx, x.view(), config.layout)?;
     let gdy = GpuTensor::from_array(&ctx, dy.view(), config.layout)?;
-    let y = bn.forward_train(&gx)?;
-    let grads = bn.backward(&gx, &gdy, Mode::Train)?;
-    let y_eval = bn.forward_eval(&gx)?;
+    let fwd = bn.run_forward_train(&gx)?; // y and the statistics its backward needs
+    let grads = bn.run_backward(&gx, &gdy, &fwd.saved)?;
+    let y = fwd.y;
+    let y_eval = bn.run_forward_eval(&gx)?.y;
 
     // The same calls on the f64 CPU reference.
     let mut cpu = CpuReference::new(config)?;

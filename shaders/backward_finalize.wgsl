@@ -1,15 +1,14 @@
 // Backward, stage 2: per channel, sum the slices into S1, S2 and write
-// dweight = S2 * invstd, dbias = S1 and the coefficients of
+// dweight = S2 * invstd, dbias = S1 (sections of the layer's state) and the coefficients of
 // dx = a * dy + b * (x - center) + c:
-//   batch statistics:   a = w*invstd, b = -a*invstd^2*S2/M, c = -a*S1/M
-//   running statistics: a = w/sqrt(running_var + eps), b = c = 0
+//   batch statistics (FLAG_BATCH_STATS): a = w*invstd, b = -a*invstd^2*S2/M, c = -a*S1/M
+//   running statistics:                  a = w*invstd, b = c = 0
+// where (center, invstd) are the statistics the forward saved.
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> partials: array<vec2<f32>>;   // (S1, S2)
-@group(0) @binding(2) var<storage, read> stats: array<vec2<f32>>;      // (mean, invstd) or (mean, var)
-@group(0) @binding(3) var<storage, read> wb: array<vec2<f32>>;         // (weight, bias)
-@group(0) @binding(4) var<storage, read_write> dweight: array<f32>;
-@group(0) @binding(5) var<storage, read_write> dbias: array<f32>;
-@group(0) @binding(6) var<storage, read_write> coef: array<vec4<f32>>; // (center, a, b, c)
+@group(0) @binding(2) var<storage, read> saved: array<vec2<f32>>;      // (mean, invstd)
+@group(0) @binding(3) var<storage, read_write> state: array<f32>;      // sections: see common.wgsl
+@group(0) @binding(4) var<storage, read_write> coef: array<vec4<f32>>; // (center, a, b, c)
 
 @compute @workgroup_size(WG_CHANNEL)
 fn main(
@@ -28,16 +27,13 @@ fn main(
         s1 += part.x;
         s2 += part.y;
     }
-    let st = stats[c];
-    let batch = (p.flags & FLAG_BATCH_STATS) != 0u;
-    var invstd = st.y;
-    if !batch {
-        invstd = 1.0 / sqrt(st.y + p.eps);
-    }
-    dweight[c] = s2 * invstd;
-    dbias[c] = s1;
-    let a = wb[c].x * invstd;
-    if batch {
+    let st = saved[c];
+    let invstd = st.y;
+    let s = p.state_stride;
+    state[DWEIGHT * s + c] = s2 * invstd;
+    state[DBIAS * s + c] = s1;
+    let a = state[WEIGHT * s + c] * invstd;
+    if (p.flags & FLAG_BATCH_STATS) != 0u {
         coef[c] = vec4<f32>(st.x, a, -a * invstd * invstd * s2 * p.inv_m, -a * s1 * p.inv_m);
     } else {
         coef[c] = vec4<f32>(st.x, a, 0.0, 0.0);

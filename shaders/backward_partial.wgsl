@@ -1,9 +1,10 @@
 // Backward, stage 1: per (channel, slice), S1 = sum(dy) and
-// S2 = sum(dy * (x - center)), centred on the batch or running mean.
+// S2 = sum(dy * (x - center)), centred on the mean the forward saved (the
+// batch mean, or the running mean of an evaluation forward).
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<Elem>;
 @group(0) @binding(2) var<storage, read> dy: array<Elem>;
-@group(0) @binding(3) var<storage, read> stats: array<vec2<f32>>;   // (mean, invstd or var)
+@group(0) @binding(3) var<storage, read> saved: array<vec2<f32>>;   // (mean, invstd)
 @group(0) @binding(4) var<storage, read_write> partials: array<vec2<f32>>;   // (S1, S2)
 
 var<workgroup> sh_s1: array<f32, WG>;
@@ -21,7 +22,7 @@ fn main(
     if c >= p.channels {
         return;
     }
-    let center = stats[c].x;
+    let center = saved[c].x;
     let begin = s * p.slice_len;
     let end = begin + slice_count(p, s);
     var s1 = 0.0;

@@ -6,8 +6,16 @@
 //
 // src/shaders.rs also prepends the constants WG (threads per workgroup of the
 // kernels that walk the big tensors), WG_CHANNEL (of the per-channel kernels),
-// FLAG_UPDATE_RUNNING and FLAG_BATCH_STATS (bits of Params.flags), so that
-// Rust and WGSL share one definition of each.
+// FLAG_UPDATE_RUNNING, FLAG_BATCH_STATS and FLAG_CUMULATIVE (bits of
+// Params.flags), so that Rust and WGSL share one definition of each.
+//
+// A layer keeps everything per channel that outlives a call in one `state`
+// buffer of sections, each `state_stride` elements apart (a stride that keeps
+// every section at the device's storage offset alignment, so that each is
+// also a tensor an app can bind): weight, bias, running_mean, running_var,
+// dweight, dbias (f32), and the counter section (u32): num_batches_tracked as
+// (low, high) words and the bits of the f32 momentum factor of the last
+// training step.
 //
 // Keep `Params` in sync with `Params` in src/gpu/kernels.rs.
 struct Params {
@@ -18,12 +26,29 @@ struct Params {
     slices: u32,       // partial reductions per channel
     slice_len: u32,    // elements of a channel per slice
     per_channel: u32,  // M = outer * inner
-    flags: u32,        // FLAG_UPDATE_RUNNING | FLAG_BATCH_STATS
+    flags: u32,        // FLAG_UPDATE_RUNNING | FLAG_BATCH_STATS | FLAG_CUMULATIVE
     eps: f32,
-    momentum: f32,     // factor of this step (PyTorch convention)
+    momentum: f32,     // the configured factor (PyTorch convention); unused with FLAG_CUMULATIVE
     unbias: f32,       // M / (M - 1)
     inv_m: f32,        // 1 / M
+    state_stride: u32, // elements between the sections of `state`
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
 }
+
+// Sections of the `state` buffer (times Params.state_stride).
+const WEIGHT: u32 = 0u;
+const BIAS: u32 = 1u;
+const RUNNING_MEAN: u32 = 2u;
+const RUNNING_VAR: u32 = 3u;
+const DWEIGHT: u32 = 4u;
+const DBIAS: u32 = 5u;
+const COUNTER: u32 = 6u;
+// Words of the counter section.
+const BATCHES_LOW: u32 = 0u;
+const BATCHES_HIGH: u32 = 1u;
+const MOMENTUM_BITS: u32 = 2u;
 
 // Workgroups are dispatched on a 2-D grid when one dimension is not enough.
 fn linear_workgroup(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {

@@ -1,10 +1,10 @@
 // Evaluation: coefficients of the normalize pass from the running statistics,
-// `scale = weight / sqrt(running_var + eps)`, centred on the running mean.
-// Run once after the running statistics or parameters change.
+// `scale = weight / sqrt(running_var + eps)`, centred on the running mean, and
+// the statistics a backward of this forward uses: (running_mean, invstd).
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> wb: array<vec2<f32>>;        // (weight, bias)
-@group(0) @binding(2) var<storage, read> running: array<vec2<f32>>;   // (mean, var)
-@group(0) @binding(3) var<storage, read_write> coef: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> state: array<f32>;              // sections: see common.wgsl
+@group(0) @binding(2) var<storage, read_write> saved: array<vec2<f32>>;  // (mean, invstd)
+@group(0) @binding(3) var<storage, read_write> coef: array<vec4<f32>>;   // (center, scale, shift, 0)
 
 @compute @workgroup_size(WG_CHANNEL)
 fn main(
@@ -16,7 +16,9 @@ fn main(
     if c >= p.channels {
         return;
     }
-    let r = running[c];
-    let affine = wb[c];
-    coef[c] = vec4<f32>(r.x, affine.x / sqrt(r.y + p.eps), affine.y, 0.0);
+    let s = p.state_stride;
+    let mean = state[RUNNING_MEAN * s + c];
+    let root = sqrt(state[RUNNING_VAR * s + c] + p.eps);
+    saved[c] = vec2<f32>(mean, 1.0 / root);
+    coef[c] = vec4<f32>(mean, state[WEIGHT * s + c] / root, state[BIAS * s + c], 0.0);
 }

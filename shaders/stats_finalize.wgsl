@@ -1,13 +1,12 @@
 // Training statistics, stage 2: per channel, Chan-merge the slices into the
 // batch mean and biased variance; write the saved statistics, the coefficients
-// of the normalize pass and (when asked) the updated running statistics.
+// of the normalize pass and (with FLAG_UPDATE_RUNNING) the running statistics,
+// in place, with the momentum factor stats_partial stored for this step.
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> partials: array<vec2<f32>>;
-@group(0) @binding(2) var<storage, read> wb: array<vec2<f32>>;           // (weight, bias)
-@group(0) @binding(3) var<storage, read> running_in: array<vec2<f32>>;   // (mean, var)
-@group(0) @binding(4) var<storage, read_write> running_out: array<vec2<f32>>;
-@group(0) @binding(5) var<storage, read_write> saved: array<vec2<f32>>;  // (mean, invstd)
-@group(0) @binding(6) var<storage, read_write> coef: array<vec4<f32>>;   // (center, scale, shift, 0)
+@group(0) @binding(2) var<storage, read_write> state: array<f32>;        // sections: see common.wgsl
+@group(0) @binding(3) var<storage, read_write> saved: array<vec2<f32>>;  // (mean, invstd)
+@group(0) @binding(4) var<storage, read_write> coef: array<vec4<f32>>;   // (center, scale, shift, 0)
 
 @compute @workgroup_size(WG_CHANNEL)
 fn main(
@@ -36,14 +35,13 @@ fn main(
     let var_biased = m2 * p.inv_m;
     let invstd = 1.0 / sqrt(var_biased + p.eps);
     saved[c] = vec2<f32>(mean, invstd);
-    let affine = wb[c];
-    coef[c] = vec4<f32>(mean, affine.x * invstd, affine.y, 0.0);
+    let s = p.state_stride;
+    coef[c] = vec4<f32>(mean, state[WEIGHT * s + c] * invstd, state[BIAS * s + c], 0.0);
     if (p.flags & FLAG_UPDATE_RUNNING) != 0u {
-        let r = running_in[c];
-        let k = p.momentum;
-        running_out[c] = vec2<f32>(
-            (1.0 - k) * r.x + k * mean,
-            (1.0 - k) * r.y + k * (var_biased * p.unbias),
-        );
+        let k = state[COUNTER * s + MOMENTUM_BITS];
+        let im = RUNNING_MEAN * s + c;
+        let iv = RUNNING_VAR * s + c;
+        state[im] = (1.0 - k) * state[im] + k * mean;
+        state[iv] = (1.0 - k) * state[iv] + k * (var_biased * p.unbias);
     }
 }

@@ -1,10 +1,16 @@
 // Training statistics, stage 1: Welford mean and M2 of one slice of one channel.
 // One workgroup per (channel, slice); each thread runs Welford over a strided
 // part of the slice, then the workgroup merges the threads with Chan's formula.
+// With FLAG_UPDATE_RUNNING, one thread also counts the batch in
+// num_batches_tracked and stores the momentum factor of this step for
+// stats_finalize: Params.momentum, or 1 / num_batches_tracked with
+// FLAG_CUMULATIVE (PyTorch counts the batch before it computes the factor).
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<Elem>;
 // (mean, M2) per (channel, slice); the count follows from the slice bounds.
 @group(0) @binding(2) var<storage, read_write> partials: array<vec2<f32>>;
+// The layer's state; only its counter section is touched (see common.wgsl).
+@group(0) @binding(3) var<storage, read_write> state: array<u32>;
 
 var<workgroup> sh_n: array<f32, WG>;
 var<workgroup> sh_mean: array<f32, WG>;
@@ -17,6 +23,19 @@ fn main(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let g = linear_workgroup(wid, nwg);
+    if g == 0u && lid == 0u && (p.flags & FLAG_UPDATE_RUNNING) != 0u {
+        let at = COUNTER * p.state_stride;
+        let low = state[at + BATCHES_LOW] + 1u;
+        state[at + BATCHES_LOW] = low;
+        if low == 0u {
+            state[at + BATCHES_HIGH] += 1u;
+        }
+        var k = p.momentum;
+        if (p.flags & FLAG_CUMULATIVE) != 0u {
+            k = 1.0 / (f32(state[at + BATCHES_HIGH]) * 4294967296.0 + f32(low));
+        }
+        state[at + MOMENTUM_BITS] = bitcast<u32>(k);
+    }
     let c = g / p.slices;
     let s = g % p.slices;
     if c >= p.channels {

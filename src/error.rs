@@ -128,6 +128,58 @@ pub enum Error {
         /// Adapter name of the tensor.
         got_name: String,
     },
+    /// A buffer lacks a usage flag that its use needs.
+    #[error("{what}: the buffer's usage {usage} lacks {needed}")]
+    BufferUsage {
+        /// Which buffer and what it is used for.
+        what: String,
+        /// The missing flags.
+        needed: String,
+        /// The flags the buffer has.
+        usage: String,
+    },
+    /// A byte offset into a buffer is not a multiple of the alignment the device needs.
+    #[error(
+        "{what}: byte offset {offset} is not a multiple of the device's min_storage_buffer_offset_alignment ({alignment})"
+    )]
+    Misaligned {
+        /// Which tensor.
+        what: String,
+        /// The offset given.
+        offset: u64,
+        /// The device's alignment.
+        alignment: u64,
+    },
+    /// A buffer ends before the tensor viewed in it.
+    #[error("{what}: needs bytes {offset}..{end} of the buffer, which has {size} bytes")]
+    BufferTooSmall {
+        /// Which tensor, with shape and dtype.
+        what: String,
+        /// First byte of the view.
+        offset: u64,
+        /// One past the last byte the view needs (its size rounded up to 4 bytes).
+        end: u64,
+        /// The buffer's size.
+        size: u64,
+    },
+    /// Two tensors of one call share a buffer in a way one dispatch cannot
+    /// bind (wgpu tracks usage per buffer: a buffer written by a dispatch may
+    /// not be bound a second time in it).
+    #[error(
+        "{what} and {other} are views of the same buffer, which one dispatch would both read and write; use separate buffers"
+    )]
+    BufferAlias {
+        /// The tensor written.
+        what: String,
+        /// The tensor it shares a buffer with.
+        other: String,
+    },
+    /// Saved statistics given to a backward do not belong to it.
+    #[error("saved statistics do not fit this backward: {why}")]
+    SavedStatsMismatch {
+        /// What differs.
+        why: String,
+    },
     /// A parameter vector has the wrong length.
     #[error("{name} has length {got}, expected {expected} (num_features)")]
     ParameterLength {

@@ -5,7 +5,10 @@
 //!
 //! - [`GpuBatchNorm`]: training forward (batch statistics, running-statistics
 //!   update), evaluation forward and backward (`dx`, `dweight`, `dbias`) on
-//!   device-resident [`GpuTensor`]s, so layers chain without host round trips.
+//!   device-resident [`GpuTensor`]s, recorded into the app's own
+//!   `wgpu::CommandEncoder` (`record_*`) or run and waited for (`run_*`).
+//!   [`GpuContext::from_device`] puts it on a device the app already owns,
+//!   and [`GpuTensor::from_buffer`] on the app's buffers.
 //! - [`CpuReference`]: the same operations on the CPU, accumulating in `f64`.
 //! - [`BatchNormBackend`]: the ndarray interface both implement, so one test
 //!   body runs on every backend.
@@ -19,7 +22,7 @@
 //!
 //! ```no_run
 //! use ndarray::{Array, IxDyn};
-//! use wgpu_batchnorm::{BatchNormConfig, GpuBatchNorm, GpuContext, GpuTensor, Mode};
+//! use wgpu_batchnorm::{BatchNormConfig, GpuBatchNorm, GpuContext, GpuTensor};
 //!
 //! // The best adapter; WGPU_BACKEND=vulkan|gl|metal|dx12 and WGPU_ADAPTER_NAME narrow the choice.
 //! let ctx = GpuContext::new()?;
@@ -28,9 +31,9 @@
 //! let x = Array::from_shape_fn(IxDyn(&[8, 16, 32, 32]), |i| ((i[0] + 3 * i[1] + i[2] * i[3]) % 17) as f32);
 //! let x = GpuTensor::from_array(&ctx, x.view(), bn.config().layout)?;
 //!
-//! let y = bn.forward_train(&x)?;                  // batch statistics; running stats updated
-//! let grads = bn.backward(&x, &y, Mode::Train)?;  // dx, dweight, dbias (here with dy = y)
-//! let y_eval = bn.forward_eval(&x)?;              // running statistics
+//! let fwd = bn.run_forward_train(&x)?;                  // batch statistics; running stats updated
+//! let grads = bn.run_backward(&x, &fwd.y, &fwd.saved)?; // dx, dweight, dbias (here with dy = y)
+//! let y_eval = bn.run_forward_eval(&x)?.y;              // running statistics
 //!
 //! println!("{:?}", bn.state()?.running_mean);
 //! println!("{:?}", grads.dweight.unwrap().to_vec()?);
@@ -76,7 +79,10 @@ pub use cpu::CpuBatchNorm;
 pub use error::{Error, Result};
 #[cfg(feature = "safetensors")]
 pub use fixture::{Fixture, FixtureReport, run_fixture};
-pub use gpu::{AdapterSelection, GpuBatchNorm, GpuContext, GpuGradients, GpuTensor};
+pub use gpu::{
+    AdapterSelection, GpuBatchNorm, GpuContext, GpuForward, GpuGradients, GpuResourceCounts,
+    GpuSavedStats, GpuTensor,
+};
 pub use layout::{DType, Layout};
 pub use operation::Operation;
 pub use reference::CpuReference;

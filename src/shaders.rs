@@ -52,6 +52,11 @@ macro_rules! flag_batch_stats {
         2
     };
 }
+macro_rules! flag_cumulative {
+    () => {
+        4
+    };
+}
 macro_rules! prelude_f32 {
     () => {
         "alias Elem = f32;\nalias Elem4 = vec4<f32>;\n"
@@ -73,6 +78,8 @@ macro_rules! constants {
             flag_update_running!(),
             "u;\nconst FLAG_BATCH_STATS: u32 = ",
             flag_batch_stats!(),
+            "u;\nconst FLAG_CUMULATIVE: u32 = ",
+            flag_cumulative!(),
             "u;\n"
         )
     };
@@ -86,6 +93,9 @@ pub const WG_CHANNEL: u32 = wg_channel!();
 pub const FLAG_UPDATE_RUNNING: u32 = flag_update_running!();
 /// `Params::flags` bit: the backward uses batch statistics.
 pub const FLAG_BATCH_STATS: u32 = flag_batch_stats!();
+/// `Params::flags` bit: `momentum = None`, the running statistics are the
+/// cumulative average (factor `1 / num_batches_tracked`, read on the device).
+pub const FLAG_CUMULATIVE: u32 = flag_cumulative!();
 
 /// The shared prefix, `shaders/common.wgsl`.
 pub const COMMON: &str = include_str!("../shaders/common.wgsl");

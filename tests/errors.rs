@@ -294,18 +294,18 @@ fn gpu_tensor_errors() {
     let mut r = rng(5);
     let x = normal(&mut r, &[2, 3, 4], 0.0, 1.0);
     let gx = GpuTensor::from_array(ctx, x.view(), Layout::ChannelsFirst).unwrap();
-    bn.forward_train(&gx).unwrap();
-    let before = (bn.state().unwrap(), bn.saved_stats().unwrap());
+    let fwd = bn.run_forward_train(&gx).unwrap();
+    let before = (bn.state().unwrap(), fwd.saved.read().unwrap());
 
     let foreign = GpuTensor::from_array(&other, x.view(), Layout::ChannelsFirst).unwrap();
-    let e = bn.forward_train(&foreign).unwrap_err();
+    let e = bn.run_forward_train(&foreign).unwrap_err();
     assert!(matches!(e, Error::DeviceMismatch { .. }), "{e:?}");
     assert!(e.to_string().contains("x lives on device"), "{e}");
-    let e = bn.backward(&gx, &foreign, Mode::Train).unwrap_err();
+    let e = bn.run_backward(&gx, &foreign, &fwd.saved).unwrap_err();
     assert!(e.to_string().contains("dy lives on device"), "{e}");
 
     let nhwc = GpuTensor::from_array(ctx, x.view(), Layout::ChannelsLast).unwrap();
-    let e = bn.forward_eval(&nhwc).unwrap_err();
+    let e = bn.run_forward_eval(&nhwc).unwrap_err();
     assert!(matches!(e, Error::LayoutMismatch { .. }), "{e:?}");
     assert!(
         e.to_string()
@@ -314,7 +314,10 @@ fn gpu_tensor_errors() {
     );
 
     let wrong_y = GpuTensor::uninit(ctx, &[2, 3, 5], Layout::ChannelsFirst).unwrap();
-    let e = bn.forward_train_into(&gx, &wrong_y).unwrap_err();
+    let mut enc = ctx.device().create_command_encoder(&Default::default());
+    let e = bn
+        .record_forward_train(&mut enc, &gx, &wrong_y, None)
+        .unwrap_err();
     assert!(
         e.to_string()
             .contains("y has shape [2, 3, 5], expected [2, 3, 4]"),
@@ -334,8 +337,8 @@ fn gpu_tensor_errors() {
     let e = GpuTensor::from_slice(ctx, &[1.0; 5], &[2, 3], Layout::ChannelsFirst).unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { .. }), "{e:?}");
 
-    assert_eq!((bn.state().unwrap(), bn.saved_stats().unwrap()), before);
-    assert_eq!(bn.num_batches_tracked(), Some(1));
+    assert_eq!((bn.state().unwrap(), fwd.saved.read().unwrap()), before);
+    assert_eq!(bn.num_batches_tracked().unwrap(), Some(1));
 }
 
 #[test]

@@ -151,7 +151,7 @@ fn f16_without_shader_f16_is_a_clear_error() {
             GpuTensor::from_array_as(ctx, x.view(), Layout::ChannelsFirst, DType::F16).unwrap_err();
         assert!(e.to_string().contains("SHADER_F16"), "{e}");
         // f32 still works on the same layer
-        bn.forward_train(&GpuTensor::from_array(ctx, x.view(), Layout::ChannelsFirst).unwrap())
+        bn.run_forward_train(&GpuTensor::from_array(ctx, x.view(), Layout::ChannelsFirst).unwrap())
             .unwrap();
     }
 }
@@ -165,16 +165,18 @@ fn mixed_dtypes_are_refused() {
         let x16 =
             GpuTensor::from_array_as(ctx, x.view(), Layout::ChannelsFirst, DType::F16).unwrap();
         let x32 = GpuTensor::from_array(ctx, x.view(), Layout::ChannelsFirst).unwrap();
-        let y = bn.forward_train(&x16).unwrap();
+        let fwd = bn.run_forward_train(&x16).unwrap();
+        let y = fwd.y;
         assert_eq!(y.dtype(), DType::F16);
-        let e = bn
-            .backward(&x16, &x32, wgpu_batchnorm::Mode::Train)
-            .unwrap_err();
+        let e = bn.run_backward(&x16, &x32, &fwd.saved).unwrap_err();
         assert!(matches!(e, Error::DTypeMismatch { .. }), "{e:?}");
         assert!(e.to_string().contains("dy is f32, expected f16"), "{e}");
-        let e = bn.forward_train_into(&x32, &y).unwrap_err();
+        let mut enc = ctx.device().create_command_encoder(&Default::default());
+        let e = bn
+            .record_forward_train(&mut enc, &x32, &y, None)
+            .unwrap_err();
         assert!(e.to_string().contains("y is f16, expected f32"), "{e}");
-        assert_eq!(bn.num_batches_tracked(), Some(1));
+        assert_eq!(bn.num_batches_tracked().unwrap(), Some(1));
         let h = y.to_vec_f16().unwrap();
         assert_eq!(h.len(), 24);
         assert!(x32.to_vec_f16().is_err());

@@ -70,7 +70,7 @@ fn timestamps_time_operations_but_not_readbacks() {
         assert_eq!(ctx.last_gpu_time(), None);
         ctx.set_timestamps(true).unwrap();
         assert!(ctx.timestamps_enabled());
-        let y = bn.forward_train(&x).unwrap();
+        let y = bn.run_forward_train(&x).unwrap().y;
         let t = ctx
             .last_gpu_time()
             .expect("a timed submit records a GPU time");
@@ -82,7 +82,10 @@ fn timestamps_time_operations_but_not_readbacks() {
         ctx.set_timestamps(false).unwrap();
         assert_eq!(ctx.last_gpu_time(), None);
         let mut bn2 = GpuBatchNorm::new(ctx, BatchNormConfig::new(8)).unwrap();
-        assert_eq!(bn2.forward_train(&x).unwrap().to_vec().unwrap(), before);
+        assert_eq!(
+            bn2.run_forward_train(&x).unwrap().y.to_vec().unwrap(),
+            before
+        );
         assert_eq!(ctx.last_gpu_time(), None, "untimed submits record nothing");
         // The copy kernel is timed too.
         ctx.set_timestamps(true).unwrap();

@@ -13,7 +13,9 @@ use std::time::Duration;
 static NEXT_CONTEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Storage buffers the kernel with the most bindings uses.
-const STORAGE_BUFFERS_PER_STAGE: u32 = 6;
+const STORAGE_BUFFERS_PER_STAGE: u32 = 4;
+/// Bytes of workgroup memory the reductions use (three f32 arrays of `WG`).
+const WORKGROUP_STORAGE_BYTES: u32 = 3 * WG * 4;
 
 pub(crate) struct ContextInner {
     id: u64,
@@ -30,7 +32,13 @@ pub(crate) struct ContextInner {
     timing: Timing,
 }
 
-/// A wgpu device with this crate's pipelines built for it. Cheap to clone.
+/// A wgpu device with this crate's pipelines built for it. Cheap to clone,
+/// `Send` and `Sync`: threads share one context, each with its own layers.
+///
+/// Opened by the crate on an adapter it picks (the easy default), or built
+/// around the device and queue an app already owns
+/// ([`GpuContext::from_device`]), so that BatchNorm runs on the app's buffers
+/// and records into its command encoders.
 ///
 /// ```no_run
 /// use wgpu_batchnorm::{AdapterSelection, GpuContext};
@@ -53,6 +61,58 @@ impl std::fmt::Debug for GpuContext {
             .field("backend", &self.inner.info.backend)
             .finish()
     }
+}
+
+/// What `limits` lacks of this crate's needs, one line per limit.
+fn missing_limits(limits: &wgpu::Limits) -> Vec<String> {
+    let need = GpuContext::required_limits();
+    let mut missing = Vec::new();
+    let mut at_least = |name: &str, has: u32, needs: u32| {
+        if has < needs {
+            missing.push(format!("{name} is {has}, needs at least {needs}"));
+        }
+    };
+    at_least(
+        "max_compute_invocations_per_workgroup",
+        limits.max_compute_invocations_per_workgroup,
+        need.max_compute_invocations_per_workgroup,
+    );
+    at_least(
+        "max_compute_workgroup_size_x",
+        limits.max_compute_workgroup_size_x,
+        need.max_compute_workgroup_size_x,
+    );
+    at_least(
+        "max_compute_workgroups_per_dimension",
+        limits.max_compute_workgroups_per_dimension,
+        need.max_compute_workgroups_per_dimension,
+    );
+    at_least(
+        "max_compute_workgroup_storage_size",
+        limits.max_compute_workgroup_storage_size,
+        need.max_compute_workgroup_storage_size,
+    );
+    at_least(
+        "max_storage_buffers_per_shader_stage",
+        limits.max_storage_buffers_per_shader_stage,
+        need.max_storage_buffers_per_shader_stage,
+    );
+    at_least(
+        "max_uniform_buffers_per_shader_stage",
+        limits.max_uniform_buffers_per_shader_stage,
+        need.max_uniform_buffers_per_shader_stage,
+    );
+    at_least(
+        "max_bindings_per_bind_group",
+        limits.max_bindings_per_bind_group,
+        need.max_bindings_per_bind_group,
+    );
+    at_least(
+        "max_bind_groups",
+        limits.max_bind_groups,
+        need.max_bind_groups,
+    );
+    missing
 }
 
 impl GpuContext {
@@ -92,11 +152,36 @@ impl GpuContext {
         adapters.iter().map(Self::from_adapter).collect()
     }
 
+    /// The least a device needs for this crate: 256-thread workgroups, 3 KiB
+    /// of workgroup memory and 4 storage buffers per stage (within wgpu's
+    /// `downlevel_defaults`). An app that opens its own device and wants
+    /// BatchNorm on it asks for at least these
+    /// (`required_limits.max(&GpuContext::required_limits())`, field by field).
+    pub fn required_limits() -> wgpu::Limits {
+        wgpu::Limits {
+            max_compute_invocations_per_workgroup: WG,
+            max_compute_workgroup_size_x: WG,
+            max_compute_workgroups_per_dimension: 1,
+            max_compute_workgroup_storage_size: WORKGROUP_STORAGE_BYTES,
+            max_storage_buffers_per_shader_stage: STORAGE_BUFFERS_PER_STAGE,
+            max_uniform_buffers_per_shader_stage: 1,
+            max_bindings_per_bind_group: STORAGE_BUFFERS_PER_STAGE + 1,
+            max_bind_groups: 1,
+            ..wgpu::Limits::downlevel_defaults()
+        }
+    }
+
+    /// The optional features this crate uses when the device has them:
+    /// `SHADER_F16` (f16 storage) and `TIMESTAMP_QUERY` (GPU timing).
+    pub fn optional_features() -> wgpu::Features {
+        wgpu::Features::SHADER_F16 | wgpu::Features::TIMESTAMP_QUERY
+    }
+
     /// Opens a device on `adapter` with the adapter's own limits.
     ///
     /// # Errors
-    /// [`Error::Unsupported`] when the adapter lacks compute shaders or 256-thread
-    /// workgroups; [`Error::RequestDevice`].
+    /// [`Error::Unsupported`] when the adapter lacks compute shaders or a
+    /// limit of [`GpuContext::required_limits`]; [`Error::RequestDevice`].
     pub fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
         let info = adapter.get_info();
         let limits = adapter.limits();
@@ -110,21 +195,14 @@ impl GpuContext {
                 what: "compute shaders".into(),
             });
         }
-        if limits.max_compute_invocations_per_workgroup < WG
-            || limits.max_compute_workgroup_size_x < WG
-            || limits.max_storage_buffers_per_shader_stage < STORAGE_BUFFERS_PER_STAGE
-        {
+        let missing = missing_limits(&limits);
+        if !missing.is_empty() {
             return Err(Error::Unsupported {
                 adapter: info.name.clone(),
-                what: format!(
-                    "{WG}-thread workgroups and {STORAGE_BUFFERS_PER_STAGE} storage buffers per stage (has {} threads, {} buffers)",
-                    limits.max_compute_invocations_per_workgroup,
-                    limits.max_storage_buffers_per_shader_stage
-                ),
+                what: missing.join("; "),
             });
         }
-        let features =
-            adapter.features() & (wgpu::Features::SHADER_F16 | wgpu::Features::TIMESTAMP_QUERY);
+        let features = adapter.features() & Self::optional_features();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("batchnorm"),
             required_features: features,
@@ -137,7 +215,55 @@ impl GpuContext {
             adapter: info.name.clone(),
             message: e.to_string(),
         })?;
-        let handle = DeviceHandle::new(device, queue);
+        Self::build(DeviceHandle::new(device, queue, true), info)
+    }
+
+    /// A context on the app's own `device` and `queue` (cloned handles: the
+    /// app keeps using them). Nothing is opened behind the app's back: this
+    /// crate builds its pipelines on the device, allocates its buffers there,
+    /// and leaves the app's device-lost callback and error handler alone.
+    /// f16 storage and GPU timing are available when the device was created
+    /// with `SHADER_F16` and `TIMESTAMP_QUERY`.
+    ///
+    /// ```no_run
+    /// use wgpu_batchnorm::GpuContext;
+    /// let instance = wgpu::Instance::default();
+    /// let adapter = pollster::block_on(instance.request_adapter(&Default::default())).expect("adapter");
+    /// let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+    ///     required_limits: adapter.limits(),
+    ///     ..Default::default()
+    /// })).expect("device");
+    /// let ctx = GpuContext::from_device(&device, &queue)?;
+    /// assert!(ctx.device() == &device);
+    /// # Ok::<(), wgpu_batchnorm::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] naming every limit of
+    /// [`GpuContext::required_limits`] the device was created below;
+    /// [`Error::Wgpu`] when a pipeline cannot be built.
+    pub fn from_device(device: &wgpu::Device, queue: &wgpu::Queue) -> Result<Self> {
+        let info = device.adapter_info();
+        let missing = missing_limits(&device.limits());
+        if !missing.is_empty() {
+            return Err(Error::Unsupported {
+                adapter: info.name.clone(),
+                what: format!(
+                    "the device was created with limits too low for BatchNorm: {}; request at least GpuContext::required_limits()",
+                    missing.join("; ")
+                ),
+            });
+        }
+        Self::build(
+            DeviceHandle::new(device.clone(), queue.clone(), false),
+            info,
+        )
+    }
+
+    /// Builds the pipelines on `handle`'s device.
+    fn build(handle: DeviceHandle, info: wgpu::AdapterInfo) -> Result<Self> {
+        let limits = handle.device.limits();
+        let features = handle.device.features() & Self::optional_features();
         let scope = ErrorScopes::push(&handle.device);
         let kernels = Kernels::new(
             &handle.device,
@@ -226,31 +352,72 @@ impl GpuContext {
     }
 
     /// A storage buffer of `bytes` (at least 16), readable, writable and copyable.
-    pub(crate) fn storage_buffer(&self, label: &str, bytes: u64) -> wgpu::Buffer {
+    pub(crate) fn storage_buffer(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
         self.inner.handle.storage_buffer(label, bytes)
     }
 
     /// A storage buffer holding `data`.
-    pub(crate) fn storage_buffer_init(&self, label: &str, data: &[u8]) -> wgpu::Buffer {
+    pub(crate) fn storage_buffer_init(&self, label: &str, data: &[u8]) -> Result<wgpu::Buffer> {
         self.inner.handle.storage_buffer_init(label, data)
     }
 
-    /// Records with `record`, submits once and waits, turning wgpu errors into
-    /// `Err`; timed while GPU timing is on (see [`GpuContext::set_timestamps`]).
+    /// A buffer of `desc`, with out-of-memory and validation errors as `Err`.
+    pub(crate) fn create_buffer(&self, desc: &wgpu::BufferDescriptor<'_>) -> Result<wgpu::Buffer> {
+        self.inner.handle.create_buffer(desc)
+    }
+
+    /// The blocking path: a new command encoder, `record` into it, one
+    /// submit, and a wait for the device. wgpu errors (validation, out of
+    /// memory) come back as `Err`, and so does an `Err` of `record`, in which
+    /// case nothing is submitted. Timed while GPU timing is on (see
+    /// [`GpuContext::set_timestamps`]).
+    ///
+    /// Every blocking method of this crate is a recording method run through
+    /// here, and apps can do the same with several calls at once:
+    ///
+    /// ```no_run
+    /// use wgpu_batchnorm::{BatchNormConfig, GpuBatchNorm, GpuContext, GpuSavedStats, GpuTensor, Layout};
+    /// let ctx = GpuContext::new()?;
+    /// let mut bn = GpuBatchNorm::new(&ctx, BatchNormConfig::new(4))?;
+    /// let x = GpuTensor::from_slice(&ctx, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], &[2, 4], Layout::ChannelsFirst)?;
+    /// let (y1, y2) = (GpuTensor::uninit(&ctx, &[2, 4], Layout::ChannelsFirst)?, GpuTensor::uninit(&ctx, &[2, 4], Layout::ChannelsFirst)?);
+    /// let (mut s1, mut s2) = (GpuSavedStats::new(&bn)?, GpuSavedStats::new(&bn)?);
+    /// ctx.run("two steps", |enc| {
+    ///     bn.record_forward_train(enc, &x, &y1, Some(&mut s1))?;
+    ///     bn.record_forward_train(enc, &x, &y2, Some(&mut s2))
+    /// })?;
+    /// assert_eq!(bn.num_batches_tracked()?, Some(2));
+    /// # Ok::<(), wgpu_batchnorm::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// The first `Err` of `record`; [`Error::Wgpu`]; [`Error::DeviceLost`].
+    pub fn run(
+        &self,
+        label: &str,
+        record: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
+    ) -> Result<()> {
+        self.run_with(label, true, record)
+    }
+
+    /// [`GpuContext::run`] of a closure that cannot fail.
     pub(crate) fn submit(
         &self,
         during: &str,
         record: impl FnOnce(&mut wgpu::CommandEncoder),
     ) -> Result<()> {
-        self.submit_with(during, true, record)
+        self.run_with(during, true, |enc| {
+            record(enc);
+            Ok(())
+        })
     }
 
-    /// [`GpuContext::submit`]; `timed = false` keeps it out of GPU timing (readbacks).
-    fn submit_with(
+    /// [`GpuContext::run`]; `timed = false` keeps it out of GPU timing (readbacks).
+    fn run_with(
         &self,
         during: &str,
         timed: bool,
-        record: impl FnOnce(&mut wgpu::CommandEncoder),
+        record: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
     ) -> Result<()> {
         let handle = &self.inner.handle;
         handle.check_alive()?;
@@ -269,7 +436,12 @@ impl GpuContext {
         if let Some(t) = &timer {
             t.begin(&mut encoder);
         }
-        record(&mut encoder);
+        if let Err(e) = record(&mut encoder) {
+            drop(encoder);
+            // errors of what was recorded before the failure belong to this call too
+            scope.pop(during).ok();
+            return Err(e);
+        }
         if let Some(t) = &timer {
             t.end(&mut encoder);
         }
@@ -279,24 +451,77 @@ impl GpuContext {
         timer.map_or(Ok(()), |t| t.finish(handle))
     }
 
-    /// Copies the first `bytes` of `buffer` back to the host.
-    pub(crate) fn read_bytes(&self, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+    /// Submits a copy of `bytes` of `buffer` from byte `offset` into a new
+    /// staging buffer, and returns it with the copy's size.
+    fn stage_read(&self, buffer: &wgpu::Buffer, offset: u64, bytes: u64) -> Result<wgpu::Buffer> {
+        super::device::check_usage("tensor read back", buffer, wgpu::BufferUsages::COPY_SRC)?;
         let padded = bytes.max(4).next_multiple_of(4);
-        let staging = self.device().create_buffer(&wgpu::BufferDescriptor {
+        let staging = self.create_buffer(&wgpu::BufferDescriptor {
             label: Some("batchnorm.readback"),
             size: padded,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
-        });
-        self.submit_with("readback", false, |enc| {
-            enc.copy_buffer_to_buffer(buffer, 0, &staging, 0, padded);
         })?;
+        let handle = &self.inner.handle;
+        handle.check_alive()?;
+        let _serial = self
+            .inner
+            .submit_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let scope = ErrorScopes::push(&handle.device);
+        let mut encoder = handle
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("batchnorm.readback"),
+            });
+        encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, padded);
+        handle.queue.submit([encoder.finish()]);
+        scope.pop("readback")?;
+        Ok(staging)
+    }
+
+    /// Copies `bytes` of `buffer` from byte `offset` back to the host, waiting.
+    pub(crate) fn read_bytes(
+        &self,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        bytes: u64,
+    ) -> Result<Vec<u8>> {
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let staging = self.stage_read(buffer, offset, bytes)?;
         self.inner.handle.map_read(&staging, bytes)
     }
 
-    /// Copies `len` f32 values of `buffer` back to the host.
-    pub(crate) fn read_f32(&self, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<f32>> {
-        let bytes = self.read_bytes(buffer, (len * 4) as u64)?;
+    /// As [`GpuContext::read_bytes`], without waiting: the future resolves once
+    /// the device has been polled past the copy.
+    pub(crate) fn read_bytes_async(
+        &self,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        bytes: u64,
+    ) -> Result<impl std::future::Future<Output = Result<Vec<u8>>> + Send + 'static + use<>> {
+        let staging = (bytes > 0)
+            .then(|| self.stage_read(buffer, offset, bytes))
+            .transpose()?;
+        Ok(async move {
+            match staging {
+                Some(staging) => super::device::map_read_async(staging, bytes).await,
+                None => Ok(Vec::new()),
+            }
+        })
+    }
+
+    /// Copies `len` f32 values of `buffer` from byte `offset` back to the host.
+    pub(crate) fn read_f32(
+        &self,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<f32>> {
+        let bytes = self.read_bytes(buffer, offset, (len * 4) as u64)?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
@@ -319,7 +544,7 @@ impl GpuContext {
     /// let x = GpuTensor::from_slice(&ctx, &x, &[8, 64, 256], bn.config().layout)?;
     /// if ctx.has_timestamps() {
     ///     ctx.set_timestamps(true)?;
-    ///     bn.forward_train(&x)?;
+    ///     bn.run_forward_train(&x)?;
     ///     println!("{:?} on the GPU", ctx.last_gpu_time());
     /// }
     /// # Ok::<(), wgpu_batchnorm::Error>(())
@@ -373,7 +598,7 @@ mod tests {
         let Some(ctx) = first_context() else { return };
         let k = &ctx.kernels().f32.stats_partial;
         // a 16-byte uniform where the shader's Params needs 48: invalid at dispatch
-        let small = ctx.storage_buffer("too small", 16);
+        let small = ctx.storage_buffer("too small", 16).unwrap();
         let uniform = ctx.device().create_buffer(&wgpu::BufferDescriptor {
             label: Some("uniform too small"),
             size: 16,
@@ -386,13 +611,15 @@ mod tests {
         let result = match bind_err {
             Err(e) => Err(e),
             Ok(()) => ctx.submit("invalid dispatch", |enc| {
-                crate::gpu::kernels::dispatch(enc, k, &bg, 1, 65535);
+                crate::gpu::kernels::dispatch_alone(enc, k, &bg, 1, 65535);
             }),
         };
         let err = result.expect_err("an invalid dispatch must be refused");
         assert!(matches!(err, Error::Wgpu { .. }), "{err:?}");
         // the device stays usable
-        let buf = ctx.storage_buffer_init("ok", bytemuck::cast_slice(&[1.0f32, 2.0, 3.0, 4.0]));
-        assert_eq!(ctx.read_f32(&buf, 4).unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+        let buf = ctx
+            .storage_buffer_init("ok", bytemuck::cast_slice(&[1.0f32, 2.0, 3.0, 4.0]))
+            .unwrap();
+        assert_eq!(ctx.read_f32(&buf, 0, 4).unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
     }
 }

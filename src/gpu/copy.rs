@@ -1,7 +1,7 @@
 //! A vec4 copy kernel: the device's bandwidth roofline for `bnorm bench`.
 
 use super::context::GpuContext;
-use super::kernels::dispatch;
+use super::kernels::dispatch_alone;
 use super::tensor::GpuTensor;
 use crate::error::{Error, Result};
 use crate::shaders::WG;
@@ -29,26 +29,34 @@ impl GpuContext {
     pub fn copy(&self, src: &GpuTensor, dst: &GpuTensor) -> Result<()> {
         src.check_device("copy source", self)?;
         dst.check_device("copy destination", self)?;
-        let bytes = src.buffer().size();
-        if src.shape() != dst.shape() || dst.buffer().size() != bytes {
+        let bytes = src.bytes();
+        if src.shape() != dst.shape() || src.dtype() != dst.dtype() {
             return Err(Error::ShapeMismatch {
-                what: format!("copy destination ({} bytes)", dst.buffer().size()),
+                what: format!("copy destination ({})", dst.dtype()),
                 expected: src.shape().to_vec(),
                 got: dst.shape().to_vec(),
             });
         }
+        if src.buffer() == dst.buffer() {
+            return Err(Error::BufferAlias {
+                what: "copy destination".into(),
+                other: "copy source".into(),
+            });
+        }
         let vec4s = bytes / 16;
-        let tail = bytes % 16;
+        // the tail rounded up to whole 4-byte words, which a view owns
+        let tail = (bytes % 16).next_multiple_of(4);
         let kernel = &self.kernels().copy_vec4;
         let bind_group = (vec4s > 0).then(|| {
-            let range = |buffer| {
+            fn range(t: &GpuTensor, bytes: u64) -> wgpu::BindingResource<'_> {
                 wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer,
-                    offset: 0,
-                    size: wgpu::BufferSize::new(vec4s * 16),
+                    buffer: t.buffer(),
+                    offset: t.offset(),
+                    size: wgpu::BufferSize::new(bytes),
                 })
-            };
-            kernel.bind_resources(self.device(), &[range(src.buffer()), range(dst.buffer())])
+            }
+            let resources = [range(src, vec4s * 16), range(dst, vec4s * 16)];
+            kernel.bind_resources(self.device(), &resources)
         });
         let max_dim = self.limits().max_compute_workgroups_per_dimension.max(1);
         let workgroups =
@@ -60,11 +68,17 @@ impl GpuContext {
             })?;
         self.submit("copy", |enc| {
             if let Some(bg) = &bind_group {
-                dispatch(enc, kernel, bg, workgroups, max_dim);
+                dispatch_alone(enc, kernel, bg, workgroups, max_dim);
             }
             if tail > 0 {
                 let at = vec4s * 16;
-                enc.copy_buffer_to_buffer(src.buffer(), at, dst.buffer(), at, tail);
+                enc.copy_buffer_to_buffer(
+                    src.buffer(),
+                    src.offset() + at,
+                    dst.buffer(),
+                    dst.offset() + at,
+                    tail,
+                );
             }
         })
     }

@@ -13,15 +13,19 @@ pub(crate) struct DeviceHandle {
 }
 
 impl DeviceHandle {
-    /// Wraps `device` and `queue`, and starts tracking device loss.
-    pub fn new(device: wgpu::Device, queue: wgpu::Queue) -> Self {
+    /// Wraps `device` and `queue`. With `track_loss` (a device this crate
+    /// opened) it installs the device-lost callback; an app's own device keeps
+    /// the app's callback, and its loss shows up as errors of the calls.
+    pub fn new(device: wgpu::Device, queue: wgpu::Queue, track_loss: bool) -> Self {
         let lost = Arc::new(Mutex::new(None));
-        let lost_cb = Arc::clone(&lost);
-        device.set_device_lost_callback(move |reason, message| {
-            if let Ok(mut l) = lost_cb.lock() {
-                *l = Some(format!("{reason:?}: {message}"));
-            }
-        });
+        if track_loss {
+            let lost_cb = Arc::clone(&lost);
+            device.set_device_lost_callback(move |reason, message| {
+                if let Ok(mut l) = lost_cb.lock() {
+                    *l = Some(format!("{reason:?}: {message}"));
+                }
+            });
+        }
         Self {
             device,
             queue,
@@ -48,32 +52,25 @@ impl DeviceHandle {
         self.check_alive()
     }
 
-    /// Maps `staging` (a `MAP_READ` buffer whose copy was submitted), returns
-    /// its first `bytes` and unmaps it.
+    /// Maps `staging` (a `MAP_READ` buffer whose copy was submitted), waits
+    /// for the device, returns its first `bytes` and unmaps it.
     pub fn map_read(&self, staging: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
-        let slice = staging.slice(..);
-        let (tx, rx) = futures_intrusive::channel::shared::oneshot_channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            tx.send(r).ok();
-        });
+        let pending = map_read_async(staging.clone(), bytes);
         self.wait("readback")?;
-        match pollster::block_on(rx.receive()) {
-            Some(Ok(())) => {}
-            Some(Err(e)) => return Err(Error::Readback(e.to_string())),
-            None => return Err(Error::Readback("map callback dropped".into())),
-        }
-        let view = slice
-            .get_mapped_range()
-            .map_err(|e| Error::Readback(e.to_string()))?;
-        let out = view[..bytes as usize].to_vec();
-        drop(view);
-        staging.unmap();
-        Ok(out)
+        pollster::block_on(pending)
+    }
+
+    /// A buffer of `desc`, or the out-of-memory or validation error as `Err`.
+    pub fn create_buffer(&self, desc: &wgpu::BufferDescriptor<'_>) -> Result<wgpu::Buffer> {
+        let scope = ErrorScopes::push(&self.device);
+        let buffer = self.device.create_buffer(desc);
+        scope.pop(desc.label.unwrap_or("buffer creation"))?;
+        Ok(buffer)
     }
 
     /// A storage buffer of `bytes` (at least 16), readable, writable and copyable.
-    pub fn storage_buffer(&self, label: &str, bytes: u64) -> wgpu::Buffer {
-        self.device.create_buffer(&wgpu::BufferDescriptor {
+    pub fn storage_buffer(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
+        self.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: bytes.max(16).next_multiple_of(4),
             usage: STORAGE_USAGE,
@@ -82,20 +79,51 @@ impl DeviceHandle {
     }
 
     /// A storage buffer holding `data`.
-    pub fn storage_buffer_init(&self, label: &str, data: &[u8]) -> wgpu::Buffer {
+    pub fn storage_buffer_init(&self, label: &str, data: &[u8]) -> Result<wgpu::Buffer> {
         let mut contents = data.to_vec();
         contents.resize(data.len().max(16).next_multiple_of(4), 0);
-        self.device
+        let scope = ErrorScopes::push(&self.device);
+        let buffer = self
+            .device
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some(label),
                 contents: &contents,
                 usage: STORAGE_USAGE,
-            })
+            });
+        scope.pop(label)?;
+        Ok(buffer)
+    }
+}
+
+/// Maps `staging` (a `MAP_READ` buffer whose copy was submitted) and resolves
+/// to its first `bytes` once the device has been polled past the copy.
+pub(crate) fn map_read_async(
+    staging: wgpu::Buffer,
+    bytes: u64,
+) -> impl std::future::Future<Output = Result<Vec<u8>>> + Send + 'static {
+    let (tx, rx) = futures_intrusive::channel::shared::oneshot_channel();
+    staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+        tx.send(r).ok();
+    });
+    async move {
+        match rx.receive().await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(Error::Readback(e.to_string())),
+            None => return Err(Error::Readback("map callback dropped".into())),
+        }
+        let slice = staging.slice(..);
+        let view = slice
+            .get_mapped_range()
+            .map_err(|e| Error::Readback(e.to_string()))?;
+        let out = view[..bytes as usize].to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(out)
     }
 }
 
 /// Usage of the storage buffers this crate allocates.
-const STORAGE_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+pub(crate) const STORAGE_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC)
     .union(wgpu::BufferUsages::COPY_DST);
 
@@ -133,4 +161,20 @@ impl ErrorScopes {
             None => Ok(()),
         }
     }
+}
+
+/// Errors unless `buffer`'s usage has `needed`.
+pub(crate) fn check_usage(
+    what: &str,
+    buffer: &wgpu::Buffer,
+    needed: wgpu::BufferUsages,
+) -> Result<()> {
+    if !buffer.usage().contains(needed) {
+        return Err(Error::BufferUsage {
+            what: what.into(),
+            needed: format!("{needed:?}"),
+            usage: format!("{:?}", buffer.usage()),
+        });
+    }
+    Ok(())
 }

@@ -21,6 +21,15 @@ pub(crate) struct Params {
     pub momentum: f32,
     pub unbias: f32,
     pub inv_m: f32,
+    pub state_stride: u32,
+    pub pad: [u32; 3],
+}
+
+impl Params {
+    /// The bytes of the block, as a hashable key.
+    pub fn key(&self) -> [u32; 16] {
+        bytemuck::cast(*self)
+    }
 }
 
 /// How a kernel sees one binding.
@@ -91,6 +100,7 @@ impl Kernel {
     }
 
     /// A bind group of whole `buffers`, in binding order.
+    #[cfg(test)]
     pub fn bind(&self, device: &wgpu::Device, buffers: &[&wgpu::Buffer]) -> wgpu::BindGroup {
         let resources: Vec<wgpu::BindingResource> =
             buffers.iter().map(|b| b.as_entire_binding()).collect();
@@ -138,7 +148,7 @@ impl ElementKernels {
             stats_partial: Kernel::new(
                 device,
                 pick(shaders::STATS_PARTIAL, shaders::STATS_PARTIAL_F16),
-                &[U, R, W],
+                &[U, R, W, W],
             ),
             normalize: Kernel::new(
                 device,
@@ -192,6 +202,8 @@ impl ElementKernels {
 /// Every pipeline of the crate, for one device.
 #[derive(Debug)]
 pub(crate) struct Kernels {
+    // Keep STORAGE_BUFFERS_PER_STAGE in context.rs at the most storage
+    // bindings of one kernel below (4).
     pub stats_finalize: Kernel,
     pub eval_coeffs: Kernel,
     pub backward_finalize: Kernel,
@@ -206,13 +218,9 @@ impl Kernels {
     pub fn new(device: &wgpu::Device, f16: bool) -> Self {
         use Slot::{Read as R, Uniform as U, Write as W};
         Self {
-            stats_finalize: Kernel::new(device, shaders::STATS_FINALIZE, &[U, R, R, R, W, W, W]),
-            eval_coeffs: Kernel::new(device, shaders::EVAL_COEFFS, &[U, R, R, W]),
-            backward_finalize: Kernel::new(
-                device,
-                shaders::BACKWARD_FINALIZE,
-                &[U, R, R, R, W, W, W],
-            ),
+            stats_finalize: Kernel::new(device, shaders::STATS_FINALIZE, &[U, R, W, W, W]),
+            eval_coeffs: Kernel::new(device, shaders::EVAL_COEFFS, &[U, R, W, W]),
+            backward_finalize: Kernel::new(device, shaders::BACKWARD_FINALIZE, &[U, R, R, W, W]),
             f32: ElementKernels::new(device, false),
             f16: f16.then(|| ElementKernels::new(device, true)),
             copy_vec4: Kernel::new(device, shaders::COPY_VEC4, &[R, W]),
@@ -220,10 +228,11 @@ impl Kernels {
     }
 }
 
-/// Records one dispatch of `workgroups` workgroups, folded onto a 2-D grid when
-/// one dimension is not enough (the shaders linearize with `linear_workgroup`).
+/// Records one dispatch of `workgroups` workgroups into `pass`, folded onto a
+/// 2-D grid when one dimension is not enough (the shaders linearize with
+/// `linear_workgroup`).
 pub(crate) fn dispatch(
-    encoder: &mut wgpu::CommandEncoder,
+    pass: &mut wgpu::ComputePass<'_>,
     kernel: &Kernel,
     bind_group: &wgpu::BindGroup,
     workgroups: u32,
@@ -231,13 +240,24 @@ pub(crate) fn dispatch(
 ) {
     let x = workgroups.clamp(1, max_per_dim);
     let y = workgroups.div_ceil(x).max(1);
+    pass.set_pipeline(&kernel.pipeline);
+    pass.set_bind_group(0, bind_group, &[]);
+    pass.dispatch_workgroups(x, y, 1);
+}
+
+/// Records `dispatch` in a compute pass of its own, labelled by the kernel.
+pub(crate) fn dispatch_alone(
+    encoder: &mut wgpu::CommandEncoder,
+    kernel: &Kernel,
+    bind_group: &wgpu::BindGroup,
+    workgroups: u32,
+    max_per_dim: u32,
+) {
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
         label: Some(&kernel.label),
         timestamp_writes: None,
     });
-    pass.set_pipeline(&kernel.pipeline);
-    pass.set_bind_group(0, bind_group, &[]);
-    pass.dispatch_workgroups(x, y, 1);
+    dispatch(&mut pass, kernel, bind_group, workgroups, max_per_dim);
 }
 
 #[cfg(test)]
@@ -310,8 +330,11 @@ mod tests {
             momentum: f32,
             unbias: f32,
             inv_m: f32,
+            state_stride: u32,
         );
-        let (wgsl, span) = wgsl_params();
+        let (mut wgsl, span) = wgsl_params();
+        // the padding words are checked through the size below
+        wgsl.retain(|(name, ..)| !name.starts_with("pad"));
         assert_eq!(
             rust, wgsl,
             "Params in src/gpu/kernels.rs vs shaders/common.wgsl"
@@ -338,5 +361,6 @@ mod tests {
         assert_eq!(value("WG_CHANNEL"), shaders::WG_CHANNEL);
         assert_eq!(value("FLAG_UPDATE_RUNNING"), shaders::FLAG_UPDATE_RUNNING);
         assert_eq!(value("FLAG_BATCH_STATS"), shaders::FLAG_BATCH_STATS);
+        assert_eq!(value("FLAG_CUMULATIVE"), shaders::FLAG_CUMULATIVE);
     }
 }

@@ -17,6 +17,6 @@ mod tensor;
 mod timing;
 
 pub use adapter::{AdapterSelection, enumerate_adapters, parse_backend};
-pub use batchnorm::{GpuBatchNorm, GpuGradients};
+pub use batchnorm::{GpuBatchNorm, GpuForward, GpuGradients, GpuResourceCounts, GpuSavedStats};
 pub use context::GpuContext;
 pub use tensor::GpuTensor;

@@ -1,15 +1,23 @@
-//! Device-resident tensors.
+//! Device-resident tensors: views of a buffer at a byte offset.
 
 use super::context::GpuContext;
+use super::device::check_usage;
 use crate::error::{Error, Result};
 use crate::layout::{DType, Layout};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use std::future::Future;
 
-/// A contiguous tensor that lives in a GPU buffer, with its shape, layout and
-/// storage type (f32, or f16 on adapters with `SHADER_F16`).
+/// A contiguous tensor in a GPU buffer: a view of `buffer` from byte `offset`,
+/// with shape, layout and storage type (f32, or f16 on adapters with
+/// `SHADER_F16`).
 ///
-/// Outputs of one BatchNorm call can be fed to the next without a round trip
-/// through the host.
+/// The buffer is this crate's ([`GpuTensor::from_array`],
+/// [`GpuTensor::uninit`], ...) or the app's own ([`GpuTensor::from_buffer`]).
+/// Outputs of one BatchNorm call can be fed to the next, or to the app's own
+/// kernels, without a round trip through the host. A view occupies
+/// `len * dtype.size()` bytes rounded up to a multiple of 4 (an odd-length f16
+/// view owns the two bytes after its last element). Cloning a `GpuTensor`
+/// clones the view, not the data.
 ///
 /// ```no_run
 /// use ndarray::ArrayD;
@@ -24,7 +32,8 @@ use ndarray::{ArrayD, ArrayViewD, IxDyn};
 /// ```
 #[derive(Debug, Clone)]
 pub struct GpuTensor {
-    pub(crate) buffer: wgpu::Buffer,
+    buffer: wgpu::Buffer,
+    offset: u64,
     dims: Vec<usize>,
     layout: Layout,
     dtype: DType,
@@ -55,11 +64,25 @@ fn check_len(dims: &[usize], got: usize) -> Result<()> {
     Ok(())
 }
 
+/// Bytes of a tensor of `dims` stored as `dtype` (saturating), and a
+/// description for errors.
+fn tensor_bytes(dims: &[usize], dtype: DType) -> (u64, String) {
+    let len = dims
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+        .unwrap_or(u64::MAX);
+    (
+        len.saturating_mul(dtype.size() as u64),
+        format!("{dtype} tensor of shape {dims:?}"),
+    )
+}
+
 impl GpuTensor {
     /// Uploads `x` as f32 (any memory order; it is stored in standard order).
     ///
     /// # Errors
-    /// [`Error::TooLarge`] past the device's buffer limits.
+    /// [`Error::TooLarge`] past the device's buffer limits (checked before
+    /// anything is copied or allocated).
     pub fn from_array(ctx: &GpuContext, x: ArrayViewD<'_, f32>, layout: Layout) -> Result<Self> {
         Self::from_array_as(ctx, x, layout, DType::F32)
     }
@@ -68,13 +91,17 @@ impl GpuTensor {
     ///
     /// # Errors
     /// [`Error::Unsupported`] for f16 on an adapter without `SHADER_F16`;
-    /// [`Error::TooLarge`] past the device's buffer limits.
+    /// [`Error::TooLarge`] past the device's buffer limits (checked before
+    /// anything is copied or allocated).
     pub fn from_array_as(
         ctx: &GpuContext,
         x: ArrayViewD<'_, f32>,
         layout: Layout,
         dtype: DType,
     ) -> Result<Self> {
+        check_dtype_supported(ctx, dtype)?;
+        let (bytes, what) = tensor_bytes(x.shape(), dtype);
+        ctx.check_storage_size(&what, bytes)?;
         let std = x.as_standard_layout();
         let data = std.as_slice().expect("standard layout is contiguous");
         Self::from_slice_as(ctx, data, x.shape(), layout, dtype)
@@ -110,6 +137,7 @@ impl GpuTensor {
         match dtype {
             DType::F32 => Self::upload(ctx, bytemuck::cast_slice(data), dims, layout, dtype),
             DType::F16 => {
+                check_dtype_supported(ctx, dtype)?;
                 let halves: Vec<half::f16> = data.iter().map(|&v| half::f16::from_f32(v)).collect();
                 Self::from_slice_f16(ctx, &halves, dims, layout)
             }
@@ -138,12 +166,10 @@ impl GpuTensor {
         dtype: DType,
     ) -> Result<Self> {
         check_dtype_supported(ctx, dtype)?;
-        ctx.check_storage_size(
-            &format!("{dtype} tensor of shape {dims:?}"),
-            bytes.len() as u64,
-        )?;
+        ctx.check_storage_size(&tensor_bytes(dims, dtype).1, bytes.len() as u64)?;
         Ok(Self {
-            buffer: ctx.storage_buffer_init("batchnorm.tensor", bytes),
+            buffer: ctx.storage_buffer_init("batchnorm.tensor", bytes)?,
+            offset: 0,
             dims: dims.to_vec(),
             layout,
             dtype,
@@ -154,7 +180,8 @@ impl GpuTensor {
     /// An f32 tensor of shape `dims` whose contents are unspecified until written.
     ///
     /// # Errors
-    /// [`Error::TooLarge`] past the device's buffer limits.
+    /// [`Error::TooLarge`] past the device's buffer limits; [`Error::Wgpu`]
+    /// when the device is out of memory.
     pub fn uninit(ctx: &GpuContext, dims: &[usize], layout: Layout) -> Result<Self> {
         Self::uninit_as(ctx, dims, layout, DType::F32)
     }
@@ -162,7 +189,8 @@ impl GpuTensor {
     /// A tensor of `dtype` and shape `dims` whose contents are unspecified until written.
     ///
     /// # Errors
-    /// [`Error::Unsupported`] for f16 without `SHADER_F16`; [`Error::TooLarge`].
+    /// [`Error::Unsupported`] for f16 without `SHADER_F16`; [`Error::TooLarge`];
+    /// [`Error::Wgpu`] when the device is out of memory.
     pub fn uninit_as(
         ctx: &GpuContext,
         dims: &[usize],
@@ -170,14 +198,11 @@ impl GpuTensor {
         dtype: DType,
     ) -> Result<Self> {
         check_dtype_supported(ctx, dtype)?;
-        let len = dims
-            .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .unwrap_or(usize::MAX);
-        let bytes = (len as u64).saturating_mul(dtype.size() as u64);
-        ctx.check_storage_size(&format!("{dtype} tensor of shape {dims:?}"), bytes)?;
+        let (bytes, what) = tensor_bytes(dims, dtype);
+        ctx.check_storage_size(&what, bytes)?;
         Ok(Self {
-            buffer: ctx.storage_buffer("batchnorm.tensor", bytes),
+            buffer: ctx.storage_buffer("batchnorm.tensor", bytes)?,
+            offset: 0,
             dims: dims.to_vec(),
             layout,
             dtype,
@@ -185,10 +210,93 @@ impl GpuTensor {
         })
     }
 
-    /// Overwrites the contents with `data` (standard order; rounded for f16).
+    /// A view of the app's own `buffer` from byte `offset`: a tensor of shape
+    /// `dims`, `layout` and `dtype` that BatchNorm calls read or write in
+    /// place. The buffer must have been created by `ctx`'s device (wgpu
+    /// cannot tell this crate which device made a buffer, so this is the
+    /// caller's promise) and have `BufferUsages::STORAGE`; reading it back ([`GpuTensor::to_vec`]) also
+    /// needs `COPY_SRC`, and [`GpuTensor::write`] needs `COPY_DST`.
+    ///
+    /// ```no_run
+    /// use wgpu_batchnorm::{DType, GpuContext, GpuTensor, Layout};
+    /// let ctx = GpuContext::new()?;
+    /// let buffer = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+    ///     label: Some("app activations"),
+    ///     size: 1 << 20,
+    ///     usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+    ///     mapped_at_creation: false,
+    /// });
+    /// let align = u64::from(ctx.limits().min_storage_buffer_offset_alignment);
+    /// let x = GpuTensor::from_buffer(&ctx, &buffer, 4 * align, &[8, 16, 32], Layout::ChannelsFirst, DType::F32)?;
+    /// assert_eq!(x.offset(), 4 * align);
+    /// # Ok::<(), wgpu_batchnorm::Error>(())
+    /// ```
     ///
     /// # Errors
-    /// [`Error::ShapeMismatch`] when the length differs.
+    /// [`Error::BufferUsage`] without `STORAGE`; [`Error::Misaligned`] when
+    /// `offset` is not a multiple of the device's
+    /// `min_storage_buffer_offset_alignment`; [`Error::BufferTooSmall`] when
+    /// the view runs past the buffer's end; [`Error::TooLarge`] past
+    /// `max_storage_buffer_binding_size`; [`Error::Unsupported`] for f16
+    /// without `SHADER_F16`.
+    pub fn from_buffer(
+        ctx: &GpuContext,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        dims: &[usize],
+        layout: Layout,
+        dtype: DType,
+    ) -> Result<Self> {
+        check_dtype_supported(ctx, dtype)?;
+        let (bytes, what) = tensor_bytes(dims, dtype);
+        check_usage(&what, buffer, wgpu::BufferUsages::STORAGE)?;
+        let alignment = u64::from(ctx.limits().min_storage_buffer_offset_alignment).max(4);
+        if !offset.is_multiple_of(alignment) {
+            return Err(Error::Misaligned {
+                what,
+                offset,
+                alignment,
+            });
+        }
+        ctx.check_storage_size(&what, bytes)?;
+        let end = offset.saturating_add(bytes.next_multiple_of(4));
+        if end > buffer.size() {
+            return Err(Error::BufferTooSmall {
+                what,
+                offset,
+                end,
+                size: buffer.size(),
+            });
+        }
+        Ok(Self::view(ctx, buffer, offset, dims, layout, dtype))
+    }
+
+    /// A view without checks, for buffers this crate laid out itself.
+    pub(crate) fn view(
+        ctx: &GpuContext,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        dims: &[usize],
+        layout: Layout,
+        dtype: DType,
+    ) -> Self {
+        Self {
+            buffer: buffer.clone(),
+            offset,
+            dims: dims.to_vec(),
+            layout,
+            dtype,
+            ctx: ctx.clone(),
+        }
+    }
+
+    /// Overwrites the contents with `data` (standard order; rounded for f16).
+    /// Like `wgpu::Queue::write_buffer`, the write lands before the next
+    /// submit's commands.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] when the length differs; [`Error::BufferUsage`]
+    /// when the buffer lacks `COPY_DST`.
     pub fn write(&self, data: &[f32]) -> Result<()> {
         if data.len() != self.len() {
             return Err(Error::ShapeMismatch {
@@ -197,25 +305,33 @@ impl GpuTensor {
                 got: vec![data.len()],
             });
         }
+        check_usage(
+            "tensor written from the host",
+            &self.buffer,
+            wgpu::BufferUsages::COPY_DST,
+        )?;
+        if data.is_empty() {
+            return Ok(());
+        }
         let q = self.ctx.queue();
         match self.dtype {
-            DType::F32 => q.write_buffer(&self.buffer, 0, bytemuck::cast_slice(data)),
+            DType::F32 => q.write_buffer(&self.buffer, self.offset, bytemuck::cast_slice(data)),
             DType::F16 => {
                 let mut halves: Vec<half::f16> =
                     data.iter().map(|&v| half::f16::from_f32(v)).collect();
                 if halves.len() % 2 == 1 {
                     halves.push(half::f16::ZERO); // writes are whole 4-byte words
                 }
-                q.write_buffer(&self.buffer, 0, bytemuck::cast_slice(&halves));
+                q.write_buffer(&self.buffer, self.offset, bytemuck::cast_slice(&halves));
             }
         }
         Ok(())
     }
 
-    /// Reads the tensor back as an f32 ndarray (f16 widened).
+    /// Reads the tensor back as an f32 ndarray (f16 widened), waiting for the device.
     ///
     /// # Errors
-    /// Device errors.
+    /// [`Error::BufferUsage`] without `COPY_SRC`; device errors.
     pub fn to_array(&self) -> Result<ArrayD<f32>> {
         Ok(
             ArrayD::from_shape_vec(IxDyn(&self.dims), self.to_vec()?)
@@ -223,21 +339,52 @@ impl GpuTensor {
         )
     }
 
-    /// Reads the tensor back in standard order (f16 widened to f32).
+    /// Reads the tensor back in standard order (f16 widened to f32), waiting
+    /// for the device.
     ///
     /// # Errors
-    /// Device errors.
+    /// [`Error::BufferUsage`] without `COPY_SRC`; device errors.
     pub fn to_vec(&self) -> Result<Vec<f32>> {
-        match self.dtype {
-            DType::F32 => self.ctx.read_f32(&self.buffer, self.len()),
-            DType::F16 => Ok(self.to_vec_f16()?.iter().map(|v| v.to_f32()).collect()),
-        }
+        let bytes = self
+            .ctx
+            .read_bytes(&self.buffer, self.offset, self.bytes())?;
+        Ok(widen(self.dtype, &bytes))
+    }
+
+    /// Reads the tensor back without waiting: submits a copy to a staging
+    /// buffer now, and returns a future that resolves to the values (f16
+    /// widened) once the device has run the copy. The future makes progress
+    /// only while the device is polled: an app that does not call
+    /// `wgpu::Device::poll` elsewhere calls it with `PollType::Poll` in its
+    /// loop, or waits with `PollType::wait_indefinitely()`.
+    ///
+    /// ```no_run
+    /// use wgpu_batchnorm::{GpuContext, GpuTensor, Layout};
+    /// let ctx = GpuContext::new()?;
+    /// let t = GpuTensor::from_slice(&ctx, &[1.0, 2.0], &[2, 1], Layout::ChannelsFirst)?;
+    /// let pending = t.read_async()?;
+    /// ctx.device().poll(wgpu::PollType::wait_indefinitely()).expect("poll");
+    /// assert_eq!(pollster::block_on(pending)?, vec![1.0, 2.0]);
+    /// # Ok::<(), wgpu_batchnorm::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::BufferUsage`] without `COPY_SRC`; device errors when the
+    /// copy cannot be submitted (now) or the buffer cannot be mapped (from the future).
+    pub fn read_async(
+        &self,
+    ) -> Result<impl Future<Output = Result<Vec<f32>>> + Send + 'static + use<>> {
+        let pending = self
+            .ctx
+            .read_bytes_async(&self.buffer, self.offset, self.bytes())?;
+        let dtype = self.dtype;
+        Ok(async move { Ok(widen(dtype, &pending.await?)) })
     }
 
     /// Reads an f16 tensor back as f16 values.
     ///
     /// # Errors
-    /// [`Error::DTypeMismatch`] for an f32 tensor; device errors.
+    /// [`Error::DTypeMismatch`] for an f32 tensor; as [`GpuTensor::to_vec`].
     pub fn to_vec_f16(&self) -> Result<Vec<half::f16>> {
         if self.dtype != DType::F16 {
             return Err(Error::DTypeMismatch {
@@ -246,7 +393,9 @@ impl GpuTensor {
                 got: self.dtype.to_string(),
             });
         }
-        let bytes = self.ctx.read_bytes(&self.buffer, (self.len() * 2) as u64)?;
+        let bytes = self
+            .ctx
+            .read_bytes(&self.buffer, self.offset, self.bytes())?;
         Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
@@ -275,12 +424,19 @@ impl GpuTensor {
         self.len() == 0
     }
 
+    /// Bytes of the elements (`len * dtype.size()`).
+    pub fn bytes(&self) -> u64 {
+        (self.len() * self.dtype.size()) as u64
+    }
+
     /// The context (device) the tensor lives on.
     pub fn context(&self) -> &GpuContext {
         &self.ctx
     }
 
-    /// Errors unless the tensor lives on `ctx`'s device; `what` names it.
+    /// Errors unless the tensor was made with `ctx`; `what` names it. (wgpu
+    /// compares devices by an id that can repeat across instances, so the
+    /// context, made once per device, is what tells devices apart.)
     pub(crate) fn check_device(&self, what: &str, ctx: &GpuContext) -> Result<()> {
         if self.ctx.id() != ctx.id() {
             return Err(Error::DeviceMismatch {
@@ -294,8 +450,34 @@ impl GpuTensor {
         Ok(())
     }
 
-    /// The underlying buffer, for applications that bind it in their own passes.
+    /// The underlying buffer, for applications that bind it in their own
+    /// passes (the tensor starts at [`GpuTensor::offset`]).
     pub fn buffer(&self) -> &wgpu::Buffer {
         &self.buffer
+    }
+
+    /// Byte offset of the first element in [`GpuTensor::buffer`].
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The view as a binding: its bytes rounded up to a multiple of 4.
+    pub fn binding(&self) -> wgpu::BufferBinding<'_> {
+        wgpu::BufferBinding {
+            buffer: &self.buffer,
+            offset: self.offset,
+            size: wgpu::BufferSize::new(self.bytes().max(1).next_multiple_of(4)),
+        }
+    }
+}
+
+/// Values of `bytes` holding `dtype` elements, widened to f32.
+fn widen(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        DType::F32 => bytemuck::pod_collect_to_vec(bytes),
+        DType::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(bytes)
+            .iter()
+            .map(|v| v.to_f32())
+            .collect(),
     }
 }

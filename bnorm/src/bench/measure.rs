@@ -7,8 +7,8 @@ use indicatif::ProgressBar;
 use std::time::Instant;
 use wgpu_batchnorm::cpu::parallel_copy;
 use wgpu_batchnorm::{
-    BatchNormConfig, CpuBatchNorm, DType, Error, GpuBatchNorm, GpuContext, GpuTensor, Layout, Mode,
-    Operation, Result,
+    BatchNormConfig, CpuBatchNorm, DType, Error, GpuBatchNorm, GpuContext, GpuSavedStats,
+    GpuTensor, Layout, Mode, Operation, Result,
 };
 
 /// Copy traffic per element: read and write, 8 B for f32.
@@ -248,22 +248,17 @@ struct GpuData {
     dy: GpuTensor,
     y: GpuTensor,
     dx: GpuTensor,
-    dw: GpuTensor,
-    db: GpuTensor,
 }
 
 impl GpuData {
     fn new(ctx: &GpuContext, case: &Case<'_>) -> Result<Self> {
         let dims = case.shape.dims(case.layout);
         let n = case.shape.len();
-        let c = [case.shape.channels()];
         Ok(Self {
             x: GpuTensor::from_slice_as(ctx, &data(n, 1), &dims, case.layout, case.dtype)?,
             dy: GpuTensor::from_slice_as(ctx, &data(n, 2), &dims, case.layout, case.dtype)?,
             y: GpuTensor::uninit_as(ctx, &dims, case.layout, case.dtype)?,
             dx: GpuTensor::uninit_as(ctx, &dims, case.layout, case.dtype)?,
-            dw: GpuTensor::uninit(ctx, &c, case.layout)?,
-            db: GpuTensor::uninit(ctx, &c, case.layout)?,
         })
     }
 }
@@ -295,9 +290,11 @@ pub fn bench_gpu(
     let what = format!("{} {} {}", ctx.label(), case.shape.name(), case.layout);
     let setup = GpuData::new(ctx, case).and_then(|d| {
         let cfg = BatchNormConfig::new(case.shape.channels()).with_layout(case.layout);
-        Ok((d, GpuBatchNorm::new(ctx, cfg)?))
+        let bn = GpuBatchNorm::new(ctx, cfg)?;
+        let saved = GpuSavedStats::new(&bn)?;
+        Ok((d, bn, saved))
     });
-    let (d, mut bn) = match setup {
+    let (d, mut bn, mut saved) = match setup {
         Ok(s) => s,
         Err(error) => {
             run.skips.push(Skip { what, error });
@@ -325,14 +322,23 @@ pub fn bench_gpu(
             op.name(),
             case.shape.name()
         ));
+        let mut train = |bn: &mut GpuBatchNorm| {
+            ctx.run("training forward", |enc| {
+                bn.record_forward_train(enc, &d.x, &d.y, Some(&mut saved))
+            })
+        };
         let times = match op {
-            Operation::TrainForward => {
-                time_sources(ctx, case, || bn.forward_train_into(&d.x, &d.y))
-            }
-            Operation::EvalForward => time_sources(ctx, case, || bn.forward_eval_into(&d.x, &d.y)),
-            Operation::Backward => match bn.forward_train_into(&d.x, &d.y) {
+            Operation::TrainForward => time_sources(ctx, case, || train(&mut bn)),
+            Operation::EvalForward => time_sources(ctx, case, || {
+                ctx.run("evaluation forward", |enc| {
+                    bn.record_forward_eval(enc, &d.x, &d.y, None)
+                })
+            }),
+            Operation::Backward => match train(&mut bn) {
                 Ok(()) => time_sources(ctx, case, || {
-                    bn.backward_into(&d.x, &d.dy, Mode::Train, &d.dx, &d.dw, &d.db)
+                    ctx.run("backward", |enc| {
+                        bn.record_backward(enc, &d.x, &d.dy, &saved, &d.dx)
+                    })
                 }),
                 Err(e) => vec![("wall", Err(e))],
             },

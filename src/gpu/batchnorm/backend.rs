@@ -1,13 +1,47 @@
 //! [`GpuBatchNorm`] behind the ndarray interface every backend shares.
+//!
+//! This interface keeps the statistics of its last forward for its backward,
+//! as the CPU backends do; device-resident code passes [`GpuSavedStats`]
+//! handles instead.
 
-use super::GpuBatchNorm;
+use super::{GpuBatchNorm, GpuSavedStats};
 use crate::backend::BatchNormBackend;
 use crate::config::{BatchNormConfig, Mode};
 use crate::error::Result;
 use crate::gpu::GpuTensor;
 use crate::layout::DType;
 use crate::state::{BatchNormState, Gradients, SavedStats};
+use crate::validate;
 use ndarray::{ArrayD, ArrayViewD};
+
+impl GpuBatchNorm {
+    /// Runs a forward of the ndarray `x`; `batch` forwards keep their
+    /// statistics in `last_saved` for [`BatchNormBackend::backward`].
+    fn array_forward(&mut self, x: ArrayViewD<'_, f32>, mode: Mode) -> Result<ArrayD<f32>> {
+        let x = GpuTensor::from_array_as(&self.ctx, x, self.config.layout, self.storage)?;
+        let batch = validate::uses_batch_stats(&self.config, mode);
+        let y = self.output_like(&x, batch)?;
+        let mut saved = match self.last_saved.take() {
+            Some(s) => s,
+            None => GpuSavedStats::new(self)?,
+        };
+        let before = saved.written.clone();
+        let ctx = self.ctx.clone();
+        let result = ctx.run("BatchNorm forward", |enc| {
+            let keep = batch.then_some(&mut saved);
+            match mode {
+                Mode::Train => self.record_forward_train(enc, &x, &y, keep),
+                Mode::Eval => self.record_forward_eval(enc, &x, &y, keep),
+            }
+        });
+        if result.is_err() {
+            saved.written = before;
+        }
+        self.last_saved = Some(saved);
+        result?;
+        y.to_array()
+    }
+}
 
 impl BatchNormBackend for GpuBatchNorm {
     fn backend_name(&self) -> String {
@@ -19,13 +53,11 @@ impl BatchNormBackend for GpuBatchNorm {
     }
 
     fn forward_train(&mut self, x: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>> {
-        let x = GpuTensor::from_array_as(&self.ctx, x, self.config.layout, self.storage)?;
-        GpuBatchNorm::forward_train(self, &x)?.to_array()
+        self.array_forward(x, Mode::Train)
     }
 
     fn forward_eval(&mut self, x: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>> {
-        let x = GpuTensor::from_array_as(&self.ctx, x, self.config.layout, self.storage)?;
-        GpuBatchNorm::forward_eval(self, &x)?.to_array()
+        self.array_forward(x, Mode::Eval)
     }
 
     fn backward(
@@ -34,9 +66,22 @@ impl BatchNormBackend for GpuBatchNorm {
         dy: ArrayViewD<'_, f32>,
         mode: Mode,
     ) -> Result<Gradients> {
-        let x = GpuTensor::from_array_as(&self.ctx, x, self.config.layout, self.storage)?;
-        let dy = GpuTensor::from_array_as(&self.ctx, dy, self.config.layout, self.storage)?;
-        let g = GpuBatchNorm::backward(self, &x, &dy, mode)?;
+        validate::backward_input(&self.config, x.shape(), dy.shape())?;
+        let batch = validate::uses_batch_stats(&self.config, mode);
+        let saved = self.last_saved.take();
+        let result = (|| {
+            if batch {
+                let dims = saved.as_ref().and_then(|s| s.dims()).filter(|_| {
+                    saved.as_ref().and_then(GpuSavedStats::is_batch_stats) == Some(true)
+                });
+                validate::saved_shape(dims, x.shape())?;
+            }
+            let x = GpuTensor::from_array_as(&self.ctx, x, self.config.layout, self.storage)?;
+            let dy = GpuTensor::from_array_as(&self.ctx, dy, self.config.layout, self.storage)?;
+            self.run_backward_of(&x, &dy, saved.as_ref().filter(|_| batch))
+        })();
+        self.last_saved = saved;
+        let g = result?;
         Ok(Gradients {
             dx: g.dx.to_array()?,
             dweight: g.dweight.map(|t| t.to_vec()).transpose()?,
@@ -45,7 +90,10 @@ impl BatchNormBackend for GpuBatchNorm {
     }
 
     fn saved_stats(&self) -> Result<Option<SavedStats>> {
-        GpuBatchNorm::saved_stats(self)
+        match &self.last_saved {
+            Some(s) if s.is_batch_stats() == Some(true) => s.read(),
+            _ => Ok(None),
+        }
     }
 
     fn state(&self) -> Result<BatchNormState> {

@@ -1,8 +1,8 @@
 //! Training and evaluation forward: the passes `stats_partial`,
-//! `stats_finalize`, `eval_coeffs` and `normalize`, and the operations
-//! built from them.
+//! `stats_finalize`, `eval_coeffs` and `normalize`, and the recorded
+//! operations built from them.
 
-use super::GpuBatchNorm;
+use super::{GpuBatchNorm, GpuSavedStats, Pass, elements, saved::Written};
 use crate::config::Mode;
 use crate::error::Result;
 use crate::gpu::kernels::{ElementKernels, Params};
@@ -13,94 +13,151 @@ use crate::validate;
 impl GpuBatchNorm {
     /// Training statistics, stage 1 (`shaders/stats_partial.wgsl`,
     /// [`crate::reference::stats_partial`]): Welford `(mean, M2)` of each
-    /// slice of each channel of `x` into the partials buffer.
-    fn stats_partial(
-        &self,
-        enc: &mut wgpu::CommandEncoder,
-        e: &ElementKernels,
-        p: &Params,
+    /// slice of each channel of `x` into the partials buffer; with
+    /// `FLAG_UPDATE_RUNNING` also counts the batch and stores the step's momentum.
+    fn stats_partial<'k>(
+        &mut self,
+        e: &'k ElementKernels,
+        (params, p): (&wgpu::Buffer, &Params),
         x: &GpuTensor,
-    ) {
-        let buffers = [&self.params, &x.buffer, &self.scratch];
-        self.pass(enc, &e.stats_partial, &buffers, p.channels * p.slices);
+    ) -> Result<Pass<'k>> {
+        let (scratch, state) = (self.scratch.clone(), self.state.clone());
+        let bindings = [
+            Self::whole(params),
+            x.binding(),
+            Self::whole(&scratch),
+            Self::whole(&state),
+        ];
+        self.group(&e.stats_partial, &bindings, p.channels * p.slices)
     }
 
     /// Training statistics, stage 2 (`shaders/stats_finalize.wgsl`,
     /// [`crate::reference::stats_finalize`]): per channel, Chan-merges the
     /// slices into the saved `(mean, invstd)` and the coefficients of
-    /// [`GpuBatchNorm::normalize`], and (with `FLAG_UPDATE_RUNNING`) writes the
-    /// updated running statistics into the running buffer not in use.
-    fn stats_finalize(&self, enc: &mut wgpu::CommandEncoder, p: &Params) {
-        let (running_in, running_out) = (&self.running[self.cur], &self.running[1 - self.cur]);
-        let buffers = [
-            &self.params,
-            &self.scratch,
-            &self.wb,
-            running_in,
-            running_out,
-            &self.saved,
-            &self.coef,
+    /// [`GpuBatchNorm::normalize`], and (with `FLAG_UPDATE_RUNNING`) updates
+    /// the running statistics in place.
+    fn stats_finalize<'k>(
+        &mut self,
+        k: &'k crate::gpu::kernels::Kernel,
+        (params, p): (&wgpu::Buffer, &Params),
+        saved: &wgpu::Buffer,
+    ) -> Result<Pass<'k>> {
+        let (scratch, state, coef) = (self.scratch.clone(), self.state.clone(), self.coef.clone());
+        let bindings = [
+            Self::whole(params),
+            Self::whole(&scratch),
+            Self::whole(&state),
+            Self::whole(saved),
+            Self::whole(&coef),
         ];
-        let k = &self.ctx.kernels().stats_finalize;
-        self.pass(enc, k, &buffers, p.channels.div_ceil(WG_CHANNEL));
+        self.group(k, &bindings, p.channels.div_ceil(WG_CHANNEL))
     }
 
     /// Evaluation coefficients (`shaders/eval_coeffs.wgsl`,
-    /// [`crate::reference::eval_coeffs`]) from the running statistics.
-    fn eval_coeffs(&self, enc: &mut wgpu::CommandEncoder, p: &Params) {
-        let buffers = [
-            &self.params,
-            &self.wb,
-            &self.running[self.cur],
-            &self.eval_coef,
+    /// [`crate::reference::eval_coeffs`]) from the running statistics, and
+    /// the `(running_mean, invstd)` a backward of this forward uses.
+    pub(super) fn eval_coeffs<'k>(
+        &mut self,
+        k: &'k crate::gpu::kernels::Kernel,
+        (params, p): (&wgpu::Buffer, &Params),
+        saved: &wgpu::Buffer,
+    ) -> Result<Pass<'k>> {
+        let (state, coef) = (self.state.clone(), self.coef.clone());
+        let bindings = [
+            Self::whole(params),
+            Self::whole(&state),
+            Self::whole(saved),
+            Self::whole(&coef),
         ];
-        let k = &self.ctx.kernels().eval_coeffs;
-        self.pass(enc, k, &buffers, p.channels.div_ceil(WG_CHANNEL));
+        self.group(k, &bindings, p.channels.div_ceil(WG_CHANNEL))
     }
 
     /// The elementwise pass (`shaders/normalize.wgsl`, or
     /// `normalize_vec4.wgsl` when the element count is a multiple of 4;
     /// [`crate::reference::normalize`]): `y = (x - center) * scale + shift`
-    /// with the per-channel coefficients in `coef`.
-    fn normalize(
-        &self,
-        enc: &mut wgpu::CommandEncoder,
-        e: &ElementKernels,
-        p: &Params,
-        (x, coef, y): (&GpuTensor, &wgpu::Buffer, &GpuTensor),
-    ) {
+    /// with the per-channel coefficients of the pass before.
+    fn normalize<'k>(
+        &mut self,
+        e: &'k ElementKernels,
+        (params, p): (&wgpu::Buffer, &Params),
+        (x, y): (&GpuTensor, &GpuTensor),
+    ) -> Result<Pass<'k>> {
         let (vec4, wgs) = Self::elementwise_wgs(p);
-        let buffers = [&self.params, &x.buffer, coef, &y.buffer];
-        self.pass(enc, e.normalize(vec4), &buffers, wgs);
+        let coef = self.coef.clone();
+        let bindings = [
+            Self::whole(params),
+            x.binding(),
+            Self::whole(&coef),
+            y.binding(),
+        ];
+        self.group(e.normalize(vec4), &bindings, wgs)
     }
 
-    /// Batch statistics forward into `y`; `update` also moves the running statistics.
-    fn batch_forward(&mut self, x: &GpuTensor, y: &GpuTensor, update: bool) -> Result<()> {
+    /// Checks a forward of `x` into `y` with `saved`; the walk of `x`.
+    fn check_forward(
+        &self,
+        x: &GpuTensor,
+        y: &GpuTensor,
+        saved: Option<&GpuSavedStats>,
+        batch: bool,
+    ) -> Result<crate::shape::ChannelWalk> {
         self.check_tensor("x", x)?;
-        let walk = validate::input(&self.config, x.shape(), true)?;
+        let walk = validate::input(&self.config, x.shape(), batch)?;
         self.check_output("y", y, &walk.dims, x.dtype())?;
-        let update = update && self.config.track_running_stats;
-        let momentum = self.config.momentum_factor(self.num_batches_tracked + 1);
-        let flags = if update { FLAG_UPDATE_RUNNING } else { 0 };
-        let p = self.params(&walk, flags, momentum);
-        self.prepare(&p)?;
-        let e = self.elements(x.dtype())?;
-        self.ctx.submit("BatchNorm training forward", |enc| {
-            self.stats_partial(enc, e, &p, x);
-            self.stats_finalize(enc, &p);
-            self.normalize(enc, e, &p, (x, &self.coef, y));
-        })?;
-        if update {
-            self.cur = 1 - self.cur;
-            self.num_batches_tracked += 1;
-            self.eval_coef_fresh = false;
+        elements(&self.ctx, x.dtype())?;
+        if let Some(s) = saved {
+            s.check_layer(self.id)?;
         }
-        self.saved_dims = Some(walk.dims);
+        let saved_buffer = saved.map_or_else(|| self.own_buffer(), |s| s.buffer.clone());
+        self.check_buffers(("y", y), &[("x", x)], &saved_buffer)?;
+        Ok(walk)
+    }
+
+    /// The saved-statistics buffer of forwards given no handle.
+    pub(super) fn own_buffer(&self) -> wgpu::Buffer {
+        self.own_saved
+            .as_ref()
+            .expect("own_saved is set in new")
+            .buffer
+            .clone()
+    }
+
+    /// Records a forward with batch statistics; `update` moves the running statistics.
+    fn record_batch_forward(
+        &mut self,
+        enc: &mut wgpu::CommandEncoder,
+        (x, y): (&GpuTensor, &GpuTensor),
+        saved: Option<&mut GpuSavedStats>,
+        update: bool,
+    ) -> Result<()> {
+        let walk = self.check_forward(x, y, saved.as_deref(), true)?;
+        let ctx = self.ctx.clone();
+        let e = elements(&ctx, x.dtype())?;
+        let flags = if update { FLAG_UPDATE_RUNNING } else { 0 };
+        let p = self.params(&walk, flags);
+        let params = self.prepare(&p)?;
+        let saved_buffer = saved
+            .as_ref()
+            .map_or_else(|| self.own_buffer(), |s| s.buffer.clone());
+        let passes = [
+            self.stats_partial(e, (&params, &p), x)?,
+            self.stats_finalize(&ctx.kernels().stats_finalize, (&params, &p), &saved_buffer)?,
+            self.normalize(e, (&params, &p), (x, y))?,
+        ];
+        self.record(enc, "batchnorm.forward_train", &passes);
+        if let Some(s) = saved {
+            s.written = Some(Written {
+                dims: walk.dims,
+                batch: true,
+            });
+        }
         Ok(())
     }
 
-    /// Training forward: `y` from batch statistics, which are kept for
-    /// [`GpuBatchNorm::backward`]; updates the running statistics when tracked.
+    /// Records a training forward of `x` into `y`: normalizes with the batch
+    /// statistics, saves them into `saved` (for the backward of this
+    /// forward), and, when tracked, moves the running statistics and
+    /// `num_batches_tracked` when the commands run. Nothing is submitted.
     ///
     /// ```text
     /// y = (x - mean) / sqrt(var + eps) * weight + bias      (var biased)
@@ -109,69 +166,68 @@ impl GpuBatchNorm {
     /// ```
     ///
     /// # Errors
-    /// [`crate::Error::DeviceMismatch`], [`crate::Error::LayoutMismatch`],
-    /// [`crate::Error::Rank`], [`crate::Error::ChannelMismatch`],
-    /// [`crate::Error::Empty`], [`crate::Error::SingleValuePerChannel`],
-    /// [`crate::Error::TooLarge`], [`crate::Error::Wgpu`],
-    /// [`crate::Error::DeviceLost`]. On error the layer is unchanged.
-    pub fn forward_train(&mut self, x: &GpuTensor) -> Result<GpuTensor> {
-        self.check_tensor("x", x)?;
-        let walk = validate::input(&self.config, x.shape(), true)?;
-        let y = GpuTensor::uninit_as(&self.ctx, &walk.dims, walk.layout, x.dtype())?;
-        self.batch_forward(x, &y, true)?;
-        Ok(y)
+    /// Checked before anything is recorded, leaving encoder and layer as
+    /// they were: [`crate::Error::DeviceMismatch`],
+    /// [`crate::Error::LayoutMismatch`], [`crate::Error::Rank`],
+    /// [`crate::Error::ChannelMismatch`], [`crate::Error::Empty`],
+    /// [`crate::Error::SingleValuePerChannel`], [`crate::Error::ShapeMismatch`]
+    /// and [`crate::Error::DTypeMismatch`] for `y`,
+    /// [`crate::Error::BufferAlias`], [`crate::Error::SavedStatsMismatch`]
+    /// for a handle of another layer, [`crate::Error::Unsupported`] for f16
+    /// without `SHADER_F16`, [`crate::Error::TooLarge`], and
+    /// [`crate::Error::Wgpu`] when the first use of a buffer fails to bind.
+    pub fn record_forward_train(
+        &mut self,
+        enc: &mut wgpu::CommandEncoder,
+        x: &GpuTensor,
+        y: &GpuTensor,
+        saved: Option<&mut GpuSavedStats>,
+    ) -> Result<()> {
+        let update = self.config.track_running_stats;
+        self.record_batch_forward(enc, (x, y), saved, update)
     }
 
-    /// [`GpuBatchNorm::forward_train`] into an existing tensor of the same shape.
-    ///
-    /// # Errors
-    /// As `forward_train`, and [`crate::Error::ShapeMismatch`] for `y`.
-    pub fn forward_train_into(&mut self, x: &GpuTensor, y: &GpuTensor) -> Result<()> {
-        self.batch_forward(x, y, true)
-    }
-
-    /// Evaluation forward: `y` from the running statistics, or from batch
-    /// statistics (kept for backward, running statistics untouched) when they
-    /// are not tracked.
+    /// Records an evaluation forward of `x` into `y`: normalizes with the
+    /// running statistics, or with batch statistics (running statistics
+    /// untouched) when they are not tracked. `saved`, when given, receives
+    /// the statistics a backward of this forward needs.
     ///
     /// ```text
     /// y = (x - running_mean) / sqrt(running_var + eps) * weight + bias
     /// ```
     ///
     /// # Errors
-    /// As [`GpuBatchNorm::forward_train`]; one value per channel is an error only
-    /// without tracked statistics.
-    pub fn forward_eval(&mut self, x: &GpuTensor) -> Result<GpuTensor> {
-        self.check_tensor("x", x)?;
-        let batch = validate::uses_batch_stats(&self.config, Mode::Eval);
-        let walk = validate::input(&self.config, x.shape(), batch)?;
-        let y = GpuTensor::uninit_as(&self.ctx, &walk.dims, walk.layout, x.dtype())?;
-        self.forward_eval_into(x, &y)?;
-        Ok(y)
-    }
-
-    /// [`GpuBatchNorm::forward_eval`] into an existing tensor of the same shape.
-    ///
-    /// # Errors
-    /// As `forward_eval`, and [`crate::Error::ShapeMismatch`] for `y`.
-    pub fn forward_eval_into(&mut self, x: &GpuTensor, y: &GpuTensor) -> Result<()> {
-        if !self.config.track_running_stats {
-            return self.batch_forward(x, y, false);
+    /// As [`GpuBatchNorm::record_forward_train`]; one value per channel is an
+    /// error only without tracked statistics.
+    pub fn record_forward_eval(
+        &mut self,
+        enc: &mut wgpu::CommandEncoder,
+        x: &GpuTensor,
+        y: &GpuTensor,
+        saved: Option<&mut GpuSavedStats>,
+    ) -> Result<()> {
+        if validate::uses_batch_stats(&self.config, Mode::Eval) {
+            return self.record_batch_forward(enc, (x, y), saved, false);
         }
-        self.check_tensor("x", x)?;
-        let walk = validate::input(&self.config, x.shape(), false)?;
-        self.check_output("y", y, &walk.dims, x.dtype())?;
-        let p = self.params(&walk, 0, 0.0);
-        self.prepare(&p)?;
-        let e = self.elements(x.dtype())?;
-        let fresh = self.eval_coef_fresh;
-        self.ctx.submit("BatchNorm evaluation forward", |enc| {
-            if !fresh {
-                self.eval_coeffs(enc, &p);
-            }
-            self.normalize(enc, e, &p, (x, &self.eval_coef, y));
-        })?;
-        self.eval_coef_fresh = true;
+        let walk = self.check_forward(x, y, saved.as_deref(), false)?;
+        let ctx = self.ctx.clone();
+        let e = elements(&ctx, x.dtype())?;
+        let p = self.params(&walk, 0);
+        let params = self.prepare(&p)?;
+        let saved_buffer = saved
+            .as_ref()
+            .map_or_else(|| self.own_buffer(), |s| s.buffer.clone());
+        let passes = [
+            self.eval_coeffs(&ctx.kernels().eval_coeffs, (&params, &p), &saved_buffer)?,
+            self.normalize(e, (&params, &p), (x, y))?,
+        ];
+        self.record(enc, "batchnorm.forward_eval", &passes);
+        if let Some(s) = saved {
+            s.written = Some(Written {
+                dims: walk.dims,
+                batch: false,
+            });
+        }
         Ok(())
     }
 }

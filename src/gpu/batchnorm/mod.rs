@@ -1,26 +1,60 @@
 //! BatchNorm on a wgpu device: the layer, its buffers and state. The
-//! operations are in `forward.rs` and `backward.rs`, one method per pass.
+//! operations are in `forward.rs` and `backward.rs`, one method per pass; the
+//! blocking `run_*` methods and the ndarray interface are built on them.
 
 mod backend;
 mod backward;
+mod cache;
 mod forward;
+mod run;
+mod saved;
+
+pub use cache::GpuResourceCounts;
+pub use saved::GpuSavedStats;
 
 use super::context::GpuContext;
 use super::kernels::{self, ElementKernels, Kernel, Params};
 use super::tensor::GpuTensor;
 use crate::config::BatchNormConfig;
 use crate::error::{Error, Result};
-use crate::layout::DType;
-use crate::shaders::WG;
+use crate::layout::{DType, Layout};
+use crate::shaders::{FLAG_CUMULATIVE, WG};
 use crate::shape::ChannelWalk;
-use crate::state::{BatchNormState, SavedStats};
+use crate::state::BatchNormState;
 use crate::validate;
-use wgpu::util::DeviceExt;
+use cache::Cache;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Smallest slice of a channel one reduction workgroup takes by default.
 const MIN_SLICE_LEN: u32 = 4096;
 /// Most slices a channel is split into by default.
 const MAX_SLICES: u32 = 256;
+
+static NEXT_LAYER_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Sections of a layer's state buffer, in units of its stride.
+/// Keep in sync with the section constants of shaders/common.wgsl.
+mod section {
+    pub const WEIGHT: usize = 0;
+    pub const BIAS: usize = 1;
+    pub const RUNNING_MEAN: usize = 2;
+    pub const RUNNING_VAR: usize = 3;
+    pub const DWEIGHT: usize = 4;
+    pub const DBIAS: usize = 5;
+    /// `u32` words: num_batches_tracked (low, high), the momentum factor's bits.
+    pub const COUNTER: usize = 6;
+    pub const COUNT: usize = 7;
+}
+
+/// The result of a blocking forward: the output and the statistics its
+/// backward needs.
+#[derive(Debug)]
+pub struct GpuForward {
+    /// The normalized output, on the device.
+    pub y: GpuTensor,
+    /// What [`GpuBatchNorm::run_backward`] of this forward takes.
+    pub saved: GpuSavedStats,
+}
 
 /// Gradients of a GPU backward pass, left on the device.
 #[derive(Debug, Clone)]
@@ -28,117 +62,159 @@ pub struct GpuGradients {
     /// Gradient with respect to the input.
     pub dx: GpuTensor,
     /// Gradient with respect to `weight`, shape `(C,)` (affine only).
+    /// Per-channel vectors are tagged [`Layout::ChannelsFirst`], which for a
+    /// 1-D tensor is the same memory as channels-last.
     pub dweight: Option<GpuTensor>,
     /// Gradient with respect to `bias`, shape `(C,)` (affine only).
     pub dbias: Option<GpuTensor>,
 }
 
-/// A BatchNorm layer whose parameters, running statistics and saved batch
-/// statistics live on a GPU.
+/// The per-channel tensors of a layer, views of its state buffer.
+#[derive(Debug)]
+struct Views {
+    weight: GpuTensor,
+    bias: GpuTensor,
+    running_mean: GpuTensor,
+    running_var: GpuTensor,
+    dweight: GpuTensor,
+    dbias: GpuTensor,
+}
+
+/// One recorded dispatch: kernel, bind group, workgroup count.
+struct Pass<'k> {
+    kernel: &'k Kernel,
+    group: wgpu::BindGroup,
+    workgroups: u32,
+}
+
+/// A BatchNorm layer whose parameters, running statistics and gradients live
+/// on a GPU, for recording into an app's command encoders.
 ///
-/// All passes of one call go into one command encoder and one submit; the
-/// pipelines come from the [`GpuContext`], and the scratch buffers are kept
-/// and reused across calls. Each pass is recorded by the method named after
-/// its shader (`stats_partial`, `stats_finalize`, `normalize`, `eval_coeffs`,
+/// Every operation is recorded by a `record_*` method into a
+/// `wgpu::CommandEncoder`: nothing is submitted and nothing waits, so many
+/// layers and many calls go into one submission. After the first call with a
+/// given set of buffers and shape, recording allocates no buffer and creates
+/// no bind group or pipeline ([`GpuBatchNorm::resource_counts`] shows it).
+/// The `run_*` methods are the same recordings run through
+/// [`GpuContext::run`]: one submit, a wait, results returned.
+///
+/// What holds:
+/// - A recorded call checks everything it can (devices, shapes, layouts,
+///   dtypes, saved statistics, buffers shared between inputs and outputs)
+///   before it records anything; on `Err` the encoder and the layer are
+///   unchanged.
+/// - State lives on the device and changes when the commands run, in queue
+///   order, as on CUDA: a recorded training forward moves the running
+///   statistics and `num_batches_tracked` when it executes, so the same layer
+///   recorded several times in one encoder gives exactly the results of
+///   separate calls. Reads (`state`, `num_batches_tracked`) see what has run.
+/// - A blocking `run_*` call that fails changes nothing: a call refused while
+///   recording records nothing, and a submit that wgpu rejects runs nothing.
+/// - `weight`, `bias`, `running_mean`, `running_var`, `dweight` and `dbias`
+///   are tensors on the device ([`GpuBatchNorm::weight`], ...), so an
+///   optimizer written in WGSL updates `weight` in place.
+///
+/// Each pass is recorded by the method named after its shader
+/// (`stats_partial`, `stats_finalize`, `normalize`, `eval_coeffs`,
 /// `backward_partial`, `backward_finalize`, `backward_dx`), beside the
 /// function of the same name in [`crate::reference`].
 ///
 /// ```no_run
 /// use ndarray::{Array, IxDyn};
-/// use wgpu_batchnorm::{BatchNormConfig, GpuBatchNorm, GpuContext, GpuTensor, Mode};
+/// use wgpu_batchnorm::{BatchNormConfig, GpuBatchNorm, GpuContext, GpuTensor};
 /// let ctx = GpuContext::new()?;
 /// let mut bn = GpuBatchNorm::new(&ctx, BatchNormConfig::new(3))?;
 /// let x = Array::from_shape_fn(IxDyn(&[4, 3, 8, 8]), |i| (i[0] * 7 + i[1] * 3 + i[2] + i[3]) as f32);
 /// let x = GpuTensor::from_array(&ctx, x.view(), bn.config().layout)?;
-/// let y = bn.forward_train(&x)?;               // stays on the GPU
-/// let grads = bn.backward(&x, &y, Mode::Train)?; // y as the upstream gradient, for show
-/// let dx = grads.dx.to_array()?;               // read back when needed
+/// let fwd = bn.run_forward_train(&x)?;                     // stays on the GPU
+/// let grads = bn.run_backward(&x, &fwd.y, &fwd.saved)?;   // fwd.y as the upstream gradient, for show
+/// let dx = grads.dx.to_array()?;                          // read back when needed
 /// assert_eq!(dx.shape(), &[4, 3, 8, 8]);
 /// # Ok::<(), wgpu_batchnorm::Error>(())
 /// ```
 #[derive(Debug)]
 pub struct GpuBatchNorm {
+    id: u64,
     ctx: GpuContext,
     config: BatchNormConfig,
-    params: wgpu::Buffer,
-    /// (weight, bias) per channel; (1, 0) without affine.
-    wb: wgpu::Buffer,
-    /// (running_mean, running_var) per channel, double-buffered: a training
-    /// forward reads `running[cur]` and writes the other one, and `cur` flips
-    /// only when the whole call succeeded.
-    running: [wgpu::Buffer; 2],
-    cur: usize,
-    num_batches_tracked: u64,
-    /// (mean, invstd) of the last forward with batch statistics.
-    saved: wgpu::Buffer,
-    saved_dims: Option<Vec<usize>>,
+    /// Elements between the sections of `state`.
+    stride: usize,
+    /// weight, bias, running_mean, running_var, dweight, dbias, counter (see [`section`]).
+    state: wgpu::Buffer,
+    views: Views,
+    /// Per-channel coefficients of the elementwise passes, rewritten by every call.
     coef: wgpu::Buffer,
-    eval_coef: wgpu::Buffer,
-    eval_coef_fresh: bool,
-    dx_coef: wgpu::Buffer,
+    /// Partial reductions per (channel, slice).
     scratch: wgpu::Buffer,
     scratch_bytes: u64,
+    cache: Cache,
     slice_len: Option<u32>,
     max_per_dim: Option<u32>,
     /// Storage type used for ndarray inputs of the [`crate::BatchNormBackend`] methods.
     storage: DType,
+    /// Where forwards given no handle save their statistics.
+    own_saved: Option<GpuSavedStats>,
+    /// The statistics of the last forward through [`crate::BatchNormBackend`].
+    last_saved: Option<GpuSavedStats>,
 }
 
-fn interleave(a: &[f32], b: &[f32]) -> Vec<f32> {
-    a.iter().zip(b).flat_map(|(&u, &v)| [u, v]).collect()
-}
-
-fn split(v: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    v.chunks_exact(2).map(|p| (p[0], p[1])).unzip()
-}
+// Threads share a context and each run their own layers.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<GpuContext>();
+    send_sync::<GpuBatchNorm>();
+    send_sync::<GpuTensor>();
+    send_sync::<GpuSavedStats>();
+};
 
 impl GpuBatchNorm {
     /// A layer on `ctx` in PyTorch's initial state.
     ///
     /// # Errors
     /// [`Error::Config`] for an invalid configuration; [`Error::TooLarge`] when the
-    /// per-channel buffers pass the device limits.
+    /// per-channel buffers pass the device limits; [`Error::Wgpu`] when the
+    /// device is out of memory.
     pub fn new(ctx: &GpuContext, config: BatchNormConfig) -> Result<Self> {
         config.validate()?;
         let c = config.num_features;
+        let align = (ctx.limits().min_storage_buffer_offset_alignment as usize / 4).max(1);
+        let stride = c.max(4).next_multiple_of(align);
+        let state_bytes = (section::COUNT * stride * 4) as u64;
+        ctx.check_storage_size("the layer's per-channel state", state_bytes)?;
         ctx.check_storage_size("per-channel coefficients", (c * 16) as u64)?;
-        let device = ctx.device();
-        let state = BatchNormState::new(&config);
-        let ones = vec![1.0f32; c];
-        let zeros = vec![0.0f32; c];
-        let wb = interleave(&ones, &zeros);
-        let running = interleave(&zeros, &ones);
-        let params = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("batchnorm.params"),
-            contents: bytemuck::bytes_of(&Params::default()),
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-        });
-        let per_channel =
-            |label: &str, floats: usize| ctx.storage_buffer(label, (c * floats * 4) as u64);
+        let state = ctx.storage_buffer("batchnorm.state", state_bytes)?;
+        let view = |s: usize| {
+            let offset = (s * stride * 4) as u64;
+            GpuTensor::view(ctx, &state, offset, &[c], Layout::ChannelsFirst, DType::F32)
+        };
+        let views = Views {
+            weight: view(section::WEIGHT),
+            bias: view(section::BIAS),
+            running_mean: view(section::RUNNING_MEAN),
+            running_var: view(section::RUNNING_VAR),
+            dweight: view(section::DWEIGHT),
+            dbias: view(section::DBIAS),
+        };
         let mut bn = Self {
-            params,
-            wb: ctx.storage_buffer_init("batchnorm.weight_bias", bytemuck::cast_slice(&wb)),
-            running: [
-                ctx.storage_buffer_init("batchnorm.running.0", bytemuck::cast_slice(&running)),
-                ctx.storage_buffer_init("batchnorm.running.1", bytemuck::cast_slice(&running)),
-            ],
-            cur: 0,
-            num_batches_tracked: 0,
-            saved: per_channel("batchnorm.saved", 2),
-            saved_dims: None,
-            coef: per_channel("batchnorm.coef", 4),
-            eval_coef: per_channel("batchnorm.eval_coef", 4),
-            eval_coef_fresh: false,
-            dx_coef: per_channel("batchnorm.dx_coef", 4),
-            scratch: ctx.storage_buffer("batchnorm.partials", 16),
+            id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed),
+            stride,
+            views,
+            coef: ctx.storage_buffer("batchnorm.coef", (c * 16) as u64)?,
+            scratch: ctx.storage_buffer("batchnorm.partials", 16)?,
             scratch_bytes: 16,
+            cache: Cache::default(),
             slice_len: None,
             max_per_dim: None,
             storage: DType::F32,
+            own_saved: None,
+            last_saved: None,
+            state,
             ctx: ctx.clone(),
             config,
         };
-        bn.set_state(&state)?;
+        bn.own_saved = Some(GpuSavedStats::new(&bn)?);
+        bn.cache.counts.buffers = 4;
+        bn.set_state(&BatchNormState::new(&bn.config))?;
         Ok(bn)
     }
 
@@ -173,18 +249,6 @@ impl GpuBatchNorm {
         Ok(())
     }
 
-    /// The element kernels for tensors stored as `dtype`.
-    fn elements(&self, dtype: DType) -> Result<&ElementKernels> {
-        let k = self.ctx.kernels();
-        match dtype {
-            DType::F32 => Ok(&k.f32),
-            DType::F16 => k.f16.as_ref().ok_or_else(|| Error::Unsupported {
-                adapter: self.ctx.label(),
-                what: "f16 storage needs the SHADER_F16 feature, which this adapter lacks".into(),
-            }),
-        }
-    }
-
     /// Sets the storage type that the [`crate::BatchNormBackend`] methods round their
     /// ndarray inputs to before computing (outputs come back widened to f32).
     /// Device-resident calls take the type of the tensors they are given.
@@ -192,7 +256,7 @@ impl GpuBatchNorm {
     /// # Errors
     /// [`Error::Unsupported`] for f16 on an adapter without `SHADER_F16`.
     pub fn set_storage_dtype(&mut self, dtype: DType) -> Result<()> {
-        self.elements(dtype)?;
+        elements(&self.ctx, dtype)?;
         self.storage = dtype;
         Ok(())
     }
@@ -207,11 +271,114 @@ impl GpuBatchNorm {
         &self.ctx
     }
 
-    /// Training steps counted so far (`None` without tracked statistics).
-    pub fn num_batches_tracked(&self) -> Option<u64> {
+    /// `weight` (`gamma`), shape `(C,)`, on the device (affine only). Kernels
+    /// of the app may read and write it between calls, e.g. an optimizer step.
+    pub fn weight(&self) -> Option<&GpuTensor> {
+        self.config.affine.then_some(&self.views.weight)
+    }
+
+    /// `bias` (`beta`), shape `(C,)`, on the device (affine only).
+    pub fn bias(&self) -> Option<&GpuTensor> {
+        self.config.affine.then_some(&self.views.bias)
+    }
+
+    /// `running_mean`, shape `(C,)`, on the device (tracking only).
+    pub fn running_mean(&self) -> Option<&GpuTensor> {
         self.config
             .track_running_stats
-            .then_some(self.num_batches_tracked)
+            .then_some(&self.views.running_mean)
+    }
+
+    /// `running_var` (unbiased), shape `(C,)`, on the device (tracking only).
+    pub fn running_var(&self) -> Option<&GpuTensor> {
+        self.config
+            .track_running_stats
+            .then_some(&self.views.running_var)
+    }
+
+    /// The gradient of `weight` that the last backward to run wrote, shape
+    /// `(C,)`, on the device (affine only). Each backward overwrites it.
+    pub fn dweight(&self) -> Option<&GpuTensor> {
+        self.config.affine.then_some(&self.views.dweight)
+    }
+
+    /// The gradient of `bias` that the last backward to run wrote (affine only).
+    pub fn dbias(&self) -> Option<&GpuTensor> {
+        self.config.affine.then_some(&self.views.dbias)
+    }
+
+    /// GPU buffers and bind groups this layer has created so far. Unchanged
+    /// by calls whose shapes and buffers it has seen before.
+    pub fn resource_counts(&self) -> GpuResourceCounts {
+        self.cache.counts
+    }
+
+    /// Training steps counted so far (`None` without tracked statistics),
+    /// read back from the device: the steps that have run.
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn num_batches_tracked(&self) -> Result<Option<u64>> {
+        if !self.config.track_running_stats {
+            return Ok(None);
+        }
+        let words = self.read_section(section::COUNTER, 2)?;
+        Ok(Some(counter_value(&words)))
+    }
+
+    fn read_section(&self, s: usize, floats: usize) -> Result<Vec<f32>> {
+        self.ctx
+            .read_f32(&self.state, (s * self.stride * 4) as u64, floats)
+    }
+
+    /// Parameters and running statistics, read back from the device.
+    ///
+    /// # Errors
+    /// Device errors.
+    pub fn state(&self) -> Result<BatchNormState> {
+        let c = self.config.num_features;
+        let all = self.read_section(0, section::COUNTER * self.stride + 2)?;
+        let at = |s: usize| all[s * self.stride..s * self.stride + c].to_vec();
+        let (affine, track) = (self.config.affine, self.config.track_running_stats);
+        Ok(BatchNormState {
+            weight: affine.then(|| at(section::WEIGHT)),
+            bias: affine.then(|| at(section::BIAS)),
+            running_mean: track.then(|| at(section::RUNNING_MEAN)),
+            running_var: track.then(|| at(section::RUNNING_VAR)),
+            num_batches_tracked: track
+                .then(|| counter_value(&all[section::COUNTER * self.stride..])),
+        })
+    }
+
+    /// Replaces parameters and running statistics (and zeroes the
+    /// gradients). Like `wgpu::Queue::write_buffer`, the values land before
+    /// the commands of the next submit on the queue.
+    ///
+    /// # Errors
+    /// [`Error::ParameterLength`], [`Error::MissingParameter`].
+    pub fn set_state(&mut self, state: &BatchNormState) -> Result<()> {
+        state.validate(&self.config)?;
+        let c = self.config.num_features;
+        let mut all = vec![0.0f32; section::COUNT * self.stride];
+        let mut put = |s: usize, v: Option<&[f32]>, default: f32| {
+            let dst = &mut all[s * self.stride..s * self.stride + c];
+            match v {
+                Some(v) => dst.copy_from_slice(v),
+                None => dst.fill(default),
+            }
+        };
+        put(section::WEIGHT, state.weight.as_deref(), 1.0);
+        put(section::BIAS, state.bias.as_deref(), 0.0);
+        put(section::RUNNING_MEAN, state.running_mean.as_deref(), 0.0);
+        put(section::RUNNING_VAR, state.running_var.as_deref(), 1.0);
+        let n = state.num_batches_tracked.unwrap_or(0);
+        let counter = section::COUNTER * self.stride;
+        all[counter] = f32::from_bits(n as u32);
+        all[counter + 1] = f32::from_bits((n >> 32) as u32);
+        self.ctx
+            .queue()
+            .write_buffer(&self.state, 0, bytemuck::cast_slice(&all));
+        Ok(())
     }
 
     /// Errors unless `t` lives on the layer's device and is in its layout.
@@ -233,13 +400,52 @@ impl GpuBatchNorm {
         validate::same_shape(what, dims, out.shape())
     }
 
+    /// Errors when the tensors of a call share buffers that its dispatches
+    /// cannot bind together: the written tensor `out` with any other, or any
+    /// of them with the layer's state or the saved statistics.
+    fn check_buffers(
+        &self,
+        out: (&str, &GpuTensor),
+        inputs: &[(&str, &GpuTensor)],
+        saved: &wgpu::Buffer,
+    ) -> Result<()> {
+        let alias = |what: &str, other: &str| {
+            Err(Error::BufferAlias {
+                what: what.into(),
+                other: other.into(),
+            })
+        };
+        for (what, t) in inputs.iter().chain([&out]) {
+            if t.buffer() == &self.state {
+                return alias(
+                    what,
+                    "the layer's state (parameters, statistics, gradients)",
+                );
+            }
+            if t.buffer() == saved {
+                return alias(what, "the saved statistics");
+            }
+        }
+        for (what, t) in inputs {
+            if t.buffer() == out.1.buffer() {
+                return alias(out.0, what);
+            }
+        }
+        Ok(())
+    }
+
     /// Parameters of one call on `walk`.
-    fn params(&self, walk: &ChannelWalk, flags: u32, momentum: f64) -> Params {
+    fn params(&self, walk: &ChannelWalk, flags: u32) -> Params {
         let m = walk.per_channel() as u32;
         let slice_len = self
             .slice_len
             .unwrap_or_else(|| MIN_SLICE_LEN.max(m.div_ceil(MAX_SLICES)))
             .min(m);
+        let cumulative = if self.config.momentum.is_none() {
+            FLAG_CUMULATIVE
+        } else {
+            0
+        };
         Params {
             channels: walk.channels as u32,
             outer: walk.outer as u32,
@@ -248,46 +454,59 @@ impl GpuBatchNorm {
             slices: m.div_ceil(slice_len),
             slice_len,
             per_channel: m,
-            flags,
+            flags: flags | cumulative,
             eps: self.config.eps as f32,
-            momentum: momentum as f32,
+            momentum: self.config.momentum.unwrap_or(0.0) as f32,
             unbias: if m > 1 {
                 m as f32 / (m - 1) as f32
             } else {
                 0.0
             },
             inv_m: 1.0 / m as f32,
+            state_stride: self.stride as u32,
+            pad: [0; 3],
         }
     }
 
-    /// Writes `p` and grows the partials buffer for it.
-    fn prepare(&mut self, p: &Params) -> Result<()> {
+    /// The uniform block of `p`, and a partials buffer large enough for it.
+    fn prepare(&mut self, p: &Params) -> Result<wgpu::Buffer> {
         let bytes = u64::from(p.channels) * u64::from(p.slices) * 8;
         if bytes > self.scratch_bytes {
             self.ctx.check_storage_size("partial statistics", bytes)?;
-            self.scratch = self.ctx.storage_buffer("batchnorm.partials", bytes);
+            self.scratch = self.ctx.storage_buffer("batchnorm.partials", bytes)?;
             self.scratch_bytes = bytes;
+            self.cache.counts.buffers += 1;
+            self.cache.forget_groups();
         }
-        self.ctx
-            .queue()
-            .write_buffer(&self.params, 0, bytemuck::bytes_of(p));
-        Ok(())
+        self.cache.params(&self.ctx, p)
     }
 
-    fn max_dim(&self) -> u32 {
+    /// The bind group of `kernel` over `bindings`, from the cache.
+    fn group<'k>(
+        &mut self,
+        kernel: &'k Kernel,
+        bindings: &[wgpu::BufferBinding<'_>],
+        workgroups: u32,
+    ) -> Result<Pass<'k>> {
+        let group = self.cache.group(&self.ctx, kernel, bindings)?;
+        Ok(Pass {
+            kernel,
+            group,
+            workgroups,
+        })
+    }
+
+    /// Records `passes` into one compute pass, in order.
+    fn record(&self, enc: &mut wgpu::CommandEncoder, label: &str, passes: &[Pass<'_>]) {
         let limit = self.ctx.limits().max_compute_workgroups_per_dimension;
-        self.max_per_dim.map_or(limit, |cap| cap.min(limit))
-    }
-
-    fn pass(
-        &self,
-        enc: &mut wgpu::CommandEncoder,
-        k: &Kernel,
-        buffers: &[&wgpu::Buffer],
-        wgs: u32,
-    ) {
-        let bg = k.bind(self.ctx.device(), buffers);
-        kernels::dispatch(enc, k, &bg, wgs, self.max_dim());
+        let max_dim = self.max_per_dim.map_or(limit, |cap| cap.min(limit));
+        let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(label),
+            timestamp_writes: None,
+        });
+        for p in passes {
+            kernels::dispatch(&mut cpass, p.kernel, &p.group, p.workgroups, max_dim);
+        }
     }
 
     fn elementwise_wgs(p: &Params) -> (bool, u32) {
@@ -296,62 +515,25 @@ impl GpuBatchNorm {
         (vec4, items.div_ceil(WG))
     }
 
-    /// Batch statistics of the last forward that computed them.
-    ///
-    /// # Errors
-    /// Device errors.
-    pub fn saved_stats(&self) -> Result<Option<SavedStats>> {
-        if self.saved_dims.is_none() {
-            return Ok(None);
-        }
-        let (mean, invstd) = split(
-            &self
-                .ctx
-                .read_f32(&self.saved, self.config.num_features * 2)?,
-        );
-        Ok(Some(SavedStats { mean, invstd }))
+    /// A binding of the whole `buffer`.
+    fn whole(buffer: &wgpu::Buffer) -> wgpu::BufferBinding<'_> {
+        buffer.as_entire_buffer_binding()
     }
+}
 
-    /// Parameters and running statistics, read back from the device.
-    ///
-    /// # Errors
-    /// Device errors.
-    pub fn state(&self) -> Result<BatchNormState> {
-        let c = self.config.num_features;
-        let (w, b) = split(&self.ctx.read_f32(&self.wb, c * 2)?);
-        let (rm, rv) = split(&self.ctx.read_f32(&self.running[self.cur], c * 2)?);
-        let (affine, track) = (self.config.affine, self.config.track_running_stats);
-        Ok(BatchNormState {
-            weight: affine.then_some(w),
-            bias: affine.then_some(b),
-            running_mean: track.then_some(rm),
-            running_var: track.then_some(rv),
-            num_batches_tracked: track.then_some(self.num_batches_tracked),
-        })
+/// The element kernels of `ctx` for tensors stored as `dtype`.
+fn elements(ctx: &GpuContext, dtype: DType) -> Result<&ElementKernels> {
+    let k = ctx.kernels();
+    match dtype {
+        DType::F32 => Ok(&k.f32),
+        DType::F16 => k.f16.as_ref().ok_or_else(|| Error::Unsupported {
+            adapter: ctx.label(),
+            what: "f16 storage needs the SHADER_F16 feature, which this adapter lacks".into(),
+        }),
     }
+}
 
-    /// Replaces parameters and running statistics.
-    ///
-    /// # Errors
-    /// [`Error::ParameterLength`], [`Error::MissingParameter`].
-    pub fn set_state(&mut self, state: &BatchNormState) -> Result<()> {
-        state.validate(&self.config)?;
-        let c = self.config.num_features;
-        let ones = vec![1.0f32; c];
-        let zeros = vec![0.0f32; c];
-        let q = self.ctx.queue();
-        let wb = interleave(
-            state.weight.as_deref().unwrap_or(&ones),
-            state.bias.as_deref().unwrap_or(&zeros),
-        );
-        q.write_buffer(&self.wb, 0, bytemuck::cast_slice(&wb));
-        let running = interleave(
-            state.running_mean.as_deref().unwrap_or(&zeros),
-            state.running_var.as_deref().unwrap_or(&ones),
-        );
-        q.write_buffer(&self.running[self.cur], 0, bytemuck::cast_slice(&running));
-        self.num_batches_tracked = state.num_batches_tracked.unwrap_or(0);
-        self.eval_coef_fresh = false;
-        Ok(())
-    }
+/// num_batches_tracked from its (low, high) words.
+fn counter_value(words: &[f32]) -> u64 {
+    u64::from(words[0].to_bits()) | (u64::from(words[1].to_bits()) << 32)
 }
