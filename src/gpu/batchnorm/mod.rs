@@ -533,6 +533,16 @@ fn elements(ctx: &GpuContext, dtype: DType) -> Result<&ElementKernels> {
     }
 }
 
+impl GpuSavedStats {
+    /// An empty handle for forwards of `layer` (`2 * C` floats on its device).
+    ///
+    /// # Errors
+    /// [`Error::Wgpu`] when the device is out of memory.
+    pub fn new(layer: &GpuBatchNorm) -> Result<Self> {
+        Self::empty(&layer.ctx, layer.id, layer.config.num_features)
+    }
+}
+
 /// num_batches_tracked from its (low, high) words.
 fn counter_value(words: &[f32]) -> u64 {
     u64::from(words[0].to_bits()) | (u64::from(words[1].to_bits()) << 32)

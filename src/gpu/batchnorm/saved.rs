@@ -1,6 +1,5 @@
 //! The statistics a forward saves for its backward, as a handle the backward takes.
 
-use super::GpuBatchNorm;
 use crate::error::{Error, Result};
 use crate::gpu::context::GpuContext;
 use crate::state::SavedStats;
@@ -48,20 +47,16 @@ pub(crate) struct Written {
 }
 
 impl GpuSavedStats {
-    /// An empty handle for forwards of `layer` (`2 * C` floats on its device).
-    ///
-    /// # Errors
-    /// [`Error::Wgpu`] when the device is out of memory.
-    pub fn new(layer: &GpuBatchNorm) -> Result<Self> {
-        let ctx = layer.context().clone();
-        let channels = layer.config().num_features;
+    /// An empty handle of `channels` channels for layer `layer` on `ctx`
+    /// (`GpuSavedStats::new` is in the parent module, which knows layers).
+    pub(super) fn empty(ctx: &GpuContext, layer: u64, channels: usize) -> Result<Self> {
         let buffer = ctx.storage_buffer("batchnorm.saved", (channels * 8) as u64)?;
         Ok(Self {
             buffer,
-            layer: layer.id,
+            layer,
             channels,
             written: None,
-            ctx,
+            ctx: ctx.clone(),
         })
     }
 
