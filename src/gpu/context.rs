@@ -324,6 +324,24 @@ impl GpuContext {
         self.inner.id
     }
 
+    /// The device, queue and loss state.
+    pub(crate) fn handle(&self) -> &DeviceHandle {
+        &self.inner.handle
+    }
+
+    /// The lock that serializes this crate's submits on the device.
+    pub(crate) fn submit_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.inner
+            .submit_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The timer of a submit, while GPU timing is on.
+    pub(crate) fn submit_timer(&self) -> Option<super::timing::SubmitTimer<'_>> {
+        self.inner.timing.submit_timer()
+    }
+
     /// The pipelines built for this device.
     pub(crate) fn kernels(&self) -> &Kernels {
         &self.inner.kernels
@@ -364,165 +382,6 @@ impl GpuContext {
     /// A buffer of `desc`, with out-of-memory and validation errors as `Err`.
     pub(crate) fn create_buffer(&self, desc: &wgpu::BufferDescriptor<'_>) -> Result<wgpu::Buffer> {
         self.inner.handle.create_buffer(desc)
-    }
-
-    /// The blocking path: a new command encoder, `record` into it, one
-    /// submit, and a wait for the device. wgpu errors (validation, out of
-    /// memory) come back as `Err`, and so does an `Err` of `record`, in which
-    /// case nothing is submitted. Timed while GPU timing is on (see
-    /// [`GpuContext::set_timestamps`]).
-    ///
-    /// Every blocking method of this crate is a recording method run through
-    /// here, and apps can do the same with several calls at once:
-    ///
-    /// ```no_run
-    /// use wgpu_batchnorm::{BatchNormConfig, GpuBatchNorm, GpuContext, GpuSavedStats, GpuTensor, Layout};
-    /// let ctx = GpuContext::new()?;
-    /// let mut bn = GpuBatchNorm::new(&ctx, BatchNormConfig::new(4))?;
-    /// let x = GpuTensor::from_slice(&ctx, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], &[2, 4], Layout::ChannelsFirst)?;
-    /// let (y1, y2) = (GpuTensor::uninit(&ctx, &[2, 4], Layout::ChannelsFirst)?, GpuTensor::uninit(&ctx, &[2, 4], Layout::ChannelsFirst)?);
-    /// let (mut s1, mut s2) = (GpuSavedStats::new(&bn)?, GpuSavedStats::new(&bn)?);
-    /// ctx.run("two steps", |enc| {
-    ///     bn.record_forward_train(enc, &x, &y1, Some(&mut s1))?;
-    ///     bn.record_forward_train(enc, &x, &y2, Some(&mut s2))
-    /// })?;
-    /// assert_eq!(bn.num_batches_tracked()?, Some(2));
-    /// # Ok::<(), wgpu_batchnorm::Error>(())
-    /// ```
-    ///
-    /// # Errors
-    /// The first `Err` of `record`; [`Error::Wgpu`]; [`Error::DeviceLost`].
-    pub fn run(
-        &self,
-        label: &str,
-        record: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
-    ) -> Result<()> {
-        self.run_with(label, true, record)
-    }
-
-    /// [`GpuContext::run`] of a closure that cannot fail.
-    pub(crate) fn submit(
-        &self,
-        during: &str,
-        record: impl FnOnce(&mut wgpu::CommandEncoder),
-    ) -> Result<()> {
-        self.run_with(during, true, |enc| {
-            record(enc);
-            Ok(())
-        })
-    }
-
-    /// [`GpuContext::run`]; `timed = false` keeps it out of GPU timing (readbacks).
-    fn run_with(
-        &self,
-        during: &str,
-        timed: bool,
-        record: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
-    ) -> Result<()> {
-        let handle = &self.inner.handle;
-        handle.check_alive()?;
-        let _serial = self
-            .inner
-            .submit_lock
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let scope = ErrorScopes::push(&handle.device);
-        let mut encoder = handle
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some(during),
-            });
-        let timer = timed.then(|| self.inner.timing.submit_timer()).flatten();
-        if let Some(t) = &timer {
-            t.begin(&mut encoder);
-        }
-        if let Err(e) = record(&mut encoder) {
-            drop(encoder);
-            // errors of what was recorded before the failure belong to this call too
-            scope.pop(during).ok();
-            return Err(e);
-        }
-        if let Some(t) = &timer {
-            t.end(&mut encoder);
-        }
-        handle.queue.submit([encoder.finish()]);
-        scope.pop(during)?;
-        handle.wait(during)?;
-        timer.map_or(Ok(()), |t| t.finish(handle))
-    }
-
-    /// Submits a copy of `bytes` of `buffer` from byte `offset` into a new
-    /// staging buffer, and returns it with the copy's size.
-    fn stage_read(&self, buffer: &wgpu::Buffer, offset: u64, bytes: u64) -> Result<wgpu::Buffer> {
-        super::device::check_usage("tensor read back", buffer, wgpu::BufferUsages::COPY_SRC)?;
-        let padded = bytes.max(4).next_multiple_of(4);
-        let staging = self.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("batchnorm.readback"),
-            size: padded,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        })?;
-        let handle = &self.inner.handle;
-        handle.check_alive()?;
-        let _serial = self
-            .inner
-            .submit_lock
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let scope = ErrorScopes::push(&handle.device);
-        let mut encoder = handle
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("batchnorm.readback"),
-            });
-        encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, padded);
-        handle.queue.submit([encoder.finish()]);
-        scope.pop("readback")?;
-        Ok(staging)
-    }
-
-    /// Copies `bytes` of `buffer` from byte `offset` back to the host, waiting.
-    pub(crate) fn read_bytes(
-        &self,
-        buffer: &wgpu::Buffer,
-        offset: u64,
-        bytes: u64,
-    ) -> Result<Vec<u8>> {
-        if bytes == 0 {
-            return Ok(Vec::new());
-        }
-        let staging = self.stage_read(buffer, offset, bytes)?;
-        self.inner.handle.map_read(&staging, bytes)
-    }
-
-    /// As [`GpuContext::read_bytes`], without waiting: the future resolves once
-    /// the device has been polled past the copy.
-    pub(crate) fn read_bytes_async(
-        &self,
-        buffer: &wgpu::Buffer,
-        offset: u64,
-        bytes: u64,
-    ) -> Result<impl std::future::Future<Output = Result<Vec<u8>>> + Send + 'static + use<>> {
-        let staging = (bytes > 0)
-            .then(|| self.stage_read(buffer, offset, bytes))
-            .transpose()?;
-        Ok(async move {
-            match staging {
-                Some(staging) => super::device::map_read_async(staging, bytes).await,
-                None => Ok(Vec::new()),
-            }
-        })
-    }
-
-    /// Copies `len` f32 values of `buffer` from byte `offset` back to the host.
-    pub(crate) fn read_f32(
-        &self,
-        buffer: &wgpu::Buffer,
-        offset: u64,
-        len: usize,
-    ) -> Result<Vec<f32>> {
-        let bytes = self.read_bytes(buffer, offset, (len * 4) as u64)?;
-        Ok(bytemuck::pod_collect_to_vec(&bytes))
     }
 
     /// Whether the device can time submits with timestamp queries

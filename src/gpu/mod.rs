@@ -4,7 +4,8 @@
 //! Modules, each using only those listed before it: `adapter` (which
 //! adapters), `device` (a device and queue: error scopes, waits, readback),
 //! `kernels` (pipelines and bind group layouts), `timing` (timestamp
-//! queries), `context` (the [`GpuContext`]), `tensor` ([`GpuTensor`]), `copy`
+//! queries), `context` (the [`GpuContext`]), `submit` (its blocking path and
+//! readback), `tensor` ([`GpuTensor`]), `copy`
 //! (the copy roofline), `batchnorm` ([`GpuBatchNorm`]).
 
 mod adapter;
@@ -13,6 +14,7 @@ mod context;
 mod copy;
 mod device;
 pub(crate) mod kernels;
+mod submit;
 mod tensor;
 mod timing;
 
