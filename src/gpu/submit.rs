@@ -3,7 +3,15 @@
 
 use super::context::GpuContext;
 use super::device::{ErrorScopes, check_usage, map_read_async};
+use super::timing::SubmitTimer;
 use crate::error::Result;
+use std::sync::MutexGuard;
+
+/// A submit in flight: the serializing lock, and its timer while timing is on.
+struct Submitted<'a> {
+    _serial: MutexGuard<'a, ()>,
+    timer: Option<SubmitTimer<'a>>,
+}
 
 impl GpuContext {
     /// The blocking path: a new command encoder, `record` into it, one
@@ -59,9 +67,24 @@ impl GpuContext {
         timed: bool,
         record: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
     ) -> Result<()> {
+        let submitted = self.submit_now(during, timed, record)?;
+        let handle = self.handle();
+        handle.wait(during)?;
+        submitted.timer.map_or(Ok(()), |t| t.finish(handle))
+    }
+
+    /// Records with `record` into a new encoder (between the timestamps when
+    /// `timed` and timing is on) and submits it without waiting; the returned
+    /// guard keeps this crate's submits serialized until it is dropped.
+    fn submit_now(
+        &self,
+        during: &str,
+        timed: bool,
+        record: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
+    ) -> Result<Submitted<'_>> {
         let handle = self.handle();
         handle.check_alive()?;
-        let _serial = self.submit_lock();
+        let serial = self.submit_lock();
         let scope = ErrorScopes::push(&handle.device);
         let mut encoder = handle
             .device
@@ -83,12 +106,14 @@ impl GpuContext {
         }
         handle.queue.submit([encoder.finish()]);
         scope.pop(during)?;
-        handle.wait(during)?;
-        timer.map_or(Ok(()), |t| t.finish(handle))
+        Ok(Submitted {
+            _serial: serial,
+            timer,
+        })
     }
 
     /// Submits a copy of `bytes` of `buffer` from byte `offset` into a new
-    /// staging buffer, and returns it with the copy's size.
+    /// staging buffer, and returns that buffer.
     fn stage_read(&self, buffer: &wgpu::Buffer, offset: u64, bytes: u64) -> Result<wgpu::Buffer> {
         check_usage("tensor read back", buffer, wgpu::BufferUsages::COPY_SRC)?;
         let padded = bytes.max(4).next_multiple_of(4);
@@ -98,18 +123,10 @@ impl GpuContext {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         })?;
-        let handle = self.handle();
-        handle.check_alive()?;
-        let _serial = self.submit_lock();
-        let scope = ErrorScopes::push(&handle.device);
-        let mut encoder = handle
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("batchnorm.readback"),
-            });
-        encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, padded);
-        handle.queue.submit([encoder.finish()]);
-        scope.pop("readback")?;
+        self.submit_now("readback", false, |enc| {
+            enc.copy_buffer_to_buffer(buffer, offset, &staging, 0, padded);
+            Ok(())
+        })?;
         Ok(staging)
     }
 

@@ -167,14 +167,8 @@ impl GpuTensor {
     ) -> Result<Self> {
         check_dtype_supported(ctx, dtype)?;
         ctx.check_storage_size(&tensor_bytes(dims, dtype).1, bytes.len() as u64)?;
-        Ok(Self {
-            buffer: ctx.storage_buffer_init("batchnorm.tensor", bytes)?,
-            offset: 0,
-            dims: dims.to_vec(),
-            layout,
-            dtype,
-            ctx: ctx.clone(),
-        })
+        let buffer = ctx.storage_buffer_init("batchnorm.tensor", bytes)?;
+        Ok(Self::view(ctx, &buffer, 0, dims, layout, dtype))
     }
 
     /// An f32 tensor of shape `dims` whose contents are unspecified until written.
@@ -200,14 +194,8 @@ impl GpuTensor {
         check_dtype_supported(ctx, dtype)?;
         let (bytes, what) = tensor_bytes(dims, dtype);
         ctx.check_storage_size(&what, bytes)?;
-        Ok(Self {
-            buffer: ctx.storage_buffer("batchnorm.tensor", bytes)?,
-            offset: 0,
-            dims: dims.to_vec(),
-            layout,
-            dtype,
-            ctx: ctx.clone(),
-        })
+        let buffer = ctx.storage_buffer("batchnorm.tensor", bytes)?;
+        Ok(Self::view(ctx, &buffer, 0, dims, layout, dtype))
     }
 
     /// A view of the app's own `buffer` from byte `offset`: a tensor of shape

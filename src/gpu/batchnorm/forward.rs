@@ -8,6 +8,7 @@ use crate::error::Result;
 use crate::gpu::kernels::{ElementKernels, Params};
 use crate::gpu::tensor::GpuTensor;
 use crate::shaders::{FLAG_UPDATE_RUNNING, WG_CHANNEL};
+use crate::shape::ChannelWalk;
 use crate::validate;
 
 impl GpuBatchNorm {
@@ -93,14 +94,15 @@ impl GpuBatchNorm {
         self.group(e.normalize(vec4), &bindings, wgs)
     }
 
-    /// Checks a forward of `x` into `y` with `saved`; the walk of `x`.
+    /// Checks a forward of `x` into `y` with `saved`; the walk of `x` and
+    /// the buffer the statistics go to (`saved`'s, or the layer's own).
     fn check_forward(
         &self,
         x: &GpuTensor,
         y: &GpuTensor,
         saved: Option<&GpuSavedStats>,
         batch: bool,
-    ) -> Result<crate::shape::ChannelWalk> {
+    ) -> Result<(ChannelWalk, wgpu::Buffer)> {
         self.check_tensor("x", x)?;
         let walk = validate::input(&self.config, x.shape(), batch)?;
         self.check_output("y", y, &walk.dims, x.dtype())?;
@@ -110,7 +112,7 @@ impl GpuBatchNorm {
         }
         let saved_buffer = saved.map_or_else(|| self.own_buffer(), |s| s.buffer.clone());
         self.check_buffers(("y", y), &[("x", x)], &saved_buffer)?;
-        Ok(walk)
+        Ok((walk, saved_buffer))
     }
 
     /// The saved-statistics buffer of forwards given no handle.
@@ -130,27 +132,24 @@ impl GpuBatchNorm {
         saved: Option<&mut GpuSavedStats>,
         update: bool,
     ) -> Result<()> {
-        let walk = self.check_forward(x, y, saved.as_deref(), true)?;
+        let (walk, saved_buffer) = self.check_forward(x, y, saved.as_deref(), true)?;
         let ctx = self.ctx.clone();
         let e = elements(&ctx, x.dtype())?;
         let flags = if update { FLAG_UPDATE_RUNNING } else { 0 };
         let p = self.params(&walk, flags);
         let params = self.prepare(&p)?;
-        let saved_buffer = saved
-            .as_ref()
-            .map_or_else(|| self.own_buffer(), |s| s.buffer.clone());
         let passes = [
             self.stats_partial(e, (&params, &p), x)?,
             self.stats_finalize(&ctx.kernels().stats_finalize, (&params, &p), &saved_buffer)?,
             self.normalize(e, (&params, &p), (x, y))?,
         ];
-        self.record(enc, "batchnorm.forward_train", &passes);
-        if let Some(s) = saved {
-            s.written = Some(Written {
-                dims: walk.dims,
-                batch: true,
-            });
-        }
+        let label = if update {
+            "batchnorm.forward_train"
+        } else {
+            "batchnorm.forward_eval"
+        };
+        self.record(enc, label, &passes);
+        mark_written(saved, walk.dims, true);
         Ok(())
     }
 
@@ -209,25 +208,24 @@ impl GpuBatchNorm {
         if validate::uses_batch_stats(&self.config, Mode::Eval) {
             return self.record_batch_forward(enc, (x, y), saved, false);
         }
-        let walk = self.check_forward(x, y, saved.as_deref(), false)?;
+        let (walk, saved_buffer) = self.check_forward(x, y, saved.as_deref(), false)?;
         let ctx = self.ctx.clone();
         let e = elements(&ctx, x.dtype())?;
         let p = self.params(&walk, 0);
         let params = self.prepare(&p)?;
-        let saved_buffer = saved
-            .as_ref()
-            .map_or_else(|| self.own_buffer(), |s| s.buffer.clone());
         let passes = [
             self.eval_coeffs(&ctx.kernels().eval_coeffs, (&params, &p), &saved_buffer)?,
             self.normalize(e, (&params, &p), (x, y))?,
         ];
         self.record(enc, "batchnorm.forward_eval", &passes);
-        if let Some(s) = saved {
-            s.written = Some(Written {
-                dims: walk.dims,
-                batch: false,
-            });
-        }
+        mark_written(saved, walk.dims, false);
         Ok(())
+    }
+}
+
+/// Notes in `saved` (when given) what the forward just recorded wrote into it.
+fn mark_written(saved: Option<&mut GpuSavedStats>, dims: Vec<usize>, batch: bool) {
+    if let Some(s) = saved {
+        s.written = Some(Written { dims, batch });
     }
 }
