@@ -152,16 +152,16 @@ impl GpuContext {
         adapters.iter().map(Self::from_adapter).collect()
     }
 
-    /// The least a device needs for this crate: 256-thread workgroups, 3 KiB
-    /// of workgroup memory and 4 storage buffers per stage (within wgpu's
-    /// `downlevel_defaults`). An app that opens its own device and wants
+    /// The least a device needs for this crate: 256-thread workgroups, 65535
+    /// workgroups per grid dimension, 3 KiB of workgroup memory and 4 storage
+    /// buffers per stage (all within wgpu's `downlevel_defaults`). An app that opens its own device and wants
     /// BatchNorm on it asks for at least these
     /// (`required_limits.max(&GpuContext::required_limits())`, field by field).
     pub fn required_limits() -> wgpu::Limits {
         wgpu::Limits {
             max_compute_invocations_per_workgroup: WG,
             max_compute_workgroup_size_x: WG,
-            max_compute_workgroups_per_dimension: 1,
+            max_compute_workgroups_per_dimension: 65535,
             max_compute_workgroup_storage_size: WORKGROUP_STORAGE_BYTES,
             max_storage_buffers_per_shader_stage: STORAGE_BUFFERS_PER_STAGE,
             max_uniform_buffers_per_shader_stage: 1,

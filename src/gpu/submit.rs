@@ -152,12 +152,15 @@ impl GpuContext {
         offset: u64,
         bytes: u64,
     ) -> Result<impl std::future::Future<Output = Result<Vec<u8>>> + Send + 'static + use<>> {
-        let staging = (bytes > 0)
+        // map_async is requested now, so that a poll of the device before the
+        // future's first poll completes the mapping
+        let pending = (bytes > 0)
             .then(|| self.stage_read(buffer, offset, bytes))
-            .transpose()?;
+            .transpose()?
+            .map(|staging| map_read_async(staging, bytes));
         Ok(async move {
-            match staging {
-                Some(staging) => map_read_async(staging, bytes).await,
+            match pending {
+                Some(pending) => pending.await,
                 None => Ok(Vec::new()),
             }
         })

@@ -372,13 +372,34 @@ impl GpuBatchNorm {
         self.cache.params(&self.ctx, p)
     }
 
+    /// Workgroups per grid dimension: the device limit, or the cap below it.
+    fn max_dim(&self) -> u32 {
+        let limit = self.ctx.limits().max_compute_workgroups_per_dimension;
+        self.max_per_dim.map_or(limit, |cap| cap.min(limit))
+    }
+
     /// The bind group of `kernel` over `bindings`, from the cache.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] when `workgroups` do not fit the 2-D grid the
+    /// dispatch folds them onto; [`Error::Wgpu`] when the bind group cannot be made.
     fn group<'k>(
         &mut self,
         kernel: &'k Kernel,
         bindings: &[wgpu::BufferBinding<'_>],
         workgroups: u32,
     ) -> Result<Pass<'k>> {
+        let limit = self.ctx.limits().max_compute_workgroups_per_dimension;
+        if workgroups.div_ceil(self.max_dim()) > limit {
+            return Err(Error::Unsupported {
+                adapter: self.ctx.label(),
+                what: format!(
+                    "{} needs {workgroups} workgroups, more than a grid of {} x {limit} holds (see set_max_workgroups_per_dim)",
+                    kernel.label,
+                    self.max_dim()
+                ),
+            });
+        }
         let group = self.cache.group(&self.ctx, kernel, bindings)?;
         Ok(Pass {
             kernel,
@@ -389,8 +410,7 @@ impl GpuBatchNorm {
 
     /// Records `passes` into one compute pass, in order.
     fn record(&self, enc: &mut wgpu::CommandEncoder, label: &str, passes: &[Pass<'_>]) {
-        let limit = self.ctx.limits().max_compute_workgroups_per_dimension;
-        let max_dim = self.max_per_dim.map_or(limit, |cap| cap.min(limit));
+        let max_dim = self.max_dim();
         let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some(label),
             timestamp_writes: None,

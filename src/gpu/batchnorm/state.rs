@@ -9,6 +9,12 @@ use crate::state::BatchNormState;
 impl GpuBatchNorm {
     /// `weight` (`gamma`), shape `(C,)`, on the device (affine only). Kernels
     /// of the app may read and write it between calls, e.g. an optimizer step.
+    ///
+    /// All per-channel tensors of a layer (`weight`, `bias`, the running
+    /// statistics, `dweight`, `dbias`) are views of one buffer at aligned
+    /// offsets. wgpu tracks usage per buffer, so a kernel that writes one of
+    /// them and reads another (`weight -= lr * dweight`) binds both as
+    /// `read_write` storage.
     pub fn weight(&self) -> Option<&GpuTensor> {
         self.config.affine.then_some(&self.views.weight)
     }
