@@ -5,6 +5,7 @@
 //! bnorm check tests/fixtures           PyTorch parity fixtures on the CPU reference and every adapter
 //! bnorm layers model.safetensors       the BatchNorm layers of a PyTorch state_dict
 //! bnorm bench --quick                  CPU vs GPU throughput against a copy kernel
+//! bnorm bench --hot-path               host cost of recording and submitting on every adapter
 //! ```
 //!
 //! Results go to stdout, progress and warnings to stderr; `RUST_LOG=info`
@@ -56,11 +57,16 @@ enum Command {
     ///
     /// Prefix, channels, affine, num_batches_tracked, in module order.
     Layers(LayersArgs),
-    /// Measure CPU vs GPU throughput against a copy kernel.
+    /// Measure CPU vs GPU throughput against a copy kernel, or the GPU hot path.
     ///
     /// Per operation and shape: median time, GB/s of the ideal traffic, and
     /// the fraction of a copy kernel timed on the same device in the same
     /// run; a table, `--json FILE`, `--svg FILE`.
+    ///
+    /// With `--hot-path`, per adapter and shape instead: the host time to
+    /// record a training forward + backward, `--layers` training forwards in
+    /// one submission against as many blocking calls, and the floor (one
+    /// empty submit and wait); a table, what it says, `--json FILE`.
     Bench(bench::BenchArgs),
 }
 

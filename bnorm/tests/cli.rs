@@ -275,3 +275,94 @@ fn bench_is_wired() {
     let o = bnorm(&["bench", "--shape", "8xbad"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+#[test]
+fn bench_hot_path_measures_every_adapter() {
+    let json = std::env::temp_dir().join(format!("bnorm-hot-path-{}.json", std::process::id()));
+    let o = bnorm(&[
+        "bench",
+        "--hot-path",
+        "--shape",
+        "4x8x2",
+        "--layers",
+        "3",
+        "--repeat",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let out = stdout(&o);
+    let gpus = gpu_contexts();
+    if gpus.is_empty() {
+        assert_eq!(o.status.code(), Some(1), "{out}{}", stderr(&o));
+        assert!(out.contains("no GPU adapter"), "{out}");
+        return;
+    }
+    assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+    for ctx in gpus {
+        let info = ctx.adapter_info();
+        let backend = info.backend.to_string();
+        let rows: Vec<Vec<&str>> = out
+            .lines()
+            .map(|l| {
+                l.split("  ")
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .collect()
+            })
+            .filter(|cells: &Vec<&str>| {
+                cells.len() == 9 && cells[2] == backend && cells[3] == info.name
+            })
+            .collect();
+        let labels = [
+            "empty submit + wait",
+            "empty GpuContext::run",
+            "record train fwd + backward",
+            "record ... + encoder.finish()",
+            "3 train fwd: recording",
+            "3 train fwd: finish",
+            "3 train fwd: submit",
+            "3 train fwd: wait",
+            "3 train fwd: one submit",
+            "3 train fwd: 3 blocking",
+        ];
+        let names: Vec<&str> = rows.iter().map(|r| r[0]).collect();
+        assert_eq!(names, labels, "{}:\n{out}", ctx.label());
+        for row in &rows[2..] {
+            assert_eq!(row[1], "4x8x2", "{row:?}");
+        }
+        // After the first call, recording creates no buffer and no bind group.
+        for row in [&rows[2], &rows[8], &rows[9]] {
+            assert_eq!(row[7..], ["0", "0"], "{row:?}");
+        }
+        assert!(
+            out.contains(&format!(
+                "{} 4x8x2: 3 training forwards in one submission ",
+                ctx.label()
+            )),
+            "{out}"
+        );
+    }
+    assert!(
+        out.contains("x the floor (one empty submit + wait, "),
+        "{out}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    std::fs::remove_file(&json).ok();
+    let records = v["hot_path"].as_array().unwrap();
+    assert_eq!(records.len(), 10 * gpus.len(), "{v}");
+    for r in records {
+        assert!(r["median_s"].as_f64().unwrap() > 0.0, "{r}");
+        if let Some(after) = r.get("resources_after") {
+            assert_eq!(after, &r["resources_before"], "{r}");
+        }
+    }
+
+    let o = bnorm(&["bench", "--hot-path", "--backend", "cpu"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--backend cpu"), "{}", stderr(&o));
+    let o = bnorm(&["bench", "--layers", "3"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--hot-path"), "{}", stderr(&o));
+}

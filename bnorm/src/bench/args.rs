@@ -19,6 +19,10 @@ pub const DEFAULT_SHAPES: &[&[usize]] = &[
 /// Shapes of `--quick`.
 pub const QUICK_SHAPES: &[&[usize]] = &[&[8, 64, 32, 32], &[32, 256, 14, 14], &[1024, 256]];
 
+/// Shapes of `--hot-path`: a small BatchNorm2d input and a tiny BatchNorm1d
+/// one, where the host's share of a call is largest.
+pub const HOT_PATH_SHAPES: &[&[usize]] = &[&[8, 64, 32, 32], &[32, 64]];
+
 /// A shape given as `NxCx...` (logical order: batch, channels, spatial).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BenchShape(pub Vec<usize>);
@@ -162,10 +166,11 @@ pub struct BenchArgs {
     /// BatchNorm inputs at batch 32, 4096x1024 (BatchNorm1d) and 8x64x32x32.
     #[arg(long = "shape", value_name = "NxCx...", value_parser = parse_shape)]
     pub shapes: Vec<BenchShape>,
-    /// Which operation(s).
+    /// Which operation(s) (throughput runs; `--hot-path` measures training
+    /// forward and backward).
     #[arg(long, value_enum, default_value = "all")]
     pub op: OpArg,
-    /// The CPU backend, GPU adapters, or both.
+    /// The CPU backend, GPU adapters, or both (`--hot-path`: GPU adapters only).
     #[arg(long, value_enum, default_value = "all")]
     pub backend: BackendArg,
     /// Only adapters whose `backend:name` contains NAME (case-insensitive), e.g.
@@ -178,17 +183,37 @@ pub struct BenchArgs {
     /// Storage type of x, y, dy, dx.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DTypeArg,
-    /// Timed runs per measurement (the median is reported). Default 20, 3 with --quick.
+    /// Timed runs per measurement (the median is reported). Default 20, 3 with
+    /// --quick; with --hot-path 3 of the layer runs, and 20 times as many of
+    /// the floor and of the recording, which take microseconds.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub repeat: Option<u32>,
-    /// Untimed runs before them. Default 3, 1 with --quick.
+    /// Untimed runs before them. Default 3, 1 with --quick, 0 with --hot-path
+    /// (where each layer's first call comes before the timed runs anyway).
     #[arg(long, value_name = "N")]
     pub warmup: Option<u32>,
     /// Small shapes (8x64x32x32, 32x256x14x14, 1024x256) and few repeats: a couple
     /// of minutes even on a software adapter.
     #[arg(long)]
     pub quick: bool,
-    /// Write one JSON record per measurement to FILE.
+    /// Measure the host cost of the GPU layer's hot path instead of throughput,
+    /// on every adapter (not the CPU backend) and shape (default 8x64x32x32
+    /// and 32x64), in host wall time: the floor (one empty submit and wait,
+    /// raw and through `GpuContext::run`); recording one training forward +
+    /// backward into an encoder after the layer's first call, without and with
+    /// `encoder.finish()`, and the buffers and bind groups the layer creates
+    /// meanwhile; and `--layers` layers' training forwards recorded into one
+    /// submission (whole, and by phase: recording, finish, submit, wait)
+    /// against as many blocking calls (one submit and wait each).
+    #[arg(long, conflicts_with_all = ["op", "svg"])]
+    pub hot_path: bool,
+    /// Layers of the --hot-path comparison, each with its own input, output
+    /// and saved statistics.
+    #[arg(long, value_name = "N", default_value_t = 50, requires = "hot_path",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub layers: u32,
+    /// Write one JSON record per measurement to FILE (an array; with
+    /// --hot-path an object whose `hot_path` holds them).
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
     /// Write an SVG chart (GB/s per shape, CPU vs GPU, copy rooflines) to FILE.
@@ -197,12 +222,14 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
-    /// The shapes given, or the default (or `--quick`) set.
+    /// The shapes given, or the default (or `--quick`, or `--hot-path`) set.
     pub fn shapes(&self) -> Vec<BenchShape> {
         if !self.shapes.is_empty() {
             return self.shapes.clone();
         }
-        let set = if self.quick {
+        let set = if self.hot_path {
+            HOT_PATH_SHAPES
+        } else if self.quick {
             QUICK_SHAPES
         } else {
             DEFAULT_SHAPES
@@ -212,12 +239,21 @@ impl BenchArgs {
 
     /// Timed runs per measurement.
     pub fn repeat(&self) -> u32 {
-        self.repeat.unwrap_or(if self.quick { 3 } else { 20 })
+        let default = match (self.hot_path, self.quick) {
+            (true, _) | (false, true) => 3,
+            (false, false) => 20,
+        };
+        self.repeat.unwrap_or(default)
     }
 
     /// Untimed runs before them.
     pub fn warmup(&self) -> u32 {
-        self.warmup.unwrap_or(if self.quick { 1 } else { 3 })
+        let default = match (self.hot_path, self.quick) {
+            (true, _) => 0,
+            (false, true) => 1,
+            (false, false) => 3,
+        };
+        self.warmup.unwrap_or(default)
     }
 }
 

@@ -44,7 +44,7 @@ pub struct Run {
 }
 
 /// Median of `v` (not empty).
-fn median(mut v: Vec<f64>) -> f64 {
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n % 2 == 1 {
@@ -97,7 +97,7 @@ fn time_gpu(
 }
 
 /// Deterministic pseudo-random data in [-2, 2) (xorshift), never zeros everywhere.
-fn data(len: usize, seed: u64) -> Vec<f32> {
+pub fn data(len: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
         .map(|_| {

@@ -22,8 +22,13 @@
 //! Results: a table on stdout ([`table`](table::table)), `--json FILE` (one
 //! record per measurement, [`Record`](record::Record)), `--svg FILE` (GB/s per
 //! shape, CPU vs GPU, copy rooflines dashed, [`svg`]). Progress goes to stderr.
+//!
+//! `--hot-path` measures instead the host cost of the GPU layer's recording
+//! and submission path ([`hot_path`]).
 
 mod args;
+mod hot_path;
+mod hot_report;
 mod measure;
 mod record;
 mod svg;
@@ -64,6 +69,18 @@ fn write_file(path: &Path, text: &str) -> Result<(), OutputError> {
     })
 }
 
+/// A progress bar of `steps` steps on stderr.
+fn progress(steps: u64) -> ProgressBar {
+    let pb = ProgressBar::new(steps);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {wide_msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb
+}
+
 /// Runs `bnorm bench` and returns its exit status: 0 when every measurement
 /// ran (unsupported combinations, e.g. f16 on the CPU, are noted but not
 /// failures), 1 when one failed or nothing could be measured.
@@ -71,6 +88,9 @@ fn write_file(path: &Path, text: &str) -> Result<(), OutputError> {
 /// # Errors
 /// When `--json` or `--svg` cannot be written.
 pub fn run(args: &BenchArgs) -> Result<u8, OutputError> {
+    if args.hot_path {
+        return hot_path::run(args);
+    }
     let shapes = args.shapes();
     let (repeat, warmup) = (args.repeat(), args.warmup());
     let ops = args.op.operations();
@@ -96,13 +116,7 @@ pub fn run(args: &BenchArgs) -> Result<u8, OutputError> {
     };
     let backends = usize::from(cpu) + gpus.len();
     let steps = (shapes.len() * backends * (ops.len() + 1)) as u64;
-    let pb = ProgressBar::new(steps);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {wide_msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let pb = progress(steps);
     for shape in &shapes {
         let layout = if want_layout == Layout::ChannelsLast && shape.0.len() < 3 {
             run.notes.push(format!(

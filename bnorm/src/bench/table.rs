@@ -4,7 +4,7 @@ use super::record::Record;
 use std::fmt::Write as _;
 
 /// Seconds with a unit.
-fn human_time(s: f64) -> String {
+pub fn human_time(s: f64) -> String {
     if s >= 1.0 {
         format!("{s:.3} s")
     } else if s >= 1e-3 {
@@ -30,10 +30,10 @@ pub fn table(records: &[Record]) -> String {
         "of copy",
         "GPU/CPU",
     ];
-    let rows: Vec<[String; 12]> = records
+    let rows: Vec<Vec<String>> = records
         .iter()
         .map(|r| {
-            [
+            vec![
                 r.op.to_string(),
                 r.shape.clone(),
                 r.layout.to_string(),
@@ -49,20 +49,25 @@ pub fn table(records: &[Record]) -> String {
             ]
         })
         .collect();
-    let mut w = head.map(str::len);
-    for row in &rows {
+    render(&head, &rows, 7)
+}
+
+/// A header, a rule and the rows, in columns two spaces apart: the first
+/// `text_columns` left-aligned, the rest (numbers) right-aligned.
+pub fn render(head: &[&str], rows: &[Vec<String>], text_columns: usize) -> String {
+    let mut w: Vec<usize> = head.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
         for (i, cell) in row.iter().enumerate() {
             w[i] = w[i].max(cell.chars().count());
         }
     }
-    // Text columns left-aligned, numbers right-aligned.
     let line = |cells: &[&str]| -> String {
         let mut s = String::new();
         for (i, cell) in cells.iter().enumerate() {
             if i > 0 {
                 s.push_str("  ");
             }
-            if i < 7 {
+            if i < text_columns {
                 let _ = write!(s, "{cell:<width$}", width = w[i]);
             } else {
                 let _ = write!(s, "{cell:>width$}", width = w[i]);
@@ -70,11 +75,12 @@ pub fn table(records: &[Record]) -> String {
         }
         s.trim_end().to_string() + "\n"
     };
-    let mut out = line(&head);
+    let mut out = line(head);
     out.push_str(&"-".repeat(w.iter().sum::<usize>() + 2 * (w.len() - 1)));
     out.push('\n');
-    for row in &rows {
-        out.push_str(&line(&row.each_ref().map(String::as_str)));
+    for row in rows {
+        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
+        out.push_str(&line(&cells));
     }
     out
 }
