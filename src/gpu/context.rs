@@ -156,7 +156,7 @@ impl GpuContext {
     /// workgroups per grid dimension, 3 KiB of workgroup memory and 4 storage
     /// buffers per stage (all within wgpu's `downlevel_defaults`). An app that opens its own device and wants
     /// BatchNorm on it asks for at least these
-    /// (`required_limits.max(&GpuContext::required_limits())`, field by field).
+    /// (`adapter_limits_or_defaults.or_better_values_from(&GpuContext::required_limits())`).
     pub fn required_limits() -> wgpu::Limits {
         wgpu::Limits {
             max_compute_invocations_per_workgroup: WG,
