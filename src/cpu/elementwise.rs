@@ -109,11 +109,10 @@ pub(super) fn backward_dx_row(dx: &mut [f32], x: &[f32], dy: &[f32], [m, a, b, c
     let n = dx.len();
     let (x, dy, m, a, b, c) = (&x[..n], &dy[..n], &m[..n], &a[..n], &b[..n], &c[..n]);
     for j in 0..n {
-        let xt = if b[j] == 0.0 {
-            0.0
-        } else {
-            b[j] * (x[j] - m[j])
-        };
+        // Both sides computed, then a select: LLVM vectorizes this form (a
+        // branch here kept the loop scalar, 2x slower on `(N, C)` backward).
+        let t = b[j] * (x[j] - m[j]);
+        let xt = if b[j] == 0.0 { 0.0 } else { t };
         dx[j] = a[j] * dy[j] + xt + c[j];
     }
 }
