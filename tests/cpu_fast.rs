@@ -243,6 +243,43 @@ fn split_channels_and_row_blocks_match_the_reference() {
 }
 
 #[test]
+fn row_walk_blocks_match_the_reference_on_drifting_rows() {
+    // BatchNorm1d and NHWC inputs with several blocks of rows per row task,
+    // whose rows drift by many standard deviations from block to block (sorted
+    // batches), or do not: the row walk centres later blocks on the running
+    // means and must fall back to two passes where they no longer fit.
+    let mut r = rng(16);
+    for (dims, layout) in [
+        (&[5000usize, 6][..], Layout::ChannelsFirst),
+        (&[40, 10, 10, 6][..], Layout::ChannelsLast),
+    ] {
+        let cfg = BatchNormConfig::new(6).with_layout(layout);
+        let st = random_state(&mut r, &cfg, 0);
+        let base = normal(&mut r, dims, 300.0, 1.0);
+        let rows = dims[..dims.len() - 1].iter().product::<usize>() as f32;
+        for drift in [0.0f32, 40.0] {
+            let mut x = base.clone();
+            for (i, v) in x.iter_mut().enumerate() {
+                *v += drift * (i / 6) as f32 / rows;
+            }
+            let dy = normal(&mut r, dims, 0.0, 1.0);
+            for threads in [1, 3] {
+                with_threads(threads, || {
+                    compare(
+                        &format!("drift {drift} {dims:?} {layout} on {threads} threads"),
+                        &cfg,
+                        &st,
+                        &x,
+                        &dy,
+                    )
+                })
+                .unwrap();
+            }
+        }
+    }
+}
+
+#[test]
 fn slice_api_matches_the_ndarray_api() {
     let mut r = rng(15);
     let dims = [4, 5, 6, 3];

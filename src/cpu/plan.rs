@@ -19,7 +19,7 @@ pub(super) const BLOCK_WALK_BELOW: usize = 1024;
 /// Positions (columns) one row-walk task accumulates at most.
 pub(super) const ROW_COLS: usize = 4096;
 /// Bytes of rows one row-walk sub-block holds (two passes over it stay in cache).
-pub(super) const ROW_BLOCK_BYTES: usize = 128 * 1024;
+pub(super) const ROW_BLOCK_BYTES: usize = 256 * 1024;
 
 /// How a tensor is cut into rayon tasks.
 #[derive(Debug, Clone, Copy)]

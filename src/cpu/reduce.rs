@@ -6,7 +6,9 @@
 //! two-pass algorithm while it sits in cache, in `f32` lanes, and pieces and
 //! tasks merge in `f64` (Chan's formula for moments), in a fixed order.
 
-use super::lanes::{Lanes, add_centered, add_grad, add_row_centered, add_row_grad, add_sum};
+use super::lanes::{
+    Lanes, ROWS, add_centered, add_grad, add_rows, add_rows_centered, add_rows_grad, add_sum,
+};
 use super::plan::{PIECE, Plan, ROW_COLS, for_each_group, part_range, plan, row_blocks};
 use crate::shape::ChannelWalk;
 use crate::stats::Moments;
@@ -169,8 +171,10 @@ pub(super) fn block_moments(
     acc
 }
 
-/// Moments of every column `p0..p1` over rows `r0..r1`: two passes per
-/// cache-sized block of rows in `f32`, blocks merged in `f64`.
+/// Moments of every column `p0..p1` over rows `r0..r1`: per cache-sized
+/// block of rows, sums of `x - m` and `(x - m)^2` in `f32` around the block
+/// means (two passes) or, after the first block, around the running means
+/// (one pass, checked); blocks merged in `f64`.
 pub(super) fn row_task_moments(
     x: &[f32],
     cols: usize,
@@ -188,20 +192,46 @@ pub(super) fn row_task_moments(
     let mut s2 = vec![0.0f32; w];
     for (b0, b1) in row_blocks(r0, r1, w) {
         let nb = (b1 - b0) as f64;
-        bm.fill(0.0);
-        for r in b0..b1 {
-            let row = &x[r * cols + p0..r * cols + p1];
-            for (a, &v) in bm.iter_mut().zip(row) {
-                *a += v;
+        let row = |r: usize| &x[r * cols + p0..r * cols + p1];
+        let centered = |s1: &mut [f32], s2: &mut [f32], m: &[f32]| {
+            s1.fill(0.0);
+            s2.fill(0.0);
+            for (r, full) in row_groups(b0, b1) {
+                if full {
+                    let rows = std::array::from_fn(|k| row(r + k));
+                    add_rows_centered::<ROWS>(s1, s2, m, rows);
+                } else {
+                    add_rows_centered::<1>(s1, s2, m, [row(r)]);
+                }
             }
+        };
+        // After the first block, one pass centred on the running column
+        // means; it stands where every block mean lies within one block
+        // standard deviation of them (`s1^2/nb <= s2/2`, so `s2 - s1^2/nb`
+        // loses at most one bit), else the block gets two passes.
+        let mut one_pass = false;
+        if n > 0.0 {
+            for (b, &mu) in bm.iter_mut().zip(&mean) {
+                *b = mu as f32;
+            }
+            centered(&mut s1, &mut s2, &bm);
+            one_pass = s1.iter().zip(&s2).all(|(&d1, &d2)| {
+                let d1 = f64::from(d1);
+                d1 * d1 <= 0.5 * f64::from(d2) * nb
+            });
         }
-        let inv = 1.0 / (b1 - b0) as f32;
-        bm.iter_mut().for_each(|a| *a *= inv);
-        s1.fill(0.0);
-        s2.fill(0.0);
-        for r in b0..b1 {
-            let row = &x[r * cols + p0..r * cols + p1];
-            add_row_centered(&mut s1, &mut s2, &bm, row);
+        if !one_pass {
+            bm.fill(0.0);
+            for (r, full) in row_groups(b0, b1) {
+                if full {
+                    add_rows::<ROWS>(&mut bm, std::array::from_fn(|k| row(r + k)));
+                } else {
+                    add_rows::<1>(&mut bm, [row(r)]);
+                }
+            }
+            let inv = 1.0 / (b1 - b0) as f32;
+            bm.iter_mut().for_each(|a| *a *= inv);
+            centered(&mut s1, &mut s2, &bm);
         }
         // Chan merge of the block into the running column moments.
         let nt = n + nb;
@@ -351,9 +381,15 @@ pub(super) fn row_task_grad_sums(
     for (b0, b1) in row_blocks(r0, r1, 2 * w) {
         s1.fill(0.0);
         s2.fill(0.0);
-        for r in b0..b1 {
-            let span = r * cols + p0..r * cols + p0 + w;
-            add_row_grad(&mut s1, &mut s2, center, &x[span.clone()], &dy[span]);
+        let span = |r: usize| r * cols + p0..r * cols + p0 + w;
+        for (r, full) in row_groups(b0, b1) {
+            if full {
+                let xs = std::array::from_fn(|k| &x[span(r + k)]);
+                let gs = std::array::from_fn(|k| &dy[span(r + k)]);
+                add_rows_grad::<ROWS>(&mut s1, &mut s2, center, xs, gs);
+            } else {
+                add_rows_grad::<1>(&mut s1, &mut s2, center, [&x[span(r)]], [&dy[span(r)]]);
+            }
         }
         for j in 0..w {
             t1[j] += f64::from(s1[j]);
@@ -361,6 +397,16 @@ pub(super) fn row_task_grad_sums(
         }
     }
     (t1, t2)
+}
+
+/// The rows `r0..r1` as `(r, true)` for each full group `r..r + ROWS`, then
+/// `(r, false)` for each row left over.
+fn row_groups(r0: usize, r1: usize) -> impl Iterator<Item = (usize, bool)> {
+    let full = (r1 - r0) / ROWS * ROWS;
+    (r0..r0 + full)
+        .step_by(ROWS)
+        .map(|r| (r, true))
+        .chain((r0 + full..r1).map(|r| (r, false)))
 }
 
 #[cfg(test)]
@@ -387,6 +433,44 @@ mod tests {
             "{} vs {exact_m2}",
             whole.m2
         );
+    }
+
+    /// Exact `(mean, M2)` of column `j` of a row-major `rows x cols` tensor.
+    fn exact_column(x: &[f32], cols: usize, j: usize) -> (f64, f64) {
+        let v: Vec<f64> = x.iter().skip(j).step_by(cols).map(|&a| a.into()).collect();
+        let mean = v.iter().sum::<f64>() / v.len() as f64;
+        (mean, v.iter().map(|a| (a - mean).powi(2)).sum())
+    }
+
+    #[test]
+    fn row_blocks_keep_the_moments_exact_with_or_without_drift() {
+        // 3000 rows of 4 columns: blocks of 1024 rows, so the second and
+        // third block take the one-pass path, or fall back to two passes
+        // where the rows drift by many standard deviations per block.
+        let (rows, cols) = (3000, 4);
+        for drift in [0.0f32, 0.02] {
+            let x: Vec<f32> = (0..rows * cols)
+                .map(|i| {
+                    let (r, j) = (i / cols, i % cols);
+                    300.0 + drift * r as f32 + ((i as f32) * 0.7).sin() * (1.0 + j as f32)
+                })
+                .collect();
+            let (n, mean, m2) = row_task_moments(&x, cols, 0, rows, 0, cols);
+            assert_eq!(n, rows as f64);
+            for j in 0..cols {
+                let (em, eq) = exact_column(&x, cols, j);
+                assert!(
+                    (mean[j] - em).abs() < 1e-8 * em.abs(),
+                    "{drift} {j}: {} vs {em}",
+                    mean[j]
+                );
+                assert!(
+                    (m2[j] - eq).abs() < 1e-6 * eq,
+                    "{drift} {j}: {} vs {eq}",
+                    m2[j]
+                );
+            }
+        }
     }
 
     #[test]
