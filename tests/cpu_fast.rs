@@ -243,24 +243,27 @@ fn split_channels_and_row_blocks_match_the_reference() {
 }
 
 #[test]
-fn row_walk_blocks_match_the_reference_on_drifting_rows() {
-    // BatchNorm1d and NHWC inputs with several blocks of rows per row task,
-    // whose rows drift by many standard deviations from block to block (sorted
-    // batches), or do not: the row walk centres later blocks on the running
-    // means and must fall back to two passes where they no longer fit.
+fn blocks_centred_on_running_means_match_the_reference_on_drifting_data() {
+    // Inputs for every walk (row walk: BatchNorm1d, NHWC; block walk: 7x7;
+    // channel walk) with several blocks or pieces per task, whose values drift
+    // by many standard deviations in memory order (sorted batches), or do
+    // not: later blocks are centred on the running means and must fall back
+    // to two passes where they no longer fit.
     let mut r = rng(16);
     for (dims, layout) in [
         (&[5000usize, 6][..], Layout::ChannelsFirst),
         (&[40, 10, 10, 6][..], Layout::ChannelsLast),
+        (&[400, 6, 7, 7][..], Layout::ChannelsFirst),
+        (&[10, 6, 60, 60][..], Layout::ChannelsFirst),
     ] {
         let cfg = BatchNormConfig::new(6).with_layout(layout);
         let st = random_state(&mut r, &cfg, 0);
         let base = normal(&mut r, dims, 300.0, 1.0);
-        let rows = dims[..dims.len() - 1].iter().product::<usize>() as f32;
+        let len = base.len() as f32;
         for drift in [0.0f32, 40.0] {
             let mut x = base.clone();
             for (i, v) in x.iter_mut().enumerate() {
-                *v += drift * (i / 6) as f32 / rows;
+                *v += drift * i as f32 / len;
             }
             let dy = normal(&mut r, dims, 0.0, 1.0);
             for threads in [1, 3] {

@@ -32,6 +32,15 @@ impl Lanes {
     }
 }
 
+/// Whether sums `s1 = sum(x - k)`, `s2 = sum((x - k)^2)` of `n` values
+/// around a shift `k` give their second moment `s2 - s1^2/n` to within a
+/// bit: where the values' mean lies within one standard deviation of `k`
+/// (`s1^2/n <= s2/2`). False for NaN and infinite sums.
+#[inline]
+pub(super) fn fits_one_pass(s1: f64, s2: f64, n: f64) -> bool {
+    s1 * s1 <= 0.5 * s2 * n
+}
+
 /// `acc += sum(x)`.
 #[inline(never)]
 pub(super) fn add_sum(acc: &mut Lanes, x: &[f32]) {

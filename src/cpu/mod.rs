@@ -34,6 +34,7 @@ mod elementwise;
 mod lanes;
 mod plan;
 mod reduce;
+mod rows;
 
 pub use elementwise::parallel_copy;
 

@@ -6,31 +6,40 @@
 //! two-pass algorithm while it sits in cache, in `f32` lanes, and pieces and
 //! tasks merge in `f64` (Chan's formula for moments), in a fixed order.
 
-use super::lanes::{
-    Lanes, ROWS, add_centered, add_grad, add_rows, add_rows_centered, add_rows_grad, add_sum,
-};
+use super::lanes::{Lanes, add_centered, add_grad, add_sum, fits_one_pass};
 use super::plan::{PIECE, Plan, ROW_COLS, for_each_group, part_range, plan, row_blocks};
+use super::rows::{row_task_grad_sums, row_task_moments};
 use crate::shape::ChannelWalk;
 use crate::stats::Moments;
 use rayon::prelude::*;
 
 /// Moments of a cache-resident group of contiguous pieces `(start, len)` of
-/// `x`, by the corrected two-pass algorithm: a first pass for the mean `m`,
-/// then `sum(x - m)` and `sum((x - m)^2)`.
+/// `x`, from `sum(x - m)` and `sum((x - m)^2)`: with a `shift` (the running
+/// mean of the groups before), one pass around it that stands where
+/// [`fits_one_pass`]; else the corrected two-pass algorithm, a first pass for
+/// the group's mean `m`.
 #[inline]
-pub(super) fn group_moments(x: &[f32], pieces: &[(usize, usize)]) -> Moments {
+pub(super) fn group_moments(x: &[f32], pieces: &[(usize, usize)], shift: Option<f32>) -> Moments {
     let count: usize = pieces.iter().map(|p| p.1).sum();
     let n = count as f64;
-    let mut sum = Lanes::new();
-    for &(s, len) in pieces {
-        add_sum(&mut sum, &x[s..s + len]);
-    }
-    let m = (sum.total() / n) as f32;
-    let (mut s1, mut s2) = (Lanes::new(), Lanes::new());
-    for &(s, len) in pieces {
-        add_centered(&mut s1, &mut s2, &x[s..s + len], m);
-    }
-    let (s1, s2) = (s1.total(), s2.total());
+    let centered = |m: f32| {
+        let (mut s1, mut s2) = (Lanes::new(), Lanes::new());
+        for &(s, len) in pieces {
+            add_centered(&mut s1, &mut s2, &x[s..s + len], m);
+        }
+        (s1.total(), s2.total())
+    };
+    let (m, (s1, s2)) = match shift.map(|k| (k, centered(k))) {
+        Some((k, (s1, s2))) if fits_one_pass(s1, s2, n) => (k, (s1, s2)),
+        _ => {
+            let mut sum = Lanes::new();
+            for &(s, len) in pieces {
+                add_sum(&mut sum, &x[s..s + len]);
+            }
+            let m = (sum.total() / n) as f32;
+            (m, centered(m))
+        }
+    };
     let m2 = s2 - s1 * s1 / n;
     Moments {
         n,
@@ -43,7 +52,7 @@ pub(super) fn group_moments(x: &[f32], pieces: &[(usize, usize)]) -> Moments {
 /// Moments of one contiguous slice (see [`group_moments`]).
 #[cfg(test)]
 pub(super) fn piece_moments(x: &[f32]) -> Moments {
-    group_moments(x, &[(0, x.len())])
+    group_moments(x, &[(0, x.len())], None)
 }
 
 /// Per-channel moments of `x`.
@@ -58,7 +67,8 @@ pub(super) fn channel_moments(x: &[f32], walk: &ChannelWalk) -> Vec<Moments> {
                     let mut acc = Moments::default();
                     let mut pieces = Vec::new();
                     for_each_group(walk, c, part_range(m, parts, k), &mut pieces, |g| {
-                        acc = acc.merge(group_moments(x, g));
+                        let shift = (acc.n > 0.0).then_some(acc.mean as f32);
+                        acc = acc.merge(group_moments(x, g, shift));
                     });
                     acc
                 })
@@ -122,8 +132,10 @@ pub(super) fn channel_moments(x: &[f32], walk: &ChannelWalk) -> Vec<Moments> {
 }
 
 /// Moments of channels `c0..c1` over runs `r0..r1` (a [`Plan::Blocks`]
-/// task): the corrected two-pass algorithm per cache-sized slab of runs, each
-/// pass in memory order, slabs merged in `f64`.
+/// task), per cache-sized slab of runs, each pass in memory order: after the
+/// first slab one pass centred on the running means where every channel
+/// [`fits_one_pass`], else the corrected two-pass algorithm; slabs merged in
+/// `f64`.
 pub(super) fn block_moments(
     x: &[f32],
     walk: &ChannelWalk,
@@ -142,21 +154,34 @@ pub(super) fn block_moments(
     let mut means = vec![0.0f32; nb];
     for (b0, b1) in row_blocks(r0, r1, nb * inner) {
         let n = ((b1 - b0) * inner) as f64;
-        sums.fill(Lanes::new());
-        for o in b0..b1 {
-            for (j, l) in sums.iter_mut().enumerate() {
-                add_sum(l, run(o, j));
+        let centered = |s1: &mut [Lanes], s2: &mut [Lanes], means: &[f32]| {
+            s1.fill(Lanes::new());
+            s2.fill(Lanes::new());
+            for o in b0..b1 {
+                for (j, (a1, a2)) in s1.iter_mut().zip(s2.iter_mut()).enumerate() {
+                    add_centered(a1, a2, run(o, j), means[j]);
+                }
             }
-        }
-        for (m, l) in means.iter_mut().zip(&sums) {
-            *m = (l.total() / n) as f32;
-        }
-        s1.fill(Lanes::new());
-        s2.fill(Lanes::new());
-        for o in b0..b1 {
-            for (j, (a1, a2)) in s1.iter_mut().zip(s2.iter_mut()).enumerate() {
-                add_centered(a1, a2, run(o, j), means[j]);
+        };
+        let mut one_pass = false;
+        if acc[0].n > 0.0 {
+            for (m, a) in means.iter_mut().zip(&acc) {
+                *m = a.mean as f32;
             }
+            centered(&mut s1, &mut s2, &means);
+            one_pass = (0..nb).all(|j| fits_one_pass(s1[j].total(), s2[j].total(), n));
+        }
+        if !one_pass {
+            sums.fill(Lanes::new());
+            for o in b0..b1 {
+                for (j, l) in sums.iter_mut().enumerate() {
+                    add_sum(l, run(o, j));
+                }
+            }
+            for (m, l) in means.iter_mut().zip(&sums) {
+                *m = (l.total() / n) as f32;
+            }
+            centered(&mut s1, &mut s2, &means);
         }
         for (j, a) in acc.iter_mut().enumerate() {
             let (d1, d2) = (s1[j].total(), s2[j].total());
@@ -169,85 +194,6 @@ pub(super) fn block_moments(
         }
     }
     acc
-}
-
-/// Moments of every column `p0..p1` over rows `r0..r1`: per cache-sized
-/// block of rows, sums of `x - m` and `(x - m)^2` in `f32` around the block
-/// means (two passes) or, after the first block, around the running means
-/// (one pass, checked); blocks merged in `f64`.
-pub(super) fn row_task_moments(
-    x: &[f32],
-    cols: usize,
-    r0: usize,
-    r1: usize,
-    p0: usize,
-    p1: usize,
-) -> (f64, Vec<f64>, Vec<f64>) {
-    let w = p1 - p0;
-    let mut n = 0.0f64;
-    let mut mean = vec![0.0f64; w];
-    let mut m2 = vec![0.0f64; w];
-    let mut bm = vec![0.0f32; w];
-    let mut s1 = vec![0.0f32; w];
-    let mut s2 = vec![0.0f32; w];
-    for (b0, b1) in row_blocks(r0, r1, w) {
-        let nb = (b1 - b0) as f64;
-        let row = |r: usize| &x[r * cols + p0..r * cols + p1];
-        let centered = |s1: &mut [f32], s2: &mut [f32], m: &[f32]| {
-            s1.fill(0.0);
-            s2.fill(0.0);
-            for (r, step) in row_groups(b0, b1) {
-                if let Some(q) = step {
-                    let rows = std::array::from_fn(|k| row(r + k * q));
-                    add_rows_centered::<ROWS>(s1, s2, m, rows);
-                } else {
-                    add_rows_centered::<1>(s1, s2, m, [row(r)]);
-                }
-            }
-        };
-        // After the first block, one pass centred on the running column
-        // means; it stands where every block mean lies within one block
-        // standard deviation of them (`s1^2/nb <= s2/2`, so `s2 - s1^2/nb`
-        // loses at most one bit), else the block gets two passes.
-        let mut one_pass = false;
-        if n > 0.0 {
-            for (b, &mu) in bm.iter_mut().zip(&mean) {
-                *b = mu as f32;
-            }
-            centered(&mut s1, &mut s2, &bm);
-            one_pass = s1.iter().zip(&s2).all(|(&d1, &d2)| {
-                let d1 = f64::from(d1);
-                d1 * d1 <= 0.5 * f64::from(d2) * nb
-            });
-        }
-        if !one_pass {
-            bm.fill(0.0);
-            for (r, step) in row_groups(b0, b1) {
-                if let Some(q) = step {
-                    add_rows::<ROWS>(&mut bm, std::array::from_fn(|k| row(r + k * q)));
-                } else {
-                    add_rows::<1>(&mut bm, [row(r)]);
-                }
-            }
-            let inv = 1.0 / (b1 - b0) as f32;
-            bm.iter_mut().for_each(|a| *a *= inv);
-            centered(&mut s1, &mut s2, &bm);
-        }
-        // Chan merge of the block into the running column moments.
-        let nt = n + nb;
-        let (wb, wab, inv_nb) = (nb / nt, n * nb / nt, 1.0 / nb);
-        for j in 0..w {
-            let (d1, d2) = (f64::from(s1[j]), f64::from(s2[j]));
-            let q = d2 - d1 * d1 * inv_nb;
-            let q = if q < 0.0 { 0.0 } else { q };
-            let mb = f64::from(bm[j]) + d1 * inv_nb;
-            let d = mb - mean[j];
-            mean[j] += d * wb;
-            m2[j] += q + d * d * wab;
-        }
-        n = nt;
-    }
-    (n, mean, m2)
 }
 
 /// Per-channel `(sum(dy), sum(dy * (x - center32[c])))`.
@@ -364,56 +310,6 @@ pub(super) fn channel_grad_sums(
     }
 }
 
-/// Column sums of `dy` and `dy * (x - center)` over rows `r0..r1`, columns
-/// `p0..p0 + center.len()`: `f32` within a block of rows, `f64` across blocks.
-pub(super) fn row_task_grad_sums(
-    x: &[f32],
-    dy: &[f32],
-    cols: usize,
-    center: &[f32],
-    r0: usize,
-    r1: usize,
-    p0: usize,
-) -> (Vec<f64>, Vec<f64>) {
-    let w = center.len();
-    let (mut t1, mut t2) = (vec![0.0f64; w], vec![0.0f64; w]);
-    let (mut s1, mut s2) = (vec![0.0f32; w], vec![0.0f32; w]);
-    for (b0, b1) in row_blocks(r0, r1, 2 * w) {
-        s1.fill(0.0);
-        s2.fill(0.0);
-        let span = |r: usize| r * cols + p0..r * cols + p0 + w;
-        for (r, step) in row_groups(b0, b1) {
-            if let Some(q) = step {
-                let xs = std::array::from_fn(|k| &x[span(r + k * q)]);
-                let gs = std::array::from_fn(|k| &dy[span(r + k * q)]);
-                add_rows_grad::<ROWS>(&mut s1, &mut s2, center, xs, gs);
-            } else {
-                add_rows_grad::<1>(&mut s1, &mut s2, center, [&x[span(r)]], [&dy[span(r)]]);
-            }
-        }
-        for j in 0..w {
-            t1[j] += f64::from(s1[j]);
-            t2[j] += f64::from(s2[j]);
-        }
-    }
-    (t1, t2)
-}
-
-/// The rows `r0..r1` as `(r, Some(q))` for the groups of [`ROWS`] rows
-/// `r + k q` (`k < ROWS`), then `(r, None)` for each row left over.
-///
-/// A group takes its rows from [`ROWS`] quarters of the block, not side by
-/// side: where rows are contiguous (channels-last, `(N, C)` in one column
-/// block) each of the [`ROWS`] streams then runs through memory for a
-/// quarter of the block, which the hardware prefetcher follows, instead of
-/// for one row (1 KiB at 256 channels) before the group moves on.
-fn row_groups(r0: usize, r1: usize) -> impl Iterator<Item = (usize, Option<usize>)> {
-    let q = (r1 - r0) / ROWS;
-    (r0..r0 + q)
-        .map(move |r| (r, Some(q)))
-        .chain((r0 + q * ROWS..r1).map(|r| (r, None)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -440,40 +336,40 @@ mod tests {
         );
     }
 
-    /// Exact `(mean, M2)` of column `j` of a row-major `rows x cols` tensor.
-    fn exact_column(x: &[f32], cols: usize, j: usize) -> (f64, f64) {
-        let v: Vec<f64> = x.iter().skip(j).step_by(cols).map(|&a| a.into()).collect();
-        let mean = v.iter().sum::<f64>() / v.len() as f64;
-        (mean, v.iter().map(|a| (a - mean).powi(2)).sum())
-    }
-
     #[test]
-    fn row_blocks_keep_the_moments_exact_with_or_without_drift() {
-        // 3000 rows of 4 columns: blocks of 1024 rows, so the second and
-        // third block take the one-pass path, or fall back to two passes
-        // where the rows drift by many standard deviations per block.
-        let (rows, cols) = (3000, 4);
-        for drift in [0.0f32, 0.02] {
-            let x: Vec<f32> = (0..rows * cols)
-                .map(|i| {
-                    let (r, j) = (i / cols, i % cols);
-                    300.0 + drift * r as f32 + ((i as f32) * 0.7).sin() * (1.0 + j as f32)
-                })
-                .collect();
-            let (n, mean, m2) = row_task_moments(&x, cols, 0, rows, 0, cols);
-            assert_eq!(n, rows as f64);
-            for j in 0..cols {
-                let (em, eq) = exact_column(&x, cols, j);
-                assert!(
-                    (mean[j] - em).abs() < 1e-8 * em.abs(),
-                    "{drift} {j}: {} vs {em}",
-                    mean[j]
-                );
-                assert!(
-                    (m2[j] - eq).abs() < 1e-6 * eq,
-                    "{drift} {j}: {} vs {eq}",
-                    m2[j]
-                );
+    fn channel_and_block_walks_stay_exact_on_drifting_channels() {
+        use crate::layout::Layout;
+        // Channel values that drift by many standard deviations from piece to
+        // piece (and slab to slab): the one pass around the running mean must
+        // give way to two passes.
+        for dims in [[3, 2, 20_000], [2000, 3, 49]] {
+            let walk = ChannelWalk::new(&dims, Layout::ChannelsFirst).unwrap();
+            let per = walk.per_channel();
+            for drift in [0.0f32, 0.05] {
+                let x: Vec<f32> = (0..walk.len())
+                    .map(|i| {
+                        let (o, k) = (i / (walk.channels * walk.inner), i % walk.inner);
+                        let m = (o * walk.inner + k) as f32;
+                        300.0 + drift * m * 4096.0 / per as f32 + (i as f32 * 0.7).sin()
+                    })
+                    .collect();
+                let got = channel_moments(&x, &walk);
+                for (c, g) in got.iter().enumerate() {
+                    let v: Vec<f64> = (0..walk.len())
+                        .filter(|i| (i / walk.inner) % walk.channels == c)
+                        .map(|i| x[i].into())
+                        .collect();
+                    let mean = v.iter().sum::<f64>() / v.len() as f64;
+                    let m2: f64 = v.iter().map(|a| (a - mean).powi(2)).sum();
+                    assert!(
+                        (g.mean - mean).abs() < 1e-8 * mean,
+                        "{dims:?} {drift} {c}: {g:?} vs {mean}"
+                    );
+                    assert!(
+                        (g.m2 - m2).abs() < 1e-6 * m2,
+                        "{dims:?} {drift} {c}: {g:?} vs {m2}"
+                    );
+                }
             }
         }
     }
