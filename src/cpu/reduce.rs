@@ -13,11 +13,19 @@ use crate::shape::ChannelWalk;
 use crate::stats::Moments;
 use rayon::prelude::*;
 
+/// Values whose mean is the shift of a first piece, slab or block.
+pub(super) const SAMPLE: usize = 256;
+
+/// The mean of `x` (a few values), in `f32`.
+pub(super) fn prefix_mean(x: &[f32]) -> f32 {
+    (x.iter().map(|&v| f64::from(v)).sum::<f64>() / x.len() as f64) as f32
+}
+
 /// Moments of a cache-resident group of contiguous pieces `(start, len)` of
-/// `x`, from `sum(x - m)` and `sum((x - m)^2)`: with a `shift` (the running
-/// mean of the groups before), one pass around it that stands where
-/// [`fits_one_pass`]; else the corrected two-pass algorithm, a first pass for
-/// the group's mean `m`.
+/// `x`, from `sum(x - m)` and `sum((x - m)^2)`: one pass around a shift (the
+/// running mean of the groups before, or the mean of the group's first
+/// [`SAMPLE`] values) that stands where [`fits_one_pass`]; else the
+/// corrected two-pass algorithm, a first pass for the group's mean `m`.
 #[inline]
 pub(super) fn group_moments(x: &[f32], pieces: &[(usize, usize)], shift: Option<f32>) -> Moments {
     let count: usize = pieces.iter().map(|p| p.1).sum();
@@ -29,8 +37,12 @@ pub(super) fn group_moments(x: &[f32], pieces: &[(usize, usize)], shift: Option<
         }
         (s1.total(), s2.total())
     };
-    let (m, (s1, s2)) = match shift.map(|k| (k, centered(k))) {
-        Some((k, (s1, s2))) if fits_one_pass(s1, s2, n) => (k, (s1, s2)),
+    let k = shift.unwrap_or_else(|| {
+        let (s, len) = pieces[0];
+        prefix_mean(&x[s..s + len.min(SAMPLE)])
+    });
+    let (m, (s1, s2)) = match centered(k) {
+        (s1, s2) if fits_one_pass(s1, s2, n) => (k, (s1, s2)),
         _ => {
             let mut sum = Lanes::new();
             for &(s, len) in pieces {
@@ -132,10 +144,10 @@ pub(super) fn channel_moments(x: &[f32], walk: &ChannelWalk) -> Vec<Moments> {
 }
 
 /// Moments of channels `c0..c1` over runs `r0..r1` (a [`Plan::Blocks`]
-/// task), per cache-sized slab of runs, each pass in memory order: after the
-/// first slab one pass centred on the running means where every channel
-/// [`fits_one_pass`], else the corrected two-pass algorithm; slabs merged in
-/// `f64`.
+/// task), per cache-sized slab of runs, each pass in memory order: one pass
+/// centred on the running means (in the first slab: the means of each
+/// channel's first run) where every channel [`fits_one_pass`], else the
+/// corrected two-pass algorithm; slabs merged in `f64`.
 pub(super) fn block_moments(
     x: &[f32],
     walk: &ChannelWalk,
@@ -163,15 +175,15 @@ pub(super) fn block_moments(
                 }
             }
         };
-        let mut one_pass = false;
-        if acc[0].n > 0.0 {
-            for (m, a) in means.iter_mut().zip(&acc) {
-                *m = a.mean as f32;
-            }
-            centered(&mut s1, &mut s2, &means);
-            one_pass = (0..nb).all(|j| fits_one_pass(s1[j].total(), s2[j].total(), n));
+        for (j, (m, a)) in means.iter_mut().zip(&acc).enumerate() {
+            *m = if a.n > 0.0 {
+                a.mean as f32
+            } else {
+                prefix_mean(&run(b0, j)[..inner.min(SAMPLE)])
+            };
         }
-        if !one_pass {
+        centered(&mut s1, &mut s2, &means);
+        if !(0..nb).all(|j| fits_one_pass(s1[j].total(), s2[j].total(), n)) {
             sums.fill(Lanes::new());
             for o in b0..b1 {
                 for (j, l) in sums.iter_mut().enumerate() {

@@ -6,10 +6,13 @@
 use super::lanes::{ROWS, add_rows, add_rows_centered, add_rows_grad, fits_one_pass};
 use super::plan::row_blocks;
 
+/// Rows whose means centre the first block of a task.
+const SAMPLE_ROWS: usize = 16;
+
 /// Moments of every column `p0..p1` over rows `r0..r1`: per cache-sized
-/// block of rows, sums of `x - m` and `(x - m)^2` in `f32` around the block
-/// means (two passes) or, after the first block, around the running means
-/// (one pass, checked); blocks merged in `f64`.
+/// block of rows, sums of `x - m` and `(x - m)^2` in `f32` around the running
+/// means (one pass, checked) or the block means (two passes); blocks merged
+/// in `f64`.
 pub(super) fn row_task_moments(
     x: &[f32],
     cols: usize,
@@ -40,21 +43,29 @@ pub(super) fn row_task_moments(
                 }
             }
         };
-        // After the first block, one pass centred on the running column
-        // means; it stands where every block mean lies within one block
-        // standard deviation of them (`s1^2/nb <= s2/2`, so `s2 - s1^2/nb`
-        // loses at most one bit), else the block gets two passes.
-        let mut one_pass = false;
+        // One pass centred on the running column means (in the first block:
+        // the means of its first SAMPLE_ROWS rows); it stands where every
+        // block mean lies within one block standard deviation of them
+        // (`s1^2/nb <= s2/2`, so `s2 - s1^2/nb` loses at most one bit), else
+        // the block gets two passes.
         if n > 0.0 {
             for (b, &mu) in bm.iter_mut().zip(&mean) {
                 *b = mu as f32;
             }
-            centered(&mut s1, &mut s2, &bm);
-            one_pass = s1
-                .iter()
-                .zip(&s2)
-                .all(|(&d1, &d2)| fits_one_pass(d1.into(), d2.into(), nb));
+        } else {
+            let first = (b1 - b0).min(SAMPLE_ROWS);
+            bm.fill(0.0);
+            for r in b0..b0 + first {
+                add_rows::<1>(&mut bm, [row(r)]);
+            }
+            let inv = 1.0 / first as f32;
+            bm.iter_mut().for_each(|a| *a *= inv);
         }
+        centered(&mut s1, &mut s2, &bm);
+        let one_pass = s1
+            .iter()
+            .zip(&s2)
+            .all(|(&d1, &d2)| fits_one_pass(d1.into(), d2.into(), nb));
         if !one_pass {
             bm.fill(0.0);
             for (r, step) in row_groups(b0, b1) {
