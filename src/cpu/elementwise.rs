@@ -51,6 +51,10 @@ pub(super) fn for_each_segment(
         .min(TASK * 4);
     out.par_chunks_mut(chunk).enumerate().for_each(|(t, o)| {
         let base = t * chunk;
+        // Run and channel of the segment, advanced without a division per run
+        // (two divisions per 7x7 run cost as much as the run itself).
+        let mut run = base / walk.inner;
+        let mut c = run % walk.channels;
         let mut i = 0;
         while i < o.len() {
             let g = base + i;
@@ -68,8 +72,6 @@ pub(super) fn for_each_segment(
                 f(&mut o[i..i + n], g, seg);
                 i += n;
             } else {
-                let run = g / walk.inner;
-                let c = run % walk.channels;
                 let n = ((run + 1) * walk.inner - g).min(o.len() - i);
                 let k = &coefs.k;
                 f(
@@ -78,6 +80,8 @@ pub(super) fn for_each_segment(
                     Seg::Scalar([k[0][c], k[1][c], k[2][c], k[3][c]]),
                 );
                 i += n;
+                run += 1;
+                c = if c + 1 == walk.channels { 0 } else { c + 1 };
             }
         }
     });
