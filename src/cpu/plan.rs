@@ -18,8 +18,11 @@ pub(super) const ROW_WALK_BELOW: usize = 16;
 pub(super) const BLOCK_WALK_BELOW: usize = 1024;
 /// Positions (columns) one row-walk task accumulates at most.
 pub(super) const ROW_COLS: usize = 4096;
-/// Bytes of rows one row-walk sub-block holds (two passes over it stay in cache).
-pub(super) const ROW_BLOCK_BYTES: usize = 256 * 1024;
+/// Bytes of rows one row-walk or block-walk sub-block holds: usually read
+/// once (one pass around the running means), a second time from L2 where
+/// that pass does not stand; larger blocks merge their `f64` partials less
+/// often (256 KiB to 512 KiB: moments of 32x2048x7x7 NHWC 20-30% faster).
+pub(super) const ROW_BLOCK_BYTES: usize = 512 * 1024;
 
 /// How a tensor is cut into rayon tasks.
 #[derive(Debug, Clone, Copy)]
