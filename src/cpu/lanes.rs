@@ -32,6 +32,14 @@ impl Lanes {
     }
 }
 
+/// Values whose mean is the shift of a first piece, slab or block.
+pub(super) const SAMPLE: usize = 256;
+
+/// The mean of `x` (a few values), in `f32`.
+pub(super) fn prefix_mean(x: &[f32]) -> f32 {
+    (x.iter().map(|&v| f64::from(v)).sum::<f64>() / x.len() as f64) as f32
+}
+
 /// Whether sums `s1 = sum(x - k)`, `s2 = sum((x - k)^2)` of `n` values
 /// around a shift `k` give their second moment `s2 - s1^2/n` to within a
 /// bit: where the values' mean lies within one standard deviation of `k`

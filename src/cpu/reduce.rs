@@ -6,20 +6,12 @@
 //! two-pass algorithm while it sits in cache, in `f32` lanes, and pieces and
 //! tasks merge in `f64` (Chan's formula for moments), in a fixed order.
 
-use super::lanes::{Lanes, add_centered, add_grad, add_sum, fits_one_pass};
-use super::plan::{PIECE, Plan, ROW_COLS, for_each_group, part_range, plan, row_blocks};
-use super::rows::{row_task_grad_sums, row_task_moments};
+use super::lanes::{Lanes, SAMPLE, add_centered, add_grad, add_sum, fits_one_pass, prefix_mean};
+use super::plan::{PIECE, Plan, ROW_COLS, for_each_group, part_range, plan};
+use super::rows::{block_moments, row_task_grad_sums, row_task_moments};
 use crate::shape::ChannelWalk;
 use crate::stats::Moments;
 use rayon::prelude::*;
-
-/// Values whose mean is the shift of a first piece, slab or block.
-pub(super) const SAMPLE: usize = 256;
-
-/// The mean of `x` (a few values), in `f32`.
-pub(super) fn prefix_mean(x: &[f32]) -> f32 {
-    (x.iter().map(|&v| f64::from(v)).sum::<f64>() / x.len() as f64) as f32
-}
 
 /// Moments of a cache-resident group of contiguous pieces `(start, len)` of
 /// `x`, from `sum(x - m)` and `sum((x - m)^2)`: one pass around a shift (the
@@ -141,71 +133,6 @@ pub(super) fn channel_moments(x: &[f32], walk: &ChannelWalk) -> Vec<Moments> {
                 .collect()
         }
     }
-}
-
-/// Moments of channels `c0..c1` over runs `r0..r1` (a [`Plan::Blocks`]
-/// task), per cache-sized slab of runs, each pass in memory order: one pass
-/// centred on the running means (in the first slab: the means of each
-/// channel's first run) where every channel [`fits_one_pass`], else the
-/// corrected two-pass algorithm; slabs merged in `f64`.
-pub(super) fn block_moments(
-    x: &[f32],
-    walk: &ChannelWalk,
-    (c0, c1): (usize, usize),
-    (r0, r1): (usize, usize),
-) -> Vec<Moments> {
-    let (c, inner, nb) = (walk.channels, walk.inner, c1 - c0);
-    let run = |o: usize, j: usize| {
-        let start = (o * c + c0 + j) * inner;
-        &x[start..start + inner]
-    };
-    let mut acc = vec![Moments::default(); nb];
-    let mut sums = vec![Lanes::new(); nb];
-    let mut s1 = vec![Lanes::new(); nb];
-    let mut s2 = vec![Lanes::new(); nb];
-    let mut means = vec![0.0f32; nb];
-    for (b0, b1) in row_blocks(r0, r1, nb * inner) {
-        let n = ((b1 - b0) * inner) as f64;
-        let centered = |s1: &mut [Lanes], s2: &mut [Lanes], means: &[f32]| {
-            s1.fill(Lanes::new());
-            s2.fill(Lanes::new());
-            for o in b0..b1 {
-                for (j, (a1, a2)) in s1.iter_mut().zip(s2.iter_mut()).enumerate() {
-                    add_centered(a1, a2, run(o, j), means[j]);
-                }
-            }
-        };
-        for (j, (m, a)) in means.iter_mut().zip(&acc).enumerate() {
-            *m = if a.n > 0.0 {
-                a.mean as f32
-            } else {
-                prefix_mean(&run(b0, j)[..inner.min(SAMPLE)])
-            };
-        }
-        centered(&mut s1, &mut s2, &means);
-        if !(0..nb).all(|j| fits_one_pass(s1[j].total(), s2[j].total(), n)) {
-            sums.fill(Lanes::new());
-            for o in b0..b1 {
-                for (j, l) in sums.iter_mut().enumerate() {
-                    add_sum(l, run(o, j));
-                }
-            }
-            for (m, l) in means.iter_mut().zip(&sums) {
-                *m = (l.total() / n) as f32;
-            }
-            centered(&mut s1, &mut s2, &means);
-        }
-        for (j, a) in acc.iter_mut().enumerate() {
-            let (d1, d2) = (s1[j].total(), s2[j].total());
-            let m2 = d2 - d1 * d1 / n;
-            *a = a.merge(Moments {
-                n,
-                mean: f64::from(means[j]) + d1 / n,
-                m2: if m2 < 0.0 { 0.0 } else { m2 },
-            });
-        }
-    }
-    acc
 }
 
 /// Per-channel `(sum(dy), sum(dy * (x - center32[c])))`.

@@ -3,8 +3,12 @@
 //! `dy * (x - centre)` over a task's rows, accumulated per position in `f32`
 //! within a cache-sized block of rows and in `f64` across blocks.
 
-use super::lanes::{ROWS, add_rows, add_rows_centered, add_rows_grad, fits_one_pass};
+use super::lanes::{
+    ROWS, SAMPLE, add_rows, add_rows_centered, add_rows_grad, fits_one_pass, prefix_mean,
+};
 use super::plan::row_blocks;
+use crate::shape::ChannelWalk;
+use crate::stats::Moments;
 
 /// Rows whose means centre the first block of a task.
 const SAMPLE_ROWS: usize = 16;
@@ -94,6 +98,78 @@ pub(super) fn row_task_moments(
         n = nt;
     }
     (n, mean, m2)
+}
+
+/// Moments of channels `c0..c1` over runs `r0..r1` (a block-walk task):
+/// the block's runs of one `o` lie side by side, so it is walked as rows of
+/// per-position sums, every position of a channel centred on the same
+/// shift, and the positions of a channel summed in `f64` per block of rows.
+/// One pass around the running means (first block: the mean of each
+/// channel's first run) where every channel [`fits_one_pass`], else the
+/// corrected two-pass algorithm; blocks merged in `f64`.
+pub(super) fn block_moments(
+    x: &[f32],
+    walk: &ChannelWalk,
+    (c0, c1): (usize, usize),
+    (r0, r1): (usize, usize),
+) -> Vec<Moments> {
+    let (inner, nb) = (walk.inner, c1 - c0);
+    let (cols, p0, w) = (walk.channels * inner, c0 * inner, nb * inner);
+    let row = |o: usize| &x[o * cols + p0..o * cols + p0 + w];
+    let mut acc = vec![Moments::default(); nb];
+    let mut means = vec![0.0f32; nb];
+    let (mut ctr, mut s1, mut s2) = (vec![0.0f32; w], vec![0.0f32; w], vec![0.0f32; w]);
+    let by_channel = |v: &[f32]| -> Vec<f64> {
+        v.chunks(inner)
+            .map(|p| p.iter().map(|&a| f64::from(a)).sum())
+            .collect()
+    };
+    for (b0, b1) in row_blocks(r0, r1, w) {
+        let n = ((b1 - b0) * inner) as f64;
+        let centered = |ctr: &mut [f32], s1: &mut [f32], s2: &mut [f32], means: &[f32]| {
+            for (p, m) in ctr.chunks_mut(inner).zip(means) {
+                p.fill(*m);
+            }
+            s1.fill(0.0);
+            s2.fill(0.0);
+            for (r, step) in row_groups(b0, b1) {
+                if let Some(q) = step {
+                    let rows = std::array::from_fn(|k| row(r + k * q));
+                    add_rows_centered::<ROWS>(s1, s2, ctr, rows);
+                } else {
+                    add_rows_centered::<1>(s1, s2, ctr, [row(r)]);
+                }
+            }
+            (by_channel(s1), by_channel(s2))
+        };
+        for (j, (m, a)) in means.iter_mut().zip(&acc).enumerate() {
+            *m = if a.n > 0.0 {
+                a.mean as f32
+            } else {
+                prefix_mean(&row(b0)[j * inner..j * inner + inner.min(SAMPLE)])
+            };
+        }
+        let (mut t1, mut t2) = centered(&mut ctr, &mut s1, &mut s2, &means);
+        if !(0..nb).all(|j| fits_one_pass(t1[j], t2[j], n)) {
+            s1.fill(0.0);
+            for r in b0..b1 {
+                add_rows::<1>(&mut s1, [row(r)]);
+            }
+            for (m, t) in means.iter_mut().zip(by_channel(&s1)) {
+                *m = (t / n) as f32;
+            }
+            (t1, t2) = centered(&mut ctr, &mut s1, &mut s2, &means);
+        }
+        for (j, a) in acc.iter_mut().enumerate() {
+            let m2 = t2[j] - t1[j] * t1[j] / n;
+            *a = a.merge(Moments {
+                n,
+                mean: f64::from(means[j]) + t1[j] / n,
+                m2: if m2 < 0.0 { 0.0 } else { m2 },
+            });
+        }
+    }
+    acc
 }
 
 /// Column sums of `dy` and `dy * (x - center)` over rows `r0..r1`, columns
