@@ -1,11 +1,15 @@
 // Training statistics, stage 2: per channel, Chan-merge the slices into the
-// batch mean and biased variance; write the saved statistics, the coefficients
-// of the normalize pass and (with FLAG_UPDATE_RUNNING) the running statistics,
-// in place, with the momentum factor stats_partial stored for this step.
+// batch mean K + d (K the channel's first element, d the mean of x - K) and
+// the biased variance; write the saved statistics (K, d, invstd), the
+// coefficients of the normalize pass and (with FLAG_UPDATE_RUNNING) the
+// running statistics, in place, with the momentum factor stats_partial stored
+// for this step. The normalize pass centres on K and folds d into its shift:
+//   y = (x - K) * scale + (bias - d * scale),   scale = weight * invstd
+// so that no f32 rounding of the mean reaches x - mean.
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> partials: array<vec2<f32>>;
+@group(0) @binding(1) var<storage, read> partials: array<vec4<f32>>;   // (mean of x - K, M2, K, 0)
 @group(0) @binding(2) var<storage, read_write> state: array<f32>;        // sections: see common.wgsl
-@group(0) @binding(3) var<storage, read_write> saved: array<vec2<f32>>;  // (mean, invstd)
+@group(0) @binding(3) var<storage, read_write> saved: array<vec4<f32>>;  // (K, d, invstd, 0)
 @group(0) @binding(4) var<storage, read_write> coef: array<vec4<f32>>;   // (center, scale, shift, 0)
 
 @compute @workgroup_size(WG_CHANNEL)
@@ -32,16 +36,18 @@ fn main(
     }
     // Welford and Chan only add non-negative terms, so m2 >= 0; no max(),
     // which would turn the NaN of a channel holding a NaN into a number.
+    let shift = partials[c * p.slices].z;
     let var_biased = m2 * p.inv_m;
     let invstd = 1.0 / sqrt(var_biased + p.eps);
-    saved[c] = vec2<f32>(mean, invstd);
+    saved[c] = vec4<f32>(shift, mean, invstd, 0.0);
     let s = p.state_stride;
-    coef[c] = vec4<f32>(mean, state[WEIGHT * s + c] * invstd, state[BIAS * s + c], 0.0);
+    let scale = state[WEIGHT * s + c] * invstd;
+    coef[c] = vec4<f32>(shift, scale, state[BIAS * s + c] - mean * scale, 0.0);
     if (p.flags & FLAG_UPDATE_RUNNING) != 0u {
         let k = state[COUNTER * s + MOMENTUM_BITS];
         let im = RUNNING_MEAN * s + c;
         let iv = RUNNING_VAR * s + c;
-        state[im] = (1.0 - k) * state[im] + k * mean;
+        state[im] = (1.0 - k) * state[im] + k * (shift + mean);
         state[iv] = (1.0 - k) * state[iv] + k * (var_biased * p.unbias);
     }
 }

@@ -1,14 +1,18 @@
-// Training statistics, stage 1: Welford mean and M2 of one slice of one channel.
-// One workgroup per (channel, slice); each thread runs Welford over a strided
-// part of the slice, then the workgroup merges the threads with Chan's formula.
+// Training statistics, stage 1: Welford mean and M2 of one slice of one
+// channel, shifted by the channel's first element K: every thread runs
+// Welford over `x - K` for a strided part of the slice, then the workgroup
+// merges the threads with Chan's formula. `x - K` is exact for values near K,
+// so the mean comes out as K plus a small part held to f32 precision of the
+// spread, not of the mean (stats_finalize keeps both).
 // With FLAG_UPDATE_RUNNING, one thread also counts the batch in
 // num_batches_tracked and stores the momentum factor of this step for
 // stats_finalize: Params.momentum, or 1 / num_batches_tracked with
 // FLAG_CUMULATIVE (PyTorch counts the batch before it computes the factor).
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<Elem>;
-// (mean, M2) per (channel, slice); the count follows from the slice bounds.
-@group(0) @binding(2) var<storage, read_write> partials: array<vec2<f32>>;
+// (mean of x - K, M2, K, 0) per (channel, slice); the count follows from the
+// slice bounds.
+@group(0) @binding(2) var<storage, read_write> partials: array<vec4<f32>>;
 // The layer's state; only its counter section is touched (see common.wgsl).
 @group(0) @binding(3) var<storage, read_write> state: array<u32>;
 
@@ -41,13 +45,14 @@ fn main(
     if c >= p.channels {
         return;
     }
+    let shift = f32(x[element_index(p, c, 0u)]);
     let begin = s * p.slice_len;
     let end = begin + slice_count(p, s);
     var n = 0.0;
     var mean = 0.0;
     var m2 = 0.0;
     for (var m = begin + lid; m < end; m += WG) {
-        let v = f32(x[element_index(p, c, m)]);
+        let v = f32(x[element_index(p, c, m)]) - shift;
         n += 1.0;
         let d = v - mean;
         mean += d / n;
@@ -72,6 +77,6 @@ fn main(
         workgroupBarrier();
     }
     if lid == 0u {
-        partials[c * p.slices + s] = vec2<f32>(sh_mean[0], sh_m2[0]);
+        partials[c * p.slices + s] = vec4<f32>(sh_mean[0], sh_m2[0], shift, 0.0);
     }
 }

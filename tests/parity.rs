@@ -144,6 +144,37 @@ fn constant_channel() {
     check_parity("constant_channel", &config, &state, &x, &dy, Some(16));
 }
 
+/// `eps = 1e-30` on a constant channel: `invstd = 1e15`, whose cube (1e45)
+/// overflows f32. The backward orders its products as PyTorch does, so `dx`
+/// stays finite and matches the reference.
+#[test]
+fn tiny_eps_on_a_constant_channel() {
+    let mut r = rng(41);
+    let config = nchw(3).with_eps(1e-30);
+    let state = random_state(&mut r, &config, 0);
+    let mut x: ArrayD<f32> = normal(&mut r, &[4, 3, 5, 6], 0.0, 1.0);
+    x.index_axis_mut(Axis(1), 1).fill(-7.25);
+    let dy = normal(&mut r, &[4, 3, 5, 6], 0.0, 1.0);
+    let n = check_parity("tiny_eps", &config, &state, &x, &dy, Some(16));
+    assert_eq!(n, gpu_contexts().len());
+}
+
+/// `|mean| / std` of 1e5 (x = 5000 + 0.05 N(0,1)): the statistics pass keeps
+/// the mean as a value of the channel plus the mean of `x - K`, so `x - mean`
+/// carries no rounding of the mean to f32.
+#[test]
+fn tiny_spread_under_a_large_mean() {
+    for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
+        let dims: &[usize] = if layout == Layout::ChannelsFirst {
+            &[6, 4, 9, 7]
+        } else {
+            &[6, 9, 7, 4]
+        };
+        let config = nchw(4).with_layout(layout);
+        case("tiny_spread", dims, config, 5000.0, 0.05, Some(40), 42);
+    }
+}
+
 #[test]
 fn every_config_flag() {
     let base = || BatchNormConfig::new(4);

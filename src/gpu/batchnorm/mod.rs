@@ -361,7 +361,8 @@ impl GpuBatchNorm {
 
     /// The uniform block of `p`, and a partials buffer large enough for it.
     fn prepare(&mut self, p: &Params) -> Result<wgpu::Buffer> {
-        let bytes = u64::from(p.channels) * u64::from(p.slices) * 8;
+        // vec4 per (channel, slice): the statistics pass writes (mean, M2, K, 0)
+        let bytes = u64::from(p.channels) * u64::from(p.slices) * 16;
         if bytes > self.scratch_bytes {
             self.ctx.check_storage_size("partial statistics", bytes)?;
             self.scratch = self.ctx.storage_buffer("batchnorm.partials", bytes)?;
@@ -445,7 +446,7 @@ fn elements(ctx: &GpuContext, dtype: DType) -> Result<&ElementKernels> {
 }
 
 impl GpuSavedStats {
-    /// An empty handle for forwards of `layer` (`2 * C` floats on its device).
+    /// An empty handle for forwards of `layer` (`4 * C` floats on its device).
     ///
     /// # Errors
     /// [`Error::Wgpu`] when the device is out of memory.
