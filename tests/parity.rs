@@ -175,6 +175,76 @@ fn tiny_spread_under_a_large_mean() {
     }
 }
 
+/// Non-finite values stay in their channel and give PyTorch's statistics:
+/// a channel with `+inf` among finite values has `running_mean = +inf` and a
+/// NaN variance, one with `-inf` the same with `-inf`, one with both or a NaN
+/// has NaN; the finite channel beside them is untouched.
+#[test]
+fn infinities_and_nan_stay_in_their_channel() {
+    use wgpu_batchnorm::{BatchNormBackend, CpuReference, GpuBatchNorm};
+    let (inf, nan) = (f32::INFINITY, f32::NAN);
+    // channels: +inf, -inf, +inf and -inf, NaN, finite
+    let rows = [
+        [1.0, -1.0, inf, 0.5, 1.0],
+        [inf, 2.0, -inf, nan, 2.0],
+        [3.0, -inf, 3.0, 1.5, 4.0],
+        [4.0, 4.0, 4.0, 2.5, 8.0],
+    ];
+    let x = ArrayD::from_shape_vec(vec![4, 5], rows.concat()).unwrap();
+    let same = |got: f32, want: f32| {
+        (got.is_nan() && want.is_nan())
+            || got == want
+            || (got - want).abs() <= 1e-4 * (1.0 + want.abs())
+    };
+    let config = nchw(5);
+    let mut reference = CpuReference::new(config.clone()).unwrap();
+    let y_ref = reference.forward_train(x.view()).unwrap();
+    let state_ref = reference.state().unwrap();
+    let saved_ref = reference.saved_stats().unwrap().unwrap();
+    assert_eq!(
+        state_ref.running_mean.as_ref().unwrap()[..2],
+        [0.1 * inf, -0.1 * inf]
+    );
+    for ctx in gpu_contexts() {
+        let mut bn = GpuBatchNorm::new(ctx, config.clone()).unwrap();
+        let y = bn.forward_train(x.view()).unwrap();
+        let state = bn.state().unwrap();
+        let saved = bn.saved_stats().unwrap().unwrap();
+        let pairs = [
+            (
+                "y",
+                y.iter().copied().collect::<Vec<_>>(),
+                y_ref.iter().copied().collect(),
+            ),
+            (
+                "running_mean",
+                state.running_mean.clone().unwrap(),
+                state_ref.running_mean.clone().unwrap(),
+            ),
+            (
+                "running_var",
+                state.running_var.clone().unwrap(),
+                state_ref.running_var.clone().unwrap(),
+            ),
+            ("save_mean", saved.mean.clone(), saved_ref.mean.clone()),
+            (
+                "save_invstd",
+                saved.invstd.clone(),
+                saved_ref.invstd.clone(),
+            ),
+        ];
+        for (what, got, want) in pairs {
+            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    same(g, w),
+                    "{}: {what}[{i}] is {g}, the reference gives {w}\n  got  {got:?}\n  want {want:?}",
+                    ctx.label()
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn every_config_flag() {
     let base = || BatchNormConfig::new(4);
