@@ -28,7 +28,7 @@ fn main(
     let end = begin + slice_count(p, s);
     var s1 = 0.0;
     var s2 = 0.0;
-    for (var m = begin + lid; m < end; m += WG) {
+    for (var m = begin + lid; m < end; m = next_index(m, end)) {
         let idx = element_index(p, c, m);
         let gy = f32(dy[idx]);
         s1 += gy;

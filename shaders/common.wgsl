@@ -73,3 +73,8 @@ fn slice_count(p: Params, s: u32) -> u32 {
     return min(p.slice_len, p.per_channel - begin);
 }
 
+// The next index of a loop that strides by WG up to `end`: `m + WG`, or `end`
+// when that would reach it, so the index never wraps past 2^32 - 1.
+fn next_index(m: u32, end: u32) -> u32 {
+    return select(end, m + WG, end - m > WG);
+}

@@ -73,7 +73,7 @@ fn main(
     var mean = 0.0;
     var m2 = 0.0;
     var seen = 0u;
-    for (var m = begin + lid; m < end; m += WG) {
+    for (var m = begin + lid; m < end; m = next_index(m, end)) {
         let raw = f32(x[element_index(p, c, m)]);
         let special = non_finite(raw);
         if special != 0u {
