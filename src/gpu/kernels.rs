@@ -22,7 +22,9 @@ pub(crate) struct Params {
     pub unbias: f32,
     pub inv_m: f32,
     pub state_stride: u32,
-    pub pad: [u32; 3],
+    pub band: u32,
+    pub steps: u32,
+    pub band_cols: u32,
 }
 
 impl Params {
@@ -331,6 +333,9 @@ mod tests {
             unbias: f32,
             inv_m: f32,
             state_stride: u32,
+            band: u32,
+            steps: u32,
+            band_cols: u32,
         );
         let (mut wgsl, span) = wgsl_params();
         // the padding words are checked through the size below
