@@ -19,14 +19,23 @@ fn main(
     }
     let k = coef[t.pos / p.inner];
     var i = t.first;
-    for (var s = 0u; s < p.steps; s++) {
-        if i >= p.total {
-            break;
+    // b = 0 (running statistics) drops the x term, so a NaN in x stays out of dx,
+    // as in PyTorch, whose evaluation backward never reads x; nor does this one.
+    if k.z != 0.0 {
+        for (var s = 0u; s < p.steps; s++) {
+            if i >= p.total {
+                break;
+            }
+            dx[i] = Elem(k.y * f32(dy[i]) + k.z * (f32(x[i]) - k.x) + k.w);
+            i += p.band;
         }
-        // b = 0 (running statistics) drops the x term, so a NaN in x stays out of dx,
-        // as in PyTorch, whose evaluation backward never reads x.
-        let xt = select(k.z * (f32(x[i]) - k.x), 0.0, k.z == 0.0);
-        dx[i] = Elem(k.y * f32(dy[i]) + xt + k.w);
-        i += p.band;
+    } else {
+        for (var s = 0u; s < p.steps; s++) {
+            if i >= p.total {
+                break;
+            }
+            dx[i] = Elem(k.y * f32(dy[i]) + k.w);
+            i += p.band;
+        }
     }
 }

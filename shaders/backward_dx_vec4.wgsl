@@ -41,15 +41,26 @@ fn main(
         b = vec4<f32>(k0.z, k1.z, k2.z, k3.z);
         c = vec4<f32>(k0.w, k1.w, k2.w, k3.w);
     }
-    // b = 0 (running statistics) drops the x term: a NaN in x stays out of dx.
+    // b = 0 (running statistics) drops the x term: a NaN in x stays out of dx,
+    // and where every lane has b = 0 (an evaluation-mode backward) x is not read.
     let keep = b != vec4<f32>(0.0);
     var j = t.first;
-    for (var s = 0u; s < p.steps; s++) {
-        if j >= items {
-            break;
+    if any(keep) {
+        for (var s = 0u; s < p.steps; s++) {
+            if j >= items {
+                break;
+            }
+            let xt = select(vec4<f32>(0.0), b * (vec4<f32>(x[j]) - center), keep);
+            dx[j] = Elem4(a * vec4<f32>(dy[j]) + xt + c);
+            j += p.band;
         }
-        let xt = select(vec4<f32>(0.0), b * (vec4<f32>(x[j]) - center), keep);
-        dx[j] = Elem4(a * vec4<f32>(dy[j]) + xt + c);
-        j += p.band;
+    } else {
+        for (var s = 0u; s < p.steps; s++) {
+            if j >= items {
+                break;
+            }
+            dx[j] = Elem4(a * vec4<f32>(dy[j]) + c);
+            j += p.band;
+        }
     }
 }
