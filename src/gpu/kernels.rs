@@ -182,7 +182,7 @@ impl ElementKernels {
 }
 
 impl ElementKernels {
-    /// The normalize pass: vec4 when the element count is a multiple of 4.
+    /// The normalize pass: vec4 when a row (`C * inner` elements) is a multiple of 4.
     pub fn normalize(&self, vec4: bool) -> &Kernel {
         if vec4 {
             &self.normalize_vec4
@@ -191,7 +191,7 @@ impl ElementKernels {
         }
     }
 
-    /// The dx pass: vec4 when the element count is a multiple of 4.
+    /// The dx pass: vec4 when a row (`C * inner` elements) is a multiple of 4.
     pub fn backward_dx(&self, vec4: bool) -> &Kernel {
         if vec4 {
             &self.backward_dx_vec4
