@@ -57,6 +57,28 @@ fn odd_and_tiny_sizes() {
 }
 
 #[test]
+fn elementwise_grids() {
+    let last = |c| BatchNormConfig::new(c).with_layout(Layout::ChannelsLast);
+    // rows (C * inner elements) that are whole vec4s while runs are not: the
+    // four lanes of an item fall in different channels
+    case("lanes_straddle", &[4, 4, 3, 3], nchw(4), 0.3, 1.0, None, 30);
+    case("lanes_nhwc", &[3, 5, 5, 8], last(8), 0.3, 1.0, None, 31);
+    // enough items that threads walk several bands (the grid's `steps`; see
+    // `ElementGrid` in src/gpu/batchnorm/grid.rs, whose tests pin these shapes)
+    case("steps_vec4", &[8, 16, 48, 48], nchw(16), 0.3, 1.0, None, 32);
+    case(
+        "steps_nhwc",
+        &[16, 12, 12, 128],
+        last(128),
+        0.3,
+        1.0,
+        None,
+        33,
+    );
+    case("steps_scalar", &[9001, 33], nchw(33), 0.3, 1.0, None, 34);
+}
+
+#[test]
 fn channels_spread_over_several_slices() {
     // default slicing: M = 8320 > 4096 gives several workgroups per channel
     case(

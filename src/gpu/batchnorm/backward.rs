@@ -53,8 +53,10 @@ impl GpuBatchNorm {
     }
 
     /// Backward, stage 3 (`shaders/backward_dx.wgsl`, or
-    /// `backward_dx_vec4.wgsl` when the element count is a multiple of 4;
-    /// [`crate::reference::backward_dx`]): `dx = a*dy + b*(x - mean) + c`.
+    /// `backward_dx_vec4.wgsl` when a row of `C * inner` elements is a
+    /// multiple of 4; on the grid of [`super::grid::ElementGrid`];
+    /// [`crate::reference::backward_dx`]): `dx = a*dy + b*(x - mean) + c`;
+    /// threads whose channels all have `b = 0` (running statistics) leave `x` unread.
     fn backward_dx<'k>(
         &mut self,
         e: &'k ElementKernels,
