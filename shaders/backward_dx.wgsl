@@ -1,4 +1,6 @@
-// Backward, stage 3: dx = a*dy + b*(x - center) + c, one element per thread.
+// Backward, stage 3: dx = a*dy + b*(x - center) + c, one element per item, on
+// the band grid of `band_walk` (rows of `C * inner` elements): used when a row
+// is not a whole number of vec4s.
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<Elem>;
 @group(0) @binding(2) var<storage, read> dy: array<Elem>;
@@ -11,13 +13,29 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let i = linear_workgroup(wid, nwg) * WG + lid;
-    if i >= p.total {
+    let t = band_walk(p, wid, nwg, lid, p.channels * p.inner);
+    if !t.owns || t.first >= p.total {
         return;
     }
-    let k = coef[channel_of(p, i)];
+    let k = coef[t.pos / p.inner];
+    var i = t.first;
     // b = 0 (running statistics) drops the x term, so a NaN in x stays out of dx,
-    // as in PyTorch, whose evaluation backward never reads x.
-    let xt = select(k.z * (f32(x[i]) - k.x), 0.0, k.z == 0.0);
-    dx[i] = Elem(k.y * f32(dy[i]) + xt + k.w);
+    // as in PyTorch, whose evaluation backward never reads x; nor does this one.
+    if k.z != 0.0 {
+        for (var s = 0u; s < p.steps; s++) {
+            if i >= p.total {
+                break;
+            }
+            dx[i] = Elem(k.y * f32(dy[i]) + k.z * (f32(x[i]) - k.x) + k.w);
+            i += p.band;
+        }
+    } else {
+        for (var s = 0u; s < p.steps; s++) {
+            if i >= p.total {
+                break;
+            }
+            dx[i] = Elem(k.y * f32(dy[i]) + k.w);
+            i += p.band;
+        }
+    }
 }

@@ -1,5 +1,8 @@
-// Backward, stage 3: dx = a*dy + b*(x - center) + c, four elements per thread;
-// used when the element count is a multiple of 4.
+// Backward, stage 3: dx = a*dy + b*(x - center) + c, one vec4 per item, on the
+// band grid of `band_walk` (rows of `C * inner / 4` vec4s): used when a row
+// (`C * inner` elements) is a multiple of 4. The four lanes share a channel
+// when `inner % 4 == 0`, else each has its own; either way a thread loads its
+// coefficients once.
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<Elem4>;
 @group(0) @binding(2) var<storage, read> dy: array<Elem4>;
@@ -12,29 +15,52 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let j = linear_workgroup(wid, nwg) * WG + lid;
-    let i = j * 4u;
-    if i >= p.total {
+    let items = p.total / 4u;
+    let t = band_walk(p, wid, nwg, lid, p.channels * p.inner / 4u);
+    if !t.owns || t.first >= items {
         return;
     }
-    let v = vec4<f32>(x[j]);
-    let g = vec4<f32>(dy[j]);
+    let e = t.pos * 4u;
+    var center: vec4<f32>;
+    var a: vec4<f32>;
+    var b: vec4<f32>;
+    var c: vec4<f32>;
     if p.inner % 4u == 0u {
-        // All four lanes lie in one channel.
-        let k = coef[channel_of(p, i)];
-        // b = 0 (running statistics) drops the x term: a NaN in x stays out of dx.
-        let xt = select(k.z * (v - k.x), vec4<f32>(0.0), k.z == 0.0);
-        dx[j] = Elem4(k.y * g + xt + k.w);
+        let k = coef[e / p.inner];
+        center = vec4<f32>(k.x);
+        a = vec4<f32>(k.y);
+        b = vec4<f32>(k.z);
+        c = vec4<f32>(k.w);
     } else {
-        let k0 = coef[channel_of(p, i)];
-        let k1 = coef[channel_of(p, i + 1u)];
-        let k2 = coef[channel_of(p, i + 2u)];
-        let k3 = coef[channel_of(p, i + 3u)];
-        let center = vec4<f32>(k0.x, k1.x, k2.x, k3.x);
-        let a = vec4<f32>(k0.y, k1.y, k2.y, k3.y);
-        let b = vec4<f32>(k0.z, k1.z, k2.z, k3.z);
-        let cc = vec4<f32>(k0.w, k1.w, k2.w, k3.w);
-        let xt = select(b * (v - center), vec4<f32>(0.0), b == vec4<f32>(0.0));
-        dx[j] = Elem4(a * g + xt + cc);
+        let k0 = coef[e / p.inner];
+        let k1 = coef[(e + 1u) / p.inner];
+        let k2 = coef[(e + 2u) / p.inner];
+        let k3 = coef[(e + 3u) / p.inner];
+        center = vec4<f32>(k0.x, k1.x, k2.x, k3.x);
+        a = vec4<f32>(k0.y, k1.y, k2.y, k3.y);
+        b = vec4<f32>(k0.z, k1.z, k2.z, k3.z);
+        c = vec4<f32>(k0.w, k1.w, k2.w, k3.w);
+    }
+    // b = 0 (running statistics) drops the x term: a NaN in x stays out of dx,
+    // and where every lane has b = 0 (an evaluation-mode backward) x is not read.
+    let keep = b != vec4<f32>(0.0);
+    var j = t.first;
+    if any(keep) {
+        for (var s = 0u; s < p.steps; s++) {
+            if j >= items {
+                break;
+            }
+            let xt = select(vec4<f32>(0.0), b * (vec4<f32>(x[j]) - center), keep);
+            dx[j] = Elem4(a * vec4<f32>(dy[j]) + xt + c);
+            j += p.band;
+        }
+    } else {
+        for (var s = 0u; s < p.steps; s++) {
+            if j >= items {
+                break;
+            }
+            dx[j] = Elem4(a * vec4<f32>(dy[j]) + c);
+            j += p.band;
+        }
     }
 }

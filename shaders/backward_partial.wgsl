@@ -1,10 +1,11 @@
 // Backward, stage 1: per (channel, slice), S1 = sum(dy) and
-// S2 = sum(dy * (x - center)), centred on the mean the forward saved (the
-// batch mean, or the running mean of an evaluation forward).
+// S2 = sum(dy * (x - K)), centred on the K the forward saved (the channel's
+// first element, or the running mean of an evaluation forward);
+// backward_finalize subtracts d * S1 for the mean K + d.
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<Elem>;
 @group(0) @binding(2) var<storage, read> dy: array<Elem>;
-@group(0) @binding(3) var<storage, read> saved: array<vec2<f32>>;   // (mean, invstd)
+@group(0) @binding(3) var<storage, read> saved: array<vec4<f32>>;   // (K, d, invstd, 0)
 @group(0) @binding(4) var<storage, read_write> partials: array<vec2<f32>>;   // (S1, S2)
 
 var<workgroup> sh_s1: array<f32, WG>;
@@ -27,7 +28,7 @@ fn main(
     let end = begin + slice_count(p, s);
     var s1 = 0.0;
     var s2 = 0.0;
-    for (var m = begin + lid; m < end; m += WG) {
+    for (var m = begin + lid; m < end; m = next_index(m, end)) {
         let idx = element_index(p, c, m);
         let gy = f32(dy[idx]);
         s1 += gy;

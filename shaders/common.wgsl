@@ -32,9 +32,9 @@ struct Params {
     unbias: f32,       // M / (M - 1)
     inv_m: f32,        // 1 / M
     state_stride: u32, // elements between the sections of `state`
-    pad0: u32,
-    pad1: u32,
-    pad2: u32,
+    band: u32,         // elementwise passes: items (vec4 or scalar) per band, whole rows
+    steps: u32,        // elementwise passes: bands one thread walks
+    band_cols: u32,    // elementwise passes: workgroups across one band
 }
 
 // Sections of the `state` buffer (times Params.state_stride).
@@ -67,9 +67,35 @@ fn channel_of(p: Params, idx: u32) -> u32 {
     return (idx / p.inner) % p.channels;
 }
 
+// The grid of the elementwise passes (`ElementGrid` in src/gpu/batchnorm/mod.rs).
+// Their items (vec4s, or single elements) form rows of `row` items, a row
+// being `C * inner` elements: one sample (channels-first) or one position
+// (channels-last), so an item's place in its row fixes its channel(s). Rows
+// are grouped into bands of `p.band` items; workgroup `w` covers the WG
+// positions `(w % band_cols) * WG ...` of a band, in the `p.steps` bands from
+// `(w / band_cols) * steps` on. A thread works out its channels once and then
+// walks its bands with a stride of `p.band` items, dividing nothing.
+struct BandWalk {
+    first: u32, // the thread's first item (>= the item count: nothing to do)
+    pos: u32,   // its place in its row, in items
+    owns: bool, // the thread has a position in the band
+}
+
+fn band_walk(p: Params, wid: vec3<u32>, nwg: vec3<u32>, lid: u32, row: u32) -> BandWalk {
+    let w = linear_workgroup(wid, nwg);
+    let group = w / p.band_cols;
+    let j0 = (w - group * p.band_cols) * WG + lid;
+    return BandWalk(group * p.steps * p.band + j0, j0 % row, j0 < p.band);
+}
+
 // Elements in slice `s` of a channel.
 fn slice_count(p: Params, s: u32) -> u32 {
     let begin = s * p.slice_len;
     return min(p.slice_len, p.per_channel - begin);
 }
 
+// The next index of a loop that strides by WG up to `end`: `m + WG`, or `end`
+// when that would reach it, so the index never wraps past 2^32 - 1.
+fn next_index(m: u32, end: u32) -> u32 {
+    return select(end, m + WG, end - m > WG);
+}

@@ -1,9 +1,10 @@
 // Evaluation: coefficients of the normalize pass from the running statistics,
 // `scale = weight / sqrt(running_var + eps)`, centred on the running mean, and
-// the statistics a backward of this forward uses: (running_mean, invstd).
+// the statistics a backward of this forward uses: (running_mean, 0, invstd),
+// in the (K, d, invstd) form of stats_finalize.
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> state: array<f32>;              // sections: see common.wgsl
-@group(0) @binding(2) var<storage, read_write> saved: array<vec2<f32>>;  // (mean, invstd)
+@group(0) @binding(2) var<storage, read_write> saved: array<vec4<f32>>;  // (K, d, invstd, 0)
 @group(0) @binding(3) var<storage, read_write> coef: array<vec4<f32>>;   // (center, scale, shift, 0)
 
 @compute @workgroup_size(WG_CHANNEL)
@@ -19,6 +20,6 @@ fn main(
     let s = p.state_stride;
     let mean = state[RUNNING_MEAN * s + c];
     let root = sqrt(state[RUNNING_VAR * s + c] + p.eps);
-    saved[c] = vec2<f32>(mean, 1.0 / root);
+    saved[c] = vec4<f32>(mean, 0.0, 1.0 / root, 0.0);
     coef[c] = vec4<f32>(mean, state[WEIGHT * s + c] / root, state[BIAS * s + c], 0.0);
 }

@@ -1,4 +1,6 @@
-// Elementwise `y = (x - center[c]) * scale[c] + shift[c]`, one element per thread.
+// Elementwise `y = (x - center[c]) * scale[c] + shift[c]`, one element per
+// item, on the band grid of `band_walk` (rows of `C * inner` elements): used
+// when a row is not a whole number of vec4s.
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<Elem>;
 @group(0) @binding(2) var<storage, read> coef: array<vec4<f32>>;   // (center, scale, shift, 0)
@@ -10,10 +12,17 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let i = linear_workgroup(wid, nwg) * WG + lid;
-    if i >= p.total {
+    let t = band_walk(p, wid, nwg, lid, p.channels * p.inner);
+    if !t.owns || t.first >= p.total {
         return;
     }
-    let k = coef[channel_of(p, i)];
-    y[i] = Elem((f32(x[i]) - k.x) * k.y + k.z);
+    let k = coef[t.pos / p.inner];
+    var i = t.first;
+    for (var s = 0u; s < p.steps; s++) {
+        if i >= p.total {
+            break;
+        }
+        y[i] = Elem((f32(x[i]) - k.x) * k.y + k.z);
+        i += p.band;
+    }
 }

@@ -1,5 +1,9 @@
-// Elementwise `y = (x - center[c]) * scale[c] + shift[c]`, four elements per
-// thread; used when the element count is a multiple of 4.
+// Elementwise `y = (x - center[c]) * scale[c] + shift[c]`, one vec4 per item,
+// on the band grid of `band_walk` (rows of `C * inner / 4` vec4s): used when
+// a row (`C * inner` elements) is a multiple of 4. The four lanes share a
+// channel when `inner % 4 == 0` (channels-first), else each has its own
+// (channels-last: four adjacent channels); either way a thread loads its
+// coefficients once.
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<Elem4>;
 @group(0) @binding(2) var<storage, read> coef: array<vec4<f32>>;   // (center, scale, shift, 0)
@@ -11,24 +15,35 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let j = linear_workgroup(wid, nwg) * WG + lid;
-    let i = j * 4u;
-    if i >= p.total {
+    let items = p.total / 4u;
+    let t = band_walk(p, wid, nwg, lid, p.channels * p.inner / 4u);
+    if !t.owns || t.first >= items {
         return;
     }
-    let v = vec4<f32>(x[j]);
+    let e = t.pos * 4u;
+    var center: vec4<f32>;
+    var scale: vec4<f32>;
+    var shift: vec4<f32>;
     if p.inner % 4u == 0u {
-        // All four lanes lie in one channel.
-        let k = coef[channel_of(p, i)];
-        y[j] = Elem4((v - k.x) * k.y + k.z);
+        let k = coef[e / p.inner];
+        center = vec4<f32>(k.x);
+        scale = vec4<f32>(k.y);
+        shift = vec4<f32>(k.z);
     } else {
-        let k0 = coef[channel_of(p, i)];
-        let k1 = coef[channel_of(p, i + 1u)];
-        let k2 = coef[channel_of(p, i + 2u)];
-        let k3 = coef[channel_of(p, i + 3u)];
-        let center = vec4<f32>(k0.x, k1.x, k2.x, k3.x);
-        let scale = vec4<f32>(k0.y, k1.y, k2.y, k3.y);
-        let shift = vec4<f32>(k0.z, k1.z, k2.z, k3.z);
-        y[j] = Elem4((v - center) * scale + shift);
+        let k0 = coef[e / p.inner];
+        let k1 = coef[(e + 1u) / p.inner];
+        let k2 = coef[(e + 2u) / p.inner];
+        let k3 = coef[(e + 3u) / p.inner];
+        center = vec4<f32>(k0.x, k1.x, k2.x, k3.x);
+        scale = vec4<f32>(k0.y, k1.y, k2.y, k3.y);
+        shift = vec4<f32>(k0.z, k1.z, k2.z, k3.z);
+    }
+    var j = t.first;
+    for (var s = 0u; s < p.steps; s++) {
+        if j >= items {
+            break;
+        }
+        y[j] = Elem4((vec4<f32>(x[j]) - center) * scale + shift);
+        j += p.band;
     }
 }

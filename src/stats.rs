@@ -35,6 +35,21 @@ impl Moments {
     /// d = mean_b - mean_a, n = n_a + n_b
     /// mean = mean_a + d n_b / n,  M2 = M2_a + M2_b + d^2 n_a n_b / n
     /// ```
+    ///
+    /// A part whose mean is infinite or NaN (it held `±inf` or NaN) gives
+    /// PyTorch's statistics of the union, those of a sum: the mean is
+    /// `mean_a + mean_b` (`+inf` with finite values, NaN for `inf - inf`)
+    /// and `M2` is NaN, where Chan's `d` would meet `inf - inf`.
+    ///
+    /// ```
+    /// use wgpu_batchnorm::Moments;
+    /// let inf = Moments { n: 1.0, mean: f64::INFINITY, m2: f64::NAN };
+    /// let finite = Moments { n: 3.0, mean: 2.0, m2: 1.0 };
+    /// assert_eq!(finite.merge(inf).mean, f64::INFINITY);
+    /// assert!(finite.merge(inf).m2.is_nan());
+    /// let minus = Moments { n: 1.0, mean: f64::NEG_INFINITY, m2: f64::NAN };
+    /// assert!(inf.merge(minus).mean.is_nan());
+    /// ```
     pub fn merge(self, other: Moments) -> Moments {
         if other.n == 0.0 {
             return self;
@@ -43,6 +58,13 @@ impl Moments {
             return other;
         }
         let n = self.n + other.n;
+        if !(self.mean.is_finite() && other.mean.is_finite()) {
+            return Moments {
+                n,
+                mean: self.mean + other.mean,
+                m2: f64::NAN,
+            };
+        }
         let d = other.mean - self.mean;
         Moments {
             n,

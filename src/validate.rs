@@ -15,7 +15,9 @@ impl BatchNormConfig {
     ///
     /// # Errors
     /// [`Error::Config`] when `num_features` is 0 or exceeds `u32::MAX`, `eps` is not
-    /// finite or `<= 0`, or `momentum` is not finite or lies outside `[0, 1]`.
+    /// finite or `<= 0` or below the smallest normal f32 (`1.18e-38`: the
+    /// kernels compute in f32, and GPUs may flush smaller values to 0), or
+    /// `momentum` is not finite or lies outside `[0, 1]`.
     pub fn validate(&self) -> Result<()> {
         if self.num_features == 0 {
             return Err(Error::Config(
@@ -32,6 +34,20 @@ impl BatchNormConfig {
             return Err(Error::Config(format!(
                 "eps must be finite and > 0, got {}",
                 self.eps
+            )));
+        }
+        if self.eps < f64::from(f32::MIN_POSITIVE) {
+            return Err(Error::Config(format!(
+                "eps = {:e} is below the smallest normal f32 ({:e}), which the kernels compute in; it would round to 0 or be flushed to 0",
+                self.eps,
+                f32::MIN_POSITIVE
+            )));
+        }
+        if self.eps > f64::from(f32::MAX) {
+            return Err(Error::Config(format!(
+                "eps = {:e} is above the largest f32 ({:e}), which the kernels compute in",
+                self.eps,
+                f32::MAX
             )));
         }
         if let Some(m) = self.momentum

@@ -220,6 +220,18 @@ fn bad_configuration() {
             "eps must be finite and > 0",
         ),
         (
+            BatchNormConfig::new(3).with_eps(1e-50),
+            "eps = 1e-50 is below the smallest normal f32",
+        ),
+        (
+            BatchNormConfig::new(3).with_eps(1e-40),
+            "eps = 1e-40 is below the smallest normal f32",
+        ),
+        (
+            BatchNormConfig::new(3).with_eps(1e39),
+            "is above the largest f32",
+        ),
+        (
             BatchNormConfig::new(3).with_momentum(Some(-0.1)),
             "momentum must lie in [0, 1]",
         ),

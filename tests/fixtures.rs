@@ -48,34 +48,6 @@ fn stores_f16(target: &dyn FixtureTarget) -> bool {
     bn.set_storage_dtype(DType::F16).is_ok()
 }
 
-/// Bugs found by these fixtures in code this file does not own, each pinned
-/// as a strict expected failure: (case, backend kind, a text the failure
-/// reason must contain). When a fix lands, the row PASSes and the test fails
-/// until the entry is removed here.
-///
-/// - `tiny_variance`, GPU: `dweight = S2 * invstd` loses ~3e-4 relative, past
-///   the 1e-4 tolerance, when the spread is tiny against the mean
-///   (x = 1 + 1e-3 N(0,1)): the batch mean rounded to f32 is off by up to half
-///   an ulp of 1, which moves S2 = sum(dy (x - mean)) by that error times
-///   sum(dy), amplified by invstd ~ 1e3. The CPU backends accumulate in f64.
-///   A fix keeps the mean as a shift plus an offset (x - K exact by Sterbenz).
-const KNOWN_FAILURES: &[(&str, Kind, &str)] = &[("tiny_variance", Kind::Gpu, "dweight")];
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Kind {
-    Any,
-    Gpu,
-}
-
-fn known_failures(case: &str, backend: &str) -> Vec<&'static str> {
-    let is_gpu = backend != "cpu-reference" && backend != "cpu";
-    KNOWN_FAILURES
-        .iter()
-        .filter(|(c, k, _)| *c == case && (*k == Kind::Any || is_gpu))
-        .map(|(_, _, why)| *why)
-        .collect()
-}
-
 #[test]
 fn every_fixture_on_every_backend() {
     let files = fixture_files();
@@ -94,7 +66,6 @@ fn every_fixture_on_every_backend() {
             let r = run_fixture(&fixture, target.as_ref());
             rows += 1;
             println!("{r}");
-            let known = known_failures(&fixture.case, &r.backend);
             let reason = r.reason().unwrap_or_default();
             if fixture.dtype == DType::F16 && !stores_f16(target.as_ref()) {
                 // A backend without f16 storage must fail the row, and say why.
@@ -104,15 +75,6 @@ fn every_fixture_on_every_backend() {
                     problems.push(format!(
                         "{r}\n    expected a FAIL saying f16 storage is not supported"
                     ));
-                }
-            } else if !known.is_empty() {
-                if r.passed() {
-                    problems.push(format!(
-                        "{} on {} now PASSes: remove it from KNOWN_FAILURES",
-                        fixture.case, r.backend
-                    ));
-                } else if let Some(missing) = known.iter().find(|k| !reason.contains(*k)) {
-                    problems.push(format!("{r}\n    expected the known failure {missing:?}"));
                 }
             } else if !r.passed() {
                 problems.push(r.to_string());

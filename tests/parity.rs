@@ -57,6 +57,28 @@ fn odd_and_tiny_sizes() {
 }
 
 #[test]
+fn elementwise_grids() {
+    let last = |c| BatchNormConfig::new(c).with_layout(Layout::ChannelsLast);
+    // rows (C * inner elements) that are whole vec4s while runs are not: the
+    // four lanes of an item fall in different channels
+    case("lanes_straddle", &[4, 4, 3, 3], nchw(4), 0.3, 1.0, None, 30);
+    case("lanes_nhwc", &[3, 5, 5, 8], last(8), 0.3, 1.0, None, 31);
+    // enough items that threads walk several bands (the grid's `steps`; see
+    // `ElementGrid` in src/gpu/batchnorm/grid.rs, whose tests pin these shapes)
+    case("steps_vec4", &[8, 16, 48, 48], nchw(16), 0.3, 1.0, None, 32);
+    case(
+        "steps_nhwc",
+        &[16, 12, 12, 128],
+        last(128),
+        0.3,
+        1.0,
+        None,
+        33,
+    );
+    case("steps_scalar", &[9001, 33], nchw(33), 0.3, 1.0, None, 34);
+}
+
+#[test]
 fn channels_spread_over_several_slices() {
     // default slicing: M = 8320 > 4096 gives several workgroups per channel
     case(
@@ -142,6 +164,107 @@ fn constant_channel() {
     x.index_axis_mut(Axis(1), 1).fill(2.5);
     let dy = normal(&mut r, &[4, 3, 5, 6], 0.0, 1.0);
     check_parity("constant_channel", &config, &state, &x, &dy, Some(16));
+}
+
+/// `eps = 1e-30` on a constant channel: `invstd = 1e15`, whose cube (1e45)
+/// overflows f32. The backward orders its products as PyTorch does, so `dx`
+/// stays finite and matches the reference.
+#[test]
+fn tiny_eps_on_a_constant_channel() {
+    let mut r = rng(41);
+    let config = nchw(3).with_eps(1e-30);
+    let state = random_state(&mut r, &config, 0);
+    let mut x: ArrayD<f32> = normal(&mut r, &[4, 3, 5, 6], 0.0, 1.0);
+    x.index_axis_mut(Axis(1), 1).fill(-7.25);
+    let dy = normal(&mut r, &[4, 3, 5, 6], 0.0, 1.0);
+    let n = check_parity("tiny_eps", &config, &state, &x, &dy, Some(16));
+    assert_eq!(n, gpu_contexts().len());
+}
+
+/// `|mean| / std` of 1e5 (x = 5000 + 0.05 N(0,1)): the statistics pass keeps
+/// the mean as a value of the channel plus the mean of `x - K`, so `x - mean`
+/// carries no rounding of the mean to f32.
+#[test]
+fn tiny_spread_under_a_large_mean() {
+    for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
+        let dims: &[usize] = if layout == Layout::ChannelsFirst {
+            &[6, 4, 9, 7]
+        } else {
+            &[6, 9, 7, 4]
+        };
+        let config = nchw(4).with_layout(layout);
+        case("tiny_spread", dims, config, 5000.0, 0.05, Some(40), 42);
+    }
+}
+
+/// Non-finite values stay in their channel and give PyTorch's statistics:
+/// a channel with `+inf` among finite values has `running_mean = +inf` and a
+/// NaN variance, one with `-inf` the same with `-inf`, one with both or a NaN
+/// has NaN; the finite channel beside them is untouched.
+#[test]
+fn infinities_and_nan_stay_in_their_channel() {
+    use wgpu_batchnorm::{BatchNormBackend, CpuReference, GpuBatchNorm};
+    let (inf, nan) = (f32::INFINITY, f32::NAN);
+    // channels: +inf, -inf, +inf and -inf, NaN, finite
+    let rows = [
+        [1.0, -1.0, inf, 0.5, 1.0],
+        [inf, 2.0, -inf, nan, 2.0],
+        [3.0, -inf, 3.0, 1.5, 4.0],
+        [4.0, 4.0, 4.0, 2.5, 8.0],
+    ];
+    let x = ArrayD::from_shape_vec(vec![4, 5], rows.concat()).unwrap();
+    let same = |got: f32, want: f32| {
+        (got.is_nan() && want.is_nan())
+            || got == want
+            || (got - want).abs() <= 1e-4 * (1.0 + want.abs())
+    };
+    let config = nchw(5);
+    let mut reference = CpuReference::new(config.clone()).unwrap();
+    let y_ref = reference.forward_train(x.view()).unwrap();
+    let state_ref = reference.state().unwrap();
+    let saved_ref = reference.saved_stats().unwrap().unwrap();
+    assert_eq!(
+        state_ref.running_mean.as_ref().unwrap()[..2],
+        [0.1 * inf, -0.1 * inf]
+    );
+    for ctx in gpu_contexts() {
+        let mut bn = GpuBatchNorm::new(ctx, config.clone()).unwrap();
+        let y = bn.forward_train(x.view()).unwrap();
+        let state = bn.state().unwrap();
+        let saved = bn.saved_stats().unwrap().unwrap();
+        let pairs = [
+            (
+                "y",
+                y.iter().copied().collect::<Vec<_>>(),
+                y_ref.iter().copied().collect(),
+            ),
+            (
+                "running_mean",
+                state.running_mean.clone().unwrap(),
+                state_ref.running_mean.clone().unwrap(),
+            ),
+            (
+                "running_var",
+                state.running_var.clone().unwrap(),
+                state_ref.running_var.clone().unwrap(),
+            ),
+            ("save_mean", saved.mean.clone(), saved_ref.mean.clone()),
+            (
+                "save_invstd",
+                saved.invstd.clone(),
+                saved_ref.invstd.clone(),
+            ),
+        ];
+        for (what, got, want) in pairs {
+            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    same(g, w),
+                    "{}: {what}[{i}] is {g}, the reference gives {w}\n  got  {got:?}\n  want {want:?}",
+                    ctx.label()
+                );
+            }
+        }
+    }
 }
 
 #[test]

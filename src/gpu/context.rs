@@ -14,8 +14,8 @@ static NEXT_CONTEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Storage buffers the kernel with the most bindings uses.
 const STORAGE_BUFFERS_PER_STAGE: u32 = 4;
-/// Bytes of workgroup memory the reductions use (three f32 arrays of `WG`).
-const WORKGROUP_STORAGE_BYTES: u32 = 3 * WG * 4;
+/// Bytes of workgroup memory the reductions use (four 4-byte arrays of `WG`).
+const WORKGROUP_STORAGE_BYTES: u32 = 4 * WG * 4;
 
 pub(crate) struct ContextInner {
     id: u64,
@@ -153,7 +153,7 @@ impl GpuContext {
     }
 
     /// The least a device needs for this crate: 256-thread workgroups, 65535
-    /// workgroups per grid dimension, 3 KiB of workgroup memory and 4 storage
+    /// workgroups per grid dimension, 4 KiB of workgroup memory and 4 storage
     /// buffers per stage (all within wgpu's `downlevel_defaults`). An app that opens its own device and wants
     /// BatchNorm on it asks for at least these
     /// (`adapter_limits_or_defaults.or_better_values_from(&GpuContext::required_limits())`).

@@ -22,7 +22,9 @@ pub(crate) struct Params {
     pub unbias: f32,
     pub inv_m: f32,
     pub state_stride: u32,
-    pub pad: [u32; 3],
+    pub band: u32,
+    pub steps: u32,
+    pub band_cols: u32,
 }
 
 impl Params {
@@ -180,7 +182,7 @@ impl ElementKernels {
 }
 
 impl ElementKernels {
-    /// The normalize pass: vec4 when the element count is a multiple of 4.
+    /// The normalize pass: vec4 when a row (`C * inner` elements) is a multiple of 4.
     pub fn normalize(&self, vec4: bool) -> &Kernel {
         if vec4 {
             &self.normalize_vec4
@@ -189,7 +191,7 @@ impl ElementKernels {
         }
     }
 
-    /// The dx pass: vec4 when the element count is a multiple of 4.
+    /// The dx pass: vec4 when a row (`C * inner` elements) is a multiple of 4.
     pub fn backward_dx(&self, vec4: bool) -> &Kernel {
         if vec4 {
             &self.backward_dx_vec4
@@ -331,6 +333,9 @@ mod tests {
             unbias: f32,
             inv_m: f32,
             state_stride: u32,
+            band: u32,
+            steps: u32,
+            band_cols: u32,
         );
         let (mut wgsl, span) = wgsl_params();
         // the padding words are checked through the size below

@@ -53,8 +53,10 @@ impl GpuBatchNorm {
     }
 
     /// Backward, stage 3 (`shaders/backward_dx.wgsl`, or
-    /// `backward_dx_vec4.wgsl` when the element count is a multiple of 4;
-    /// [`crate::reference::backward_dx`]): `dx = a*dy + b*(x - mean) + c`.
+    /// `backward_dx_vec4.wgsl` when a row of `C * inner` elements is a
+    /// multiple of 4; on the grid of [`super::grid::ElementGrid`];
+    /// [`crate::reference::backward_dx`]): `dx = a*dy + b*(x - mean) + c`;
+    /// threads whose channels all have `b = 0` (running statistics) leave `x` unread.
     fn backward_dx<'k>(
         &mut self,
         e: &'k ElementKernels,
@@ -103,12 +105,18 @@ impl GpuBatchNorm {
         let p = self.params(walk, if batch { FLAG_BATCH_STATS } else { 0 });
         let params = self.prepare(&p)?;
         let k = &ctx.kernels().backward_finalize;
-        let passes = [
-            self.backward_partial(e, (&params, &p), (x, dy, saved))?,
-            self.backward_finalize(k, (&params, &p), saved)?,
-            self.backward_dx(e, (&params, &p), (x, dy, dx))?,
-        ];
-        let passes: Vec<Pass<'_>> = before.into_iter().chain(passes).collect();
+        let mut passes: Vec<Pass<'_>> = before.into_iter().collect();
+        if batch || self.config.affine {
+            passes.push(self.backward_partial(e, (&params, &p), (x, dy, saved))?);
+            passes.push(self.backward_finalize(k, (&params, &p), saved)?);
+        } else {
+            // Running statistics and no dweight: dx = dy * weight * invstd
+            // needs no sums, so the finalize pass runs over zero slices.
+            let p0 = Params { slices: 0, ..p };
+            let params0 = self.prepare(&p0)?;
+            passes.push(self.backward_finalize(k, (&params0, &p0), saved)?);
+        }
+        passes.push(self.backward_dx(e, (&params, &p), (x, dy, dx))?);
         self.record(enc, "batchnorm.backward", &passes);
         Ok(())
     }

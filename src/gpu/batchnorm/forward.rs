@@ -74,7 +74,8 @@ impl GpuBatchNorm {
     }
 
     /// The elementwise pass (`shaders/normalize.wgsl`, or
-    /// `normalize_vec4.wgsl` when the element count is a multiple of 4;
+    /// `normalize_vec4.wgsl` when a row of `C * inner` elements is a multiple
+    /// of 4; on the grid of [`super::grid::ElementGrid`];
     /// [`crate::reference::normalize`]): `y = (x - center) * scale + shift`
     /// with the per-channel coefficients of the pass before.
     fn normalize<'k>(

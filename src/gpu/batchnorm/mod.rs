@@ -6,6 +6,7 @@ mod backend;
 mod backward;
 mod cache;
 mod forward;
+mod grid;
 mod run;
 mod saved;
 mod state;
@@ -19,11 +20,12 @@ use super::tensor::GpuTensor;
 use crate::config::BatchNormConfig;
 use crate::error::{Error, Result};
 use crate::layout::{DType, Layout};
-use crate::shaders::{FLAG_CUMULATIVE, WG};
+use crate::shaders::FLAG_CUMULATIVE;
 use crate::shape::ChannelWalk;
 use crate::state::BatchNormState;
 use crate::validate;
 use cache::Cache;
+use grid::ElementGrid;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Smallest slice of a channel one reduction workgroup takes by default.
@@ -337,6 +339,7 @@ impl GpuBatchNorm {
         } else {
             0
         };
+        let grid = ElementGrid::new(walk.len() as u32, walk.channels as u32, walk.inner as u32);
         Params {
             channels: walk.channels as u32,
             outer: walk.outer as u32,
@@ -355,13 +358,16 @@ impl GpuBatchNorm {
             },
             inv_m: 1.0 / m as f32,
             state_stride: self.stride as u32,
-            pad: [0; 3],
+            band: grid.band,
+            steps: grid.steps,
+            band_cols: grid.cols,
         }
     }
 
     /// The uniform block of `p`, and a partials buffer large enough for it.
     fn prepare(&mut self, p: &Params) -> Result<wgpu::Buffer> {
-        let bytes = u64::from(p.channels) * u64::from(p.slices) * 8;
+        // vec4 per (channel, slice): the statistics pass writes (mean, M2, K, 0)
+        let bytes = u64::from(p.channels) * u64::from(p.slices) * 16;
         if bytes > self.scratch_bytes {
             self.ctx.check_storage_size("partial statistics", bytes)?;
             self.scratch = self.ctx.storage_buffer("batchnorm.partials", bytes)?;
@@ -420,10 +426,11 @@ impl GpuBatchNorm {
         }
     }
 
+    /// Whether the elementwise passes of `p` take vec4s, and their workgroups
+    /// (`band`, `steps` and `band_cols` of `p` come from the same grid).
     fn elementwise_wgs(p: &Params) -> (bool, u32) {
-        let vec4 = p.total.is_multiple_of(4);
-        let items = if vec4 { p.total / 4 } else { p.total };
-        (vec4, items.div_ceil(WG))
+        let g = ElementGrid::new(p.total, p.channels, p.inner);
+        (g.vec4, g.workgroups)
     }
 
     /// A binding of the whole `buffer`.
@@ -445,7 +452,7 @@ fn elements(ctx: &GpuContext, dtype: DType) -> Result<&ElementKernels> {
 }
 
 impl GpuSavedStats {
-    /// An empty handle for forwards of `layer` (`2 * C` floats on its device).
+    /// An empty handle for forwards of `layer` (`4 * C` floats on its device).
     ///
     /// # Errors
     /// [`Error::Wgpu`] when the device is out of memory.

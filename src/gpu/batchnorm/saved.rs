@@ -5,7 +5,7 @@ use crate::gpu::context::GpuContext;
 use crate::state::SavedStats;
 
 /// The statistics one forward of one layer saved for its backward: per
-/// channel `(mean, invstd)` on the device (PyTorch's `save_mean`,
+/// channel the mean and `invstd` on the device (PyTorch's `save_mean`,
 /// `save_invstd`), with the shape of that forward's input.
 ///
 /// A training forward (or an evaluation forward without tracked statistics)
@@ -47,10 +47,10 @@ pub(crate) struct Written {
 }
 
 impl GpuSavedStats {
-    /// An empty handle of `channels` channels for layer `layer` on `ctx`
+    /// An empty handle of `channels` channels for layer `layer` on `ctx` (`4 * C` floats)
     /// (`GpuSavedStats::new` is in the parent module, which knows layers).
     pub(super) fn empty(ctx: &GpuContext, layer: u64, channels: usize) -> Result<Self> {
-        let buffer = ctx.storage_buffer("batchnorm.saved", (channels * 8) as u64)?;
+        let buffer = ctx.storage_buffer("batchnorm.saved", (channels * 16) as u64)?;
         Ok(Self {
             buffer,
             layer,
@@ -79,12 +79,15 @@ impl GpuSavedStats {
         if self.written.is_none() {
             return Ok(None);
         }
-        let v = self.ctx.read_f32(&self.buffer, 0, self.channels * 2)?;
-        let (mean, invstd) = v.chunks_exact(2).map(|p| (p[0], p[1])).unzip();
+        let v = self.ctx.read_f32(&self.buffer, 0, self.channels * 4)?;
+        let (mean, invstd) = v.chunks_exact(4).map(|p| (p[0] + p[1], p[2])).unzip();
         Ok(Some(SavedStats { mean, invstd }))
     }
 
-    /// The buffer: `(mean, invstd)` pairs of f32, one per channel.
+    /// The buffer: per channel four f32 `(K, d, invstd, 0)`, where the mean is
+    /// `K + d`: `K` is a value of the channel (or the running mean) and `d`
+    /// the mean of `x - K`, so that kernels centre `x` on the mean without the
+    /// rounding of the mean to f32.
     pub fn buffer(&self) -> &wgpu::Buffer {
         &self.buffer
     }
