@@ -42,8 +42,9 @@ use crate::backend::BatchNormBackend;
 use crate::config::{BatchNormConfig, Mode};
 use crate::error::Result;
 use crate::reference;
+use crate::shape::ChannelWalk;
 use crate::state::{BatchNormState, Gradients, SavedBatchStats, SavedStats};
-use crate::stats::{backward_stats, update_running};
+use crate::stats::{Moments, backward_stats, update_running};
 use crate::validate;
 use elementwise::{Coefs, backward_dx, normalize};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
@@ -128,7 +129,8 @@ impl CpuBatchNorm {
         validate::slice_len("x", x.len(), &walk)?;
         validate::slice_len("y", y.len(), &walk)?;
         let (weight, bias) = self.state.affine(walk.channels);
-        let moments = channel_moments(x, &walk);
+        let mut moments = channel_moments(x, &walk);
+        non_finite_moments(x, &walk, &mut moments);
         let stats = reference::stats_finalize(&moments, self.config.eps, &weight, &bias);
         // y = (x - c32) * s + (b + (c32 - mean) * s): the rounding of the centre
         // to f32 is folded into the shift, so large means cost no precision.
@@ -288,6 +290,23 @@ impl CpuBatchNorm {
 }
 
 /// The shape of an ndarray input, owned.
+/// Channels whose mean came out infinite or NaN held `±inf` or NaN, which the
+/// centred sums of the fast passes meet as `inf - inf`. Their statistics
+/// become PyTorch's, those of a plain sum: the mean is `+inf` or `-inf` when
+/// one kind of infinity sits among finite values, else NaN; `M2` is NaN.
+fn non_finite_moments(x: &[f32], walk: &ChannelWalk, moments: &mut [Moments]) {
+    for (c, m) in moments.iter_mut().enumerate() {
+        if m.mean.is_finite() {
+            continue;
+        }
+        let sum: f64 = (0..walk.per_channel())
+            .map(|i| f64::from(x[walk.index(c, i)]))
+            .sum();
+        m.mean = sum / m.n;
+        m.m2 = f64::NAN;
+    }
+}
+
 fn dims_of(x: &ArrayViewD<'_, f32>) -> Vec<usize> {
     x.shape().to_vec()
 }
