@@ -383,17 +383,7 @@ pub fn run(args: &BenchArgs) -> Result<u8, OutputError> {
     print!("{}", hot_report::table(&run.records));
     println!();
     print!("{}", hot_report::conclusions(&run.records));
-    for note in &run.notes {
-        println!("note: {note}");
-    }
-    for s in &run.skips {
-        let kind = if s.is_failure() {
-            "FAILED"
-        } else {
-            "not measured"
-        };
-        println!("{kind}: {}: {}", s.what, s.error);
-    }
+    super::print_notes_and_skips(&run.notes, &run.skips);
     if let Some(path) = &args.json {
         write_file(path, &hot_report::to_json(&run.records)?)?;
         eprintln!("wrote {} records to {}", run.records.len(), path.display());

@@ -152,17 +152,7 @@ pub fn run(args: &BenchArgs) -> Result<u8, OutputError> {
          timestamp queries, wall = host clock around submit and wait.\n"
     );
     print!("{}", table::table(&run.records));
-    for note in &run.notes {
-        println!("note: {note}");
-    }
-    for s in &run.skips {
-        let kind = if s.is_failure() {
-            "FAILED"
-        } else {
-            "not measured"
-        };
-        println!("{kind}: {}: {}", s.what, s.error);
-    }
+    print_notes_and_skips(&run.notes, &run.skips);
     if let Some(path) = &args.json {
         write_file(path, &record::to_json(&run.records)?)?;
         eprintln!("wrote {} records to {}", run.records.len(), path.display());
@@ -182,4 +172,19 @@ pub fn run(args: &BenchArgs) -> Result<u8, OutputError> {
     }
     let failed = run.skips.iter().any(Skip::is_failure);
     Ok(u8::from(failed || run.records.is_empty()))
+}
+
+/// The remarks and the cases not measured (or failed) that close a run's output.
+fn print_notes_and_skips(notes: &[String], skips: &[measure::Skip]) {
+    for note in notes {
+        println!("note: {note}");
+    }
+    for s in skips {
+        let kind = if s.is_failure() {
+            "FAILED"
+        } else {
+            "not measured"
+        };
+        println!("{kind}: {}: {}", s.what, s.error);
+    }
 }
