@@ -29,13 +29,12 @@ use super::hot_report::{
 use super::measure::{Skip, data, median};
 use super::{OutputError, progress, write_file};
 use crate::EXIT_USAGE;
-use crate::gpus::open_adapters;
 use indicatif::ProgressBar;
 use std::time::Instant;
 use wgpu_batchnorm::wgpu;
 use wgpu_batchnorm::{
-    AdapterSelection, BatchNormConfig, DType, Error, GpuBatchNorm, GpuContext, GpuSavedStats,
-    GpuTensor, Layout, Result,
+    BatchNormConfig, DType, Error, GpuBatchNorm, GpuContext, GpuSavedStats, GpuTensor, Layout,
+    Result,
 };
 
 /// Timed runs of the floor and of the recording per `--repeat`.
@@ -341,17 +340,7 @@ pub fn run(args: &BenchArgs) -> Result<u8, OutputError> {
         return Ok(EXIT_USAGE);
     }
     let mut run = HotRun::default();
-    let opened = open_adapters(&AdapterSelection::from_env(), args.adapter.as_deref());
-    run.skips.extend(opened.failed.into_iter().map(|f| Skip {
-        what: format!("{} (all measurements)", f.label),
-        error: f.error,
-    }));
-    if opened.contexts.is_empty() {
-        run.notes.push(match &args.adapter {
-            Some(a) => format!("no GPU adapter matches --adapter {a:?}"),
-            None => "no GPU adapter found (see `bnorm adapters`)".into(),
-        });
-    }
+    let contexts = super::open_gpus(args.adapter.as_deref(), &mut run.skips, &mut run.notes);
     let shapes = args.shapes();
     if Layout::from(args.layout) == Layout::ChannelsLast {
         for s in shapes.iter().filter(|s| s.0.len() < 3) {
@@ -361,8 +350,8 @@ pub fn run(args: &BenchArgs) -> Result<u8, OutputError> {
             ));
         }
     }
-    let pb = progress((opened.contexts.len() * (1 + 2 * shapes.len())) as u64);
-    for ctx in &opened.contexts {
+    let pb = progress((contexts.len() * (1 + 2 * shapes.len())) as u64);
+    for ctx in &contexts {
         bench_adapter(ctx, args, &mut run, &pb);
     }
     pb.finish_and_clear();

@@ -101,18 +101,7 @@ pub fn run(args: &BenchArgs) -> Result<u8, OutputError> {
     let gpus = if args.backend == BackendArg::Cpu {
         Vec::new()
     } else {
-        let opened = open_adapters(&AdapterSelection::from_env(), args.adapter.as_deref());
-        run.skips.extend(opened.failed.into_iter().map(|f| Skip {
-            what: format!("{} (all measurements)", f.label),
-            error: f.error,
-        }));
-        if opened.contexts.is_empty() {
-            run.notes.push(match &args.adapter {
-                Some(a) => format!("no GPU adapter matches --adapter {a:?}"),
-                None => "no GPU adapter found (see `bnorm adapters`)".into(),
-            });
-        }
-        opened.contexts
+        open_gpus(args.adapter.as_deref(), &mut run.skips, &mut run.notes)
     };
     let backends = usize::from(cpu) + gpus.len();
     let steps = (shapes.len() * backends * (ops.len() + 1)) as u64;
@@ -187,4 +176,25 @@ fn print_notes_and_skips(notes: &[String], skips: &[measure::Skip]) {
         };
         println!("{kind}: {}: {}", s.what, s.error);
     }
+}
+
+/// The GPU adapters a run measures (narrowed by `--adapter`): those that fail
+/// to open go to `skips`, and a note says so when none is left.
+fn open_gpus(
+    adapter: Option<&str>,
+    skips: &mut Vec<measure::Skip>,
+    notes: &mut Vec<String>,
+) -> Vec<wgpu_batchnorm::GpuContext> {
+    let opened = open_adapters(&AdapterSelection::from_env(), adapter);
+    skips.extend(opened.failed.into_iter().map(|f| measure::Skip {
+        what: format!("{} (all measurements)", f.label),
+        error: f.error,
+    }));
+    if opened.contexts.is_empty() {
+        notes.push(match adapter {
+            Some(a) => format!("no GPU adapter matches --adapter {a:?}"),
+            None => "no GPU adapter found (see `bnorm adapters`)".into(),
+        });
+    }
+    opened.contexts
 }

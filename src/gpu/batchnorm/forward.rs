@@ -34,7 +34,7 @@ impl GpuBatchNorm {
 
     /// Training statistics, stage 2 (`shaders/stats_finalize.wgsl`,
     /// [`crate::reference::stats_finalize`]): per channel, Chan-merges the
-    /// slices into the saved `(mean, invstd)` and the coefficients of
+    /// slices into the saved `(K, d, invstd)` (mean `K + d`) and the coefficients of
     /// [`GpuBatchNorm::normalize`], and (with `FLAG_UPDATE_RUNNING`) updates
     /// the running statistics in place.
     fn stats_finalize<'k>(
