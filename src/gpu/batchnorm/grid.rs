@@ -67,22 +67,43 @@ impl ElementGrid {
     }
 }
 
-/// Positions each thread of a reduction takes at least, when the slice
-/// count is chosen from the shape.
-const MIN_POSITIONS_PER_THREAD: u32 = 8;
+/// How a device likes its reductions: about `workgroups` workgroups in all,
+/// and at least `positions` positions (items) per thread when the slices are
+/// chosen from the shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Fill {
+    pub workgroups: u32,
+    pub positions: u32,
+}
 
-/// Reduction workgroups that fill an adapter a few times over: host threads
-/// times 4 for a CPU adapter (Mesa's lavapipe and llvmpipe run one workgroup
-/// per thread), else enough for the largest GPUs (about 8 resident
-/// workgroups on each of 100-150 multiprocessors, twice over).
-pub(crate) fn fill_workgroups(info: &wgpu::AdapterInfo) -> u32 {
-    match info.device_type {
-        wgpu::DeviceType::Cpu => {
-            let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
-            (threads as u32).saturating_mul(4)
+impl Fill {
+    /// The fill of an adapter. A GPU: enough workgroups for the largest
+    /// (about 8 resident on each of 100-150 multiprocessors, twice over),
+    /// 8 positions per thread. A CPU adapter (Mesa's lavapipe and llvmpipe
+    /// run one workgroup at a time per host thread, its invocations in turn
+    /// between barriers): host threads times 4 workgroups, and 128 positions
+    /// per thread, so that few threads share a channel and the workgroup
+    /// merge (one barrier per level) stays short; measured on lavapipe,
+    /// 32x1024x7x7 training forward took about half the time with 128 as
+    /// with 8 (BENCHMARKS.md).
+    pub fn of(info: &wgpu::AdapterInfo) -> Self {
+        match info.device_type {
+            wgpu::DeviceType::Cpu => {
+                let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
+                Self {
+                    workgroups: (threads as u32).saturating_mul(4),
+                    positions: 128,
+                }
+            }
+            wgpu::DeviceType::IntegratedGpu => Self {
+                workgroups: 512,
+                positions: 8,
+            },
+            _ => Self {
+                workgroups: 2048,
+                positions: 8,
+            },
         }
-        wgpu::DeviceType::IntegratedGpu => 512,
-        _ => 2048,
     }
 }
 
@@ -115,10 +136,10 @@ pub(crate) struct ReduceGrid {
 }
 
 impl ReduceGrid {
-    /// The grid for `outer * channels * inner` elements, with about `fill`
-    /// workgroups, or slices of `slice_len` elements of a channel (rounded
-    /// up to whole items).
-    pub fn new(outer: u32, channels: u32, inner: u32, fill: u32, slice_len: Option<u32>) -> Self {
+    /// The grid for `outer * channels * inner` elements on a device that
+    /// likes `fill`, or with slices of `slice_len` elements of a channel
+    /// (rounded up to whole items).
+    pub fn new(outer: u32, channels: u32, inner: u32, fill: Fill, slice_len: Option<u32>) -> Self {
         // (vec4 items, lanes are channels, columns, items per run, elements per position)
         let (vec4, lane_channels, cols, run, per_pos) = match (inner, channels % 4) {
             (1, 0) => (true, true, channels / 4, 1, 1),
@@ -133,7 +154,7 @@ impl ReduceGrid {
         // go to further channels; channels-last, the threads of a row cover
         // the row's columns (up to the whole workgroup).
         let tx = if column_major {
-            let per_col = (positions / MIN_POSITIONS_PER_THREAD).clamp(1, WG);
+            let per_col = (positions / fill.positions).clamp(1, WG);
             WG / prev_power_of_two(per_col)
         } else {
             cols.next_power_of_two().min(WG)
@@ -143,8 +164,8 @@ impl ReduceGrid {
         let slice_pos = match slice_len {
             Some(n) => n.div_ceil(per_pos),
             None => {
-                let most = (positions / (WG / tx * MIN_POSITIONS_PER_THREAD)).max(1);
-                positions.div_ceil(fill.div_ceil(blocks).clamp(1, most))
+                let most = (positions / (WG / tx * fill.positions)).max(1);
+                positions.div_ceil(fill.workgroups.div_ceil(blocks).clamp(1, most))
             }
         }
         .clamp(1, positions);
@@ -252,11 +273,15 @@ mod tests {
             (5, 12, 8),
             (33, 8, 4),
         ] {
-            for fill in [1, 8, 2048] {
+            for (workgroups, positions) in [(1, 8), (8, 128), (2048, 8)] {
+                let fill = Fill {
+                    workgroups,
+                    positions,
+                };
                 for slice_len in [None, Some(7), Some(64)] {
                     let g = ReduceGrid::new(outer, channels, inner, fill, slice_len);
                     let shape =
-                        format!("{outer}x{channels}x{inner}, fill {fill}, {slice_len:?}: {g:?}");
+                        format!("{outer}x{channels}x{inner}, {fill:?}, {slice_len:?}: {g:?}");
                     let per_col = WG / g.tx;
                     let per_pos = if g.vec4 && !g.lane_channels { 4 } else { 1 };
                     let lanes = if g.lane_channels { 4 } else { 1 };
@@ -307,17 +332,28 @@ mod tests {
     /// channels, a GPU's many cut a channel into slices.
     #[test]
     fn slice_count_follows_the_fill() {
-        let few = ReduceGrid::new(32, 64, 56 * 56, 8, None);
+        let cpu = Fill {
+            workgroups: 8,
+            positions: 128,
+        };
+        let gpu = Fill {
+            workgroups: 2048,
+            positions: 8,
+        };
+        let few = ReduceGrid::new(32, 64, 56 * 56, cpu, None);
         assert_eq!(few.slices, 1, "{few:?}");
         // 64 channels of 25088 vec4s: as many slices as keep 8 vec4s per thread
-        let many = ReduceGrid::new(32, 64, 56 * 56, 2048, None);
-        assert_eq!(
-            many.slices,
-            25088 / (WG * MIN_POSITIONS_PER_THREAD),
-            "{many:?}"
-        );
+        let many = ReduceGrid::new(32, 64, 56 * 56, gpu, None);
+        assert_eq!(many.slices, 25088 / (WG * 8), "{many:?}");
+        // short channels of 1568 positions: 12 threads' worth on a CPU
+        // adapter (8 threads a channel, 32 channels a workgroup), 196 on a
+        // GPU (128 threads a channel, 2 channels a workgroup)
+        let short = ReduceGrid::new(32, 1024, 49, cpu, None);
+        assert_eq!((short.tx, short.slices), (32, 1), "{short:?}");
+        let short = ReduceGrid::new(32, 1024, 49, gpu, None);
+        assert_eq!((short.tx, short.slices), (2, 1), "{short:?}");
         // channels-last: the threads of a row cover its columns
-        let nhwc = ReduceGrid::new(32 * 49, 1024, 1, 2048, None);
+        let nhwc = ReduceGrid::new(32 * 49, 1024, 1, gpu, None);
         assert!(
             nhwc.lane_channels && nhwc.tx == 256 && !nhwc.column_major,
             "{nhwc:?}"

@@ -25,7 +25,7 @@ use crate::shape::ChannelWalk;
 use crate::state::BatchNormState;
 use crate::validate;
 use cache::Cache;
-use grid::{ElementGrid, ReduceGrid};
+use grid::{ElementGrid, Fill, ReduceGrid};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 static NEXT_LAYER_ID: AtomicU64 = AtomicU64::new(1);
@@ -147,8 +147,8 @@ pub struct GpuBatchNorm {
     scratch_bytes: u64,
     cache: Cache,
     slice_len: Option<u32>,
-    /// Reduction workgroups that fill the device ([`grid::fill_workgroups`]).
-    fill: u32,
+    /// How the device likes its reductions.
+    fill: Fill,
     max_per_dim: Option<u32>,
     /// Storage type used for ndarray inputs of the [`crate::BatchNormBackend`] methods.
     storage: DType,
@@ -204,7 +204,7 @@ impl GpuBatchNorm {
             scratch_bytes: 16,
             cache: Cache::default(),
             slice_len: None,
-            fill: grid::fill_workgroups(ctx.adapter_info()),
+            fill: Fill::of(ctx.adapter_info()),
             max_per_dim: None,
             storage: DType::F32,
             own_saved: None,
@@ -223,7 +223,7 @@ impl GpuBatchNorm {
     /// rounded up to whole items (4 elements where the reduction reads vec4s
     /// of one channel). `None`: chosen from the shape and the adapter, so
     /// that the reductions run a few workgroups per processor of the device
-    /// and each thread takes at least 8 items. Smaller slices spread a
+    /// and each thread takes enough items (8 on a GPU, 128 on a CPU adapter). Smaller slices spread a
     /// channel over more workgroups.
     ///
     /// # Errors
