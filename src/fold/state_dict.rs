@@ -1,8 +1,8 @@
 //! Folding every BatchNorm of a PyTorch `state_dict` (safetensors) into the
 //! layer it follows: what `bnorm fold` runs.
 
+use super::layer::{FoldTarget, fold};
 use super::pairs::{PairRule, candidates};
-use super::{FoldTarget, fold};
 use crate::checkpoint::{KEYS, Owned, StateDict, read_floats};
 use crate::error::{Error, Result};
 use safetensors::Dtype;
@@ -140,7 +140,7 @@ impl FoldedStateDict {
 /// a layer two BatchNorms fold into, a [`FoldOptions::transposed`] or
 /// [`FoldOptions::keep`] entry that names nothing folded or no BatchNorm, or a
 /// tensor of a dtype other than F32, F16 or BF16; [`Error::Fold`] naming the
-/// layer when a BatchNorm does not fit it (see [`fold`](super::fold)).
+/// layer when a BatchNorm does not fit it (see [`fold`](super::layer::fold)).
 /// Nothing is written on error.
 pub fn fold_state_dict(sd: &StateDict, options: &FoldOptions) -> Result<FoldedStateDict> {
     let st = sd.view()?;
@@ -266,13 +266,12 @@ pub fn fold_state_dict(sd: &StateDict, options: &FoldOptions) -> Result<FoldedSt
             || (folded_bns.contains("") && KEYS.contains(&key.as_str()));
         if bn_key {
             removed_keys.push(key);
-        } else if !out.contains_key(&key) {
-            let copy = Owned {
+        } else {
+            out.entry(key).or_insert_with(|| Owned {
                 dtype: t.dtype(),
                 shape: t.shape().to_vec(),
                 data: t.data().to_vec(),
-            };
-            out.insert(key, copy);
+            });
         }
     }
     removed_keys.sort();
