@@ -463,3 +463,53 @@ fn kept_batchnorms_stay_and_eps_reaches_the_fold() {
     .0;
     assert_ne!(a["conv1.weight"], b["conv1.weight"]);
 }
+
+/// A `model.half()` state_dict folds too, and its folded layers stay F16:
+/// the f32 fold of the f16 values, rounded to f16.
+#[test]
+fn f16_weights_fold_into_f16() {
+    let bytes = std::fs::read(format!("{DIR}model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let half: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, t)| match t.dtype() {
+            safetensors::Dtype::F32 => {
+                let data = t
+                    .data()
+                    .chunks_exact(4)
+                    .flat_map(|b| {
+                        half::f16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                            .to_le_bytes()
+                    })
+                    .collect();
+                (k, data, t.shape().to_vec(), safetensors::Dtype::F16)
+            }
+            d => (k, t.data().to_vec(), t.shape().to_vec(), d),
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = half
+        .iter()
+        .map(|(k, d, s, t)| {
+            let view = safetensors::tensor::TensorView::new(*t, s.clone(), d).unwrap();
+            (k.clone(), view)
+        })
+        .collect();
+    let f16_file = safetensors::serialize(views, None).unwrap();
+    let sd = StateDict::from_bytes(f16_file.clone(), "model_f16").unwrap();
+    let folded = fold_state_dict(&sd, &cli_options()).unwrap();
+    let out = SafeTensors::deserialize(folded.bytes()).unwrap();
+    let w = out.tensor("layer1.0.conv1.weight").unwrap();
+    assert_eq!(w.dtype(), safetensors::Dtype::F16);
+    assert_eq!(
+        out.tensor("layer1.0.conv1.bias").unwrap().dtype(),
+        safetensors::Dtype::F16
+    );
+    // Against PyTorch's f32 fold of the f32 model, within f16 rounding of the inputs and output.
+    let (want, _) = check();
+    let want = &want["fused.layer1.0.conv1.weight"];
+    for (b, &w32) in w.data().chunks_exact(2).zip(want.iter()) {
+        let g = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        assert!((g - w32).abs() <= 5e-3 * w32.abs().max(1.0), "{g} vs {w32}");
+    }
+}
