@@ -49,7 +49,7 @@
 //! # Ok::<(), wgpu_batchnorm::Error>(())
 //! ```
 //!
-//! With the `safetensors` feature, [`fold_state_dict`] folds every BatchNorm
+//! With the `safetensors` feature, `fold_state_dict` folds every BatchNorm
 //! of a PyTorch `state_dict` into the layer it follows (what `bnorm fold`
 //! runs).
 

@@ -197,8 +197,9 @@ pub fn fold_state_dict(sd: &StateDict, options: &FoldOptions) -> Result<FoldedSt
             continue;
         }
         let Some((rule, tried)) = candidates(bn) else {
+            let name = if bn.is_empty() { "(no prefix)" } else { bn };
             unpaired.push(format!(
-                "`{bn}`: no rule applies (its name is not a Sequential index and holds no `bn`)"
+                "`{name}`: no rule applies (its name is not a Sequential index and holds no `bn`)"
             ));
             continue;
         };
