@@ -12,6 +12,9 @@
 //! - [`CpuReference`]: the same operations on the CPU, accumulating in `f64`.
 //! - [`BatchNormBackend`]: the ndarray interface both implement, so one test
 //!   body runs on every backend.
+//! - [`fold`]: a BatchNorm folded into the convolution or linear layer before
+//!   it, for inference (and, with `safetensors`, every BatchNorm of a
+//!   PyTorch `state_dict`).
 //!
 //! Semantics are PyTorch's `torch.nn.BatchNorm1d/2d/3d`: the biased variance
 //! normalizes, the unbiased one enters the running variance, `momentum = None`
@@ -61,6 +64,7 @@ pub mod cpu;
 mod error;
 #[cfg(feature = "safetensors")]
 pub mod fixture;
+pub mod fold;
 pub mod gpu;
 mod layout;
 mod operation;
