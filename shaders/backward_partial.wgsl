@@ -38,6 +38,6 @@ fn main(
     let lanes = vec2(s1.x + s1.y + s1.z + s1.w, s2.x + s2.y + s2.z + s2.w);
     let s = tree_sums(lid, lanes, red_tree(p));
     if w.lead && w.live {
-        partials[w.col * p.slices + w.slice] = s;
+        partials[w.col * p.part_stride + p.part_base + w.slice] = s;
     }
 }

@@ -38,14 +38,14 @@ fn main(
         for (var k = 0u; k < 4u; k++) {
             let s = tree_sums(lid, vec2(s1[k], s2[k]), red_tree(p));
             if w.lead && w.live {
-                partials[(w.col * 4u + k) * p.slices + w.slice] = s;
+                partials[(w.col * 4u + k) * p.part_stride + p.part_base + w.slice] = s;
             }
         }
     } else {
         let lanes = vec2(s1.x + s1.y + s1.z + s1.w, s2.x + s2.y + s2.z + s2.w);
         let s = tree_sums(lid, lanes, red_tree(p));
         if w.lead && w.live {
-            partials[w.col * p.slices + w.slice] = s;
+            partials[w.col * p.part_stride + p.part_base + w.slice] = s;
         }
     }
 }

@@ -39,6 +39,10 @@ struct Params {
     red_inner: u32,    // reductions: items per run of a column
     red_tx: u32,       // reductions: columns of a workgroup's block
     red_major: u32,    // reductions: 1 when a column's threads are neighbours (column-major)
+    chunk_m: u32,      // elements of a channel in each bound chunk of rows but the last
+    part_base: u32,    // reductions: the partial slot of this chunk's first slice
+    part_stride: u32,  // partial slots per channel, all chunks together
+    pad0: u32,
 }
 
 // Sections of the `state` buffer (times Params.state_stride).
@@ -80,8 +84,14 @@ fn band_walk(p: Params, wid: vec3<u32>, nwg: vec3<u32>, lid: u32, row: u32) -> B
     return BandWalk(group * p.steps * p.band + j0, j0 % row, j0 < p.band);
 }
 
-// Elements in slice `s` of a channel.
+// Elements of a channel in slice `s` (counting every chunk's slices in turn):
+// a tensor larger than one storage binding is bound in chunks of whole rows,
+// each `chunk_m` elements of a channel but the last, each cut into slices of
+// `slice_len` from its start.
 fn slice_count(p: Params, s: u32) -> u32 {
-    let begin = s * p.slice_len;
-    return min(p.slice_len, p.per_channel - begin);
+    let per_chunk = (p.chunk_m + p.slice_len - 1u) / p.slice_len;
+    let chunk = s / per_chunk;
+    let m = min(p.chunk_m, p.per_channel - chunk * p.chunk_m);
+    let begin = (s - chunk * per_chunk) * p.slice_len;
+    return min(p.slice_len, m - begin);
 }

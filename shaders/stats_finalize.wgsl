@@ -55,6 +55,11 @@ fn main(
     if c >= p.channels {
         return;
     }
+    // Each chunk's slices are shifted by the chunk's own first element of
+    // the channel; the channel's shift K is the first chunk's, and a slice of
+    // another chunk moves its mean by the difference of the shifts (exact
+    // for shifts within a factor of 2 of each other, and zero with one chunk).
+    let shift = partials[c * p.slices].z;
     var n = 0.0;
     var mean = 0.0;
     var m2 = 0.0;
@@ -64,14 +69,13 @@ fn main(
         seen |= u32(part.w);
         let nb = f32(slice_count(p, s));
         let nt = n + nb;
-        let d = part.x - mean;
+        let d = (part.x + (part.z - shift)) - mean;
         mean += d * (nb / nt);
         m2 += part.y + d * d * (n * nb / nt);
         n = nt;
     }
     // Welford and Chan only add non-negative terms, so m2 >= 0; no max(),
     // which would turn the NaN of a channel holding a NaN into a number.
-    let shift = partials[c * p.slices].z;
     let s = p.state_stride;
     let im = RUNNING_MEAN * s + c;
     let iv = RUNNING_VAR * s + c;

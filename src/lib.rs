@@ -84,8 +84,8 @@ pub use error::{Error, Result};
 #[cfg(feature = "safetensors")]
 pub use fixture::{Fixture, FixtureReport, run_fixture};
 pub use gpu::{
-    AdapterSelection, GpuBatchNorm, GpuContext, GpuForward, GpuGradients, GpuResourceCounts,
-    GpuSavedStats, GpuTensor,
+    AdapterSelection, GpuBatchNorm, GpuContext, GpuDispatch, GpuForward, GpuGradients,
+    GpuResourceCounts, GpuSavedStats, GpuTensor,
 };
 pub use layout::{DType, Layout};
 pub use operation::Operation;

@@ -336,11 +336,12 @@ fn gpu_tensor_errors() {
         "{e}"
     );
 
-    // past the device's buffer limits: refused before anything is allocated
-    let limit = ctx.limits().max_storage_buffer_binding_size as usize;
+    // past the device's buffer limit: refused before anything is allocated
+    // (past one storage binding is fine: BatchNorm binds it in chunks)
+    let limit = ctx.limits().max_buffer_size as usize;
     let e = GpuTensor::uninit(ctx, &[limit / 4 + 1, 1], Layout::ChannelsFirst).unwrap_err();
     assert!(matches!(e, Error::TooLarge { .. }), "{e:?}");
-    assert!(e.to_string().contains("max_"), "{e}");
+    assert!(e.to_string().contains("max_buffer_size"), "{e}");
     // past u32 element indexing: refused by the shape check
     let e = wgpu_batchnorm::ChannelWalk::new(&[1 << 20, 3, 1 << 12], Layout::ChannelsFirst)
         .unwrap_err();

@@ -347,6 +347,21 @@ impl GpuContext {
         &self.inner.kernels
     }
 
+    /// Checks that a tensor of `bytes` fits one buffer of the device (BatchNorm
+    /// binds a tensor larger than one storage binding in chunks of rows).
+    pub(crate) fn check_tensor_size(&self, what: &str, bytes: u64) -> Result<()> {
+        let limit = self.inner.limits.max_buffer_size;
+        if bytes > limit {
+            return Err(Error::TooLarge {
+                what: what.into(),
+                bytes,
+                limit_name: "max_buffer_size",
+                limit,
+            });
+        }
+        Ok(())
+    }
+
     /// Checks that a buffer of `bytes` fits the device as a storage binding.
     pub(crate) fn check_storage_size(&self, what: &str, bytes: u64) -> Result<()> {
         let l = &self.inner.limits;

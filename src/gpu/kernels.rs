@@ -29,11 +29,15 @@ pub(crate) struct Params {
     pub red_inner: u32,
     pub red_tx: u32,
     pub red_major: u32,
+    pub chunk_m: u32,
+    pub part_base: u32,
+    pub part_stride: u32,
+    pub pad0: u32,
 }
 
 impl Params {
     /// The bytes of the block, as a hashable key.
-    pub fn key(&self) -> [u32; 20] {
+    pub fn key(&self) -> [u32; 24] {
         bytemuck::cast(*self)
     }
 }
@@ -52,6 +56,8 @@ pub(crate) struct Kernel {
     pub pipeline: wgpu::ComputePipeline,
     pub layout: wgpu::BindGroupLayout,
     pub label: String,
+    /// The shader's name (file name, `_f16` for the f16 variant).
+    pub name: &'static str,
 }
 
 impl Kernel {
@@ -102,6 +108,7 @@ impl Kernel {
             pipeline,
             layout,
             label,
+            name: shader.name,
         }
     }
 
@@ -276,12 +283,13 @@ pub(crate) fn dispatch(
     bind_group: &wgpu::BindGroup,
     workgroups: u32,
     max_per_dim: u32,
-) {
+) -> [u32; 2] {
     let x = workgroups.clamp(1, max_per_dim);
     let y = workgroups.div_ceil(x).max(1);
     pass.set_pipeline(&kernel.pipeline);
     pass.set_bind_group(0, bind_group, &[]);
     pass.dispatch_workgroups(x, y, 1);
+    [x, y]
 }
 
 /// Records `dispatch` in a compute pass of its own, labelled by the kernel.
@@ -377,6 +385,9 @@ mod tests {
             red_inner: u32,
             red_tx: u32,
             red_major: u32,
+            chunk_m: u32,
+            part_base: u32,
+            part_stride: u32,
         );
         let (mut wgsl, span) = wgsl_params();
         // the padding words are checked through the size below

@@ -19,6 +19,8 @@ mod tensor;
 mod timing;
 
 pub use adapter::{AdapterSelection, enumerate_adapters, parse_backend};
-pub use batchnorm::{GpuBatchNorm, GpuForward, GpuGradients, GpuResourceCounts, GpuSavedStats};
+pub use batchnorm::{
+    GpuBatchNorm, GpuDispatch, GpuForward, GpuGradients, GpuResourceCounts, GpuSavedStats,
+};
 pub use context::GpuContext;
 pub use tensor::GpuTensor;

@@ -101,7 +101,7 @@ impl GpuTensor {
     ) -> Result<Self> {
         check_dtype_supported(ctx, dtype)?;
         let (bytes, what) = tensor_bytes(x.shape(), dtype);
-        ctx.check_storage_size(&what, bytes)?;
+        ctx.check_tensor_size(&what, bytes)?;
         let std = x.as_standard_layout();
         let data = std.as_slice().expect("standard layout is contiguous");
         Self::from_slice_as(ctx, data, x.shape(), layout, dtype)
@@ -166,7 +166,7 @@ impl GpuTensor {
         dtype: DType,
     ) -> Result<Self> {
         check_dtype_supported(ctx, dtype)?;
-        ctx.check_storage_size(&tensor_bytes(dims, dtype).1, bytes.len() as u64)?;
+        ctx.check_tensor_size(&tensor_bytes(dims, dtype).1, bytes.len() as u64)?;
         let buffer = ctx.storage_buffer_init("batchnorm.tensor", bytes)?;
         Ok(Self::view(ctx, &buffer, 0, dims, layout, dtype))
     }
@@ -193,7 +193,7 @@ impl GpuTensor {
     ) -> Result<Self> {
         check_dtype_supported(ctx, dtype)?;
         let (bytes, what) = tensor_bytes(dims, dtype);
-        ctx.check_storage_size(&what, bytes)?;
+        ctx.check_tensor_size(&what, bytes)?;
         let buffer = ctx.storage_buffer("batchnorm.tensor", bytes)?;
         Ok(Self::view(ctx, &buffer, 0, dims, layout, dtype))
     }
@@ -225,7 +225,8 @@ impl GpuTensor {
     /// `offset` is not a multiple of the device's
     /// `min_storage_buffer_offset_alignment`; [`Error::BufferTooSmall`] when
     /// the view runs past the buffer's end; [`Error::TooLarge`] past
-    /// `max_storage_buffer_binding_size`; [`Error::Unsupported`] for f16
+    /// `max_buffer_size` (a view larger than `max_storage_buffer_binding_size`
+    /// is fine: BatchNorm binds it in chunks of rows); [`Error::Unsupported`] for f16
     /// without `SHADER_F16`.
     pub fn from_buffer(
         ctx: &GpuContext,
@@ -246,7 +247,7 @@ impl GpuTensor {
                 alignment,
             });
         }
-        ctx.check_storage_size(&what, bytes)?;
+        ctx.check_tensor_size(&what, bytes)?;
         let end = offset.saturating_add(bytes.next_multiple_of(4));
         if end > buffer.size() {
             return Err(Error::BufferTooSmall {
@@ -451,10 +452,17 @@ impl GpuTensor {
 
     /// The view as a binding: its bytes rounded up to a multiple of 4.
     pub fn binding(&self) -> wgpu::BufferBinding<'_> {
+        self.range_binding(0, self.len() as u64)
+    }
+
+    /// Elements `first..first + len` of the view as a binding, its bytes
+    /// rounded up to a multiple of 4 (the caller keeps the start aligned).
+    pub(crate) fn range_binding(&self, first: u64, len: u64) -> wgpu::BufferBinding<'_> {
+        let size = self.dtype.size() as u64;
         wgpu::BufferBinding {
             buffer: &self.buffer,
-            offset: self.offset,
-            size: wgpu::BufferSize::new(self.bytes().max(1).next_multiple_of(4)),
+            offset: self.offset + first * size,
+            size: wgpu::BufferSize::new((len * size).max(1).next_multiple_of(4)),
         }
     }
 }

@@ -158,12 +158,23 @@ pub fn backends_tuned(
     slice_len: Option<u32>,
     max_per_dim: Option<u32>,
 ) -> Vec<Box<dyn BatchNormBackend>> {
+    backends_with(config, state, &|bn| {
+        bn.set_slice_len(slice_len).unwrap();
+        bn.set_max_workgroups_per_dim(max_per_dim).unwrap();
+    })
+}
+
+/// The CPU reference and a layer on every adapter, each layer set up by `tune`.
+pub fn backends_with(
+    config: &BatchNormConfig,
+    state: &BatchNormState,
+    tune: &dyn Fn(&mut GpuBatchNorm),
+) -> Vec<Box<dyn BatchNormBackend>> {
     let mut out: Vec<Box<dyn BatchNormBackend>> =
         vec![Box::new(CpuReference::new(config.clone()).unwrap())];
     for ctx in gpu_contexts() {
         let mut bn = GpuBatchNorm::new(ctx, config.clone()).unwrap();
-        bn.set_slice_len(slice_len).unwrap();
-        bn.set_max_workgroups_per_dim(max_per_dim).unwrap();
+        tune(&mut bn);
         out.push(Box::new(bn));
     }
     for b in &mut out {
@@ -244,7 +255,22 @@ pub fn check_parity_tuned(
     slice_len: Option<u32>,
     max_per_dim: Option<u32>,
 ) -> usize {
-    let mut bs = backends_tuned(config, state, slice_len, max_per_dim);
+    check_parity_with(case, config, state, x, dy, &|bn| {
+        bn.set_slice_len(slice_len).unwrap();
+        bn.set_max_workgroups_per_dim(max_per_dim).unwrap();
+    })
+}
+
+/// [`check_parity`] with every GPU layer set up by `tune`.
+pub fn check_parity_with(
+    case: &str,
+    config: &BatchNormConfig,
+    state: &BatchNormState,
+    x: &ArrayD<f32>,
+    dy: &ArrayD<f32>,
+    tune: &dyn Fn(&mut GpuBatchNorm),
+) -> usize {
+    let mut bs = backends_with(config, state, tune);
     let outs: Vec<Outputs> = bs.iter_mut().map(|b| run_all(b.as_mut(), x, dy)).collect();
     let want = &outs[0];
     let mut failures = Vec::new();

@@ -1,6 +1,7 @@
 //! Backward: the passes `backward_partial`, `backward_finalize` and
 //! `backward_dx`, and the recorded operation built from them.
 
+use super::plan::Chunk;
 use super::{GpuBatchNorm, GpuSavedStats, Pass, elements};
 use crate::error::Result;
 use crate::gpu::kernels::{ElementKernels, Kernel, Params};
@@ -18,15 +19,16 @@ impl GpuBatchNorm {
     fn backward_partial<'k>(
         &mut self,
         e: &'k ElementKernels,
-        (params, p): (&wgpu::Buffer, &Params),
+        chunk: &Chunk,
         (x, dy, saved): (&GpuTensor, &GpuTensor, &wgpu::Buffer),
     ) -> Result<Pass<'k>> {
-        let (vec4, wgs) = self.reduce_wgs(p);
+        let (vec4, wgs) = chunk.reduce;
+        let params = self.cache.params(&self.ctx, &chunk.p)?;
         let scratch = self.scratch.clone();
         let bindings = [
-            Self::whole(params),
-            x.binding(),
-            dy.binding(),
+            Self::whole(&params),
+            x.range_binding(chunk.first, chunk.len),
+            dy.range_binding(chunk.first, chunk.len),
             Self::whole(saved),
             Self::whole(&scratch),
         ];
@@ -62,17 +64,19 @@ impl GpuBatchNorm {
     fn backward_dx<'k>(
         &mut self,
         e: &'k ElementKernels,
-        (params, p): (&wgpu::Buffer, &Params),
+        chunk: &Chunk,
         (x, dy, dx): (&GpuTensor, &GpuTensor, &GpuTensor),
     ) -> Result<Pass<'k>> {
-        let (vec4, wgs) = Self::elementwise_wgs(p);
+        let (vec4, wgs) = chunk.elements;
+        let params = self.cache.params(&self.ctx, &chunk.p)?;
         let coef = self.coef.clone();
+        let (first, len) = (chunk.first, chunk.len);
         let bindings = [
-            Self::whole(params),
-            x.binding(),
-            dy.binding(),
+            Self::whole(&params),
+            x.range_binding(first, len),
+            dy.range_binding(first, len),
             Self::whole(&coef),
-            dx.binding(),
+            dx.range_binding(first, len),
         ];
         self.group(e.backward_dx(vec4), &bindings, wgs)
     }
@@ -104,12 +108,16 @@ impl GpuBatchNorm {
     ) -> Result<()> {
         let ctx = self.ctx.clone();
         let e = elements(&ctx, x.dtype())?;
-        let p = self.params(walk, if batch { FLAG_BATCH_STATS } else { 0 });
+        let flags = if batch { FLAG_BATCH_STATS } else { 0 };
+        let plan = self.plan(walk, x.dtype(), flags)?;
+        let p = plan.whole;
         let params = self.prepare(&p)?;
         let k = &ctx.kernels().backward_finalize;
         let mut passes: Vec<Pass<'_>> = before.into_iter().collect();
         if batch || self.config.affine {
-            passes.push(self.backward_partial(e, (&params, &p), (x, dy, saved))?);
+            for chunk in &plan.chunks {
+                passes.push(self.backward_partial(e, chunk, (x, dy, saved))?);
+            }
             passes.push(self.backward_finalize(k, (&params, &p), saved)?);
         } else {
             // Running statistics and no dweight: dx = dy * weight * invstd
@@ -118,7 +126,9 @@ impl GpuBatchNorm {
             let params0 = self.prepare(&p0)?;
             passes.push(self.backward_finalize(k, (&params0, &p0), saved)?);
         }
-        passes.push(self.backward_dx(e, (&params, &p), (x, dy, dx))?);
+        for chunk in &plan.chunks {
+            passes.push(self.backward_dx(e, chunk, (x, dy, dx))?);
+        }
         self.record(enc, "batchnorm.backward", &passes);
         Ok(())
     }
@@ -168,7 +178,7 @@ impl GpuBatchNorm {
         let own = self.own_buffer();
         let walk = self.check_backward((x, dy, dx), &own)?;
         let ctx = self.ctx.clone();
-        let p = self.params(&walk, 0);
+        let p = self.plan(&walk, x.dtype(), 0)?.whole;
         let params = self.prepare(&p)?;
         let coeffs = self.eval_coeffs(&ctx.kernels().eval_coeffs, (&params, &p), &own)?;
         self.record_backward_passes(enc, &walk, (x, dy, dx), (&own, false), Some(coeffs))

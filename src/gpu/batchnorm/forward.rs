@@ -2,6 +2,7 @@
 //! `stats_finalize`, `eval_coeffs` and `normalize`, and the recorded
 //! operations built from them.
 
+use super::plan::{Chunk, Plan};
 use super::{GpuBatchNorm, GpuSavedStats, Pass, elements, saved::Written};
 use crate::config::Mode;
 use crate::error::Result;
@@ -21,14 +22,15 @@ impl GpuBatchNorm {
     fn stats_partial<'k>(
         &mut self,
         e: &'k ElementKernels,
-        (params, p): (&wgpu::Buffer, &Params),
+        chunk: &Chunk,
         x: &GpuTensor,
     ) -> Result<Pass<'k>> {
-        let (vec4, wgs) = self.reduce_wgs(p);
+        let (vec4, wgs) = chunk.reduce;
+        let params = self.cache.params(&self.ctx, &chunk.p)?;
         let (scratch, state) = (self.scratch.clone(), self.state.clone());
         let bindings = [
-            Self::whole(params),
-            x.binding(),
+            Self::whole(&params),
+            x.range_binding(chunk.first, chunk.len),
             Self::whole(&scratch),
             Self::whole(&state),
         ];
@@ -84,18 +86,33 @@ impl GpuBatchNorm {
     fn normalize<'k>(
         &mut self,
         e: &'k ElementKernels,
-        (params, p): (&wgpu::Buffer, &Params),
+        chunk: &Chunk,
         (x, y): (&GpuTensor, &GpuTensor),
     ) -> Result<Pass<'k>> {
-        let (vec4, wgs) = Self::elementwise_wgs(p);
+        let (vec4, wgs) = chunk.elements;
+        let params = self.cache.params(&self.ctx, &chunk.p)?;
         let coef = self.coef.clone();
         let bindings = [
-            Self::whole(params),
-            x.binding(),
+            Self::whole(&params),
+            x.range_binding(chunk.first, chunk.len),
             Self::whole(&coef),
-            y.binding(),
+            y.range_binding(chunk.first, chunk.len),
         ];
         self.group(e.normalize(vec4), &bindings, wgs)
+    }
+
+    /// The normalize passes of every chunk of `plan`.
+    fn normalize_all<'k>(
+        &mut self,
+        e: &'k ElementKernels,
+        plan: &Plan,
+        (x, y): (&GpuTensor, &GpuTensor),
+        passes: &mut Vec<Pass<'k>>,
+    ) -> Result<()> {
+        for chunk in &plan.chunks {
+            passes.push(self.normalize(e, chunk, (x, y))?);
+        }
+        Ok(())
     }
 
     /// Checks a forward of `x` into `y` with `saved`; the walk of `x` and
@@ -140,13 +157,19 @@ impl GpuBatchNorm {
         let ctx = self.ctx.clone();
         let e = elements(&ctx, x.dtype())?;
         let flags = if update { FLAG_UPDATE_RUNNING } else { 0 };
-        let p = self.params(&walk, flags);
+        let plan = self.plan(&walk, x.dtype(), flags)?;
+        let p = plan.whole;
         let params = self.prepare(&p)?;
-        let passes = [
-            self.stats_partial(e, (&params, &p), x)?,
-            self.stats_finalize(&ctx.kernels().stats_finalize, (&params, &p), &saved_buffer)?,
-            self.normalize(e, (&params, &p), (x, y))?,
-        ];
+        let mut passes = Vec::with_capacity(2 * plan.chunks.len() + 1);
+        for chunk in &plan.chunks {
+            passes.push(self.stats_partial(e, chunk, x)?);
+        }
+        passes.push(self.stats_finalize(
+            &ctx.kernels().stats_finalize,
+            (&params, &p),
+            &saved_buffer,
+        )?);
+        self.normalize_all(e, &plan, (x, y), &mut passes)?;
         let label = if update {
             "batchnorm.forward_train"
         } else {
@@ -215,12 +238,12 @@ impl GpuBatchNorm {
         let (walk, saved_buffer) = self.check_forward(x, y, saved.as_deref(), false)?;
         let ctx = self.ctx.clone();
         let e = elements(&ctx, x.dtype())?;
-        let p = self.params(&walk, 0);
+        let plan = self.plan(&walk, x.dtype(), 0)?;
+        let p = plan.whole;
         let params = self.prepare(&p)?;
-        let passes = [
-            self.eval_coeffs(&ctx.kernels().eval_coeffs, (&params, &p), &saved_buffer)?,
-            self.normalize(e, (&params, &p), (x, y))?,
-        ];
+        let mut passes =
+            vec![self.eval_coeffs(&ctx.kernels().eval_coeffs, (&params, &p), &saved_buffer)?];
+        self.normalize_all(e, &plan, (x, y), &mut passes)?;
         self.record(enc, "batchnorm.forward_eval", &passes);
         mark_written(saved, walk.dims, false);
         Ok(())

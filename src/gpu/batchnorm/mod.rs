@@ -7,6 +7,7 @@ mod backward;
 mod cache;
 mod forward;
 mod grid;
+mod plan;
 mod run;
 mod saved;
 mod state;
@@ -20,12 +21,10 @@ use super::tensor::GpuTensor;
 use crate::config::BatchNormConfig;
 use crate::error::{Error, Result};
 use crate::layout::{DType, Layout};
-use crate::shaders::{FLAG_CUMULATIVE, FLAG_LANE_CHANNELS};
-use crate::shape::ChannelWalk;
 use crate::state::BatchNormState;
 use crate::validate;
 use cache::Cache;
-use grid::{ElementGrid, Fill, ReduceGrid};
+use grid::Fill;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 static NEXT_LAYER_ID: AtomicU64 = AtomicU64::new(1);
@@ -83,6 +82,25 @@ struct Pass<'k> {
     kernel: &'k Kernel,
     group: wgpu::BindGroup,
     workgroups: u32,
+    /// Byte offset and size of binding 1.
+    span: (u64, u64),
+}
+
+/// A dispatch of the last call a layer recorded
+/// ([`GpuBatchNorm::last_dispatches`]): what ran, on what grid, over which
+/// bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuDispatch {
+    /// The shader (its file name under `shaders/`, `_f16` for f16 storage).
+    pub kernel: &'static str,
+    /// Workgroups along x and y (a grid folds onto y past
+    /// `max_compute_workgroups_per_dimension` or the cap of
+    /// [`GpuBatchNorm::set_max_workgroups_per_dim`]).
+    pub grid: [u32; 2],
+    /// Byte offset and size of the dispatch's binding 1 in its buffer: `x`
+    /// (or the chunk of `x` bound) for the passes that walk the tensors, the
+    /// partial statistics or the state for the per-channel passes.
+    pub binding1: (u64, u64),
 }
 
 /// A BatchNorm layer whose parameters, running statistics and gradients live
@@ -149,9 +167,13 @@ pub struct GpuBatchNorm {
     slice_len: Option<u32>,
     /// How the device likes its reductions.
     fill: Fill,
+    /// Cap on the bytes of one binding of the big tensors.
+    max_binding: Option<u64>,
     max_per_dim: Option<u32>,
     /// Storage type used for ndarray inputs of the [`crate::BatchNormBackend`] methods.
     storage: DType,
+    /// The dispatches of the last recorded call.
+    dispatches: Vec<GpuDispatch>,
     /// Where forwards given no handle save their statistics.
     own_saved: Option<GpuSavedStats>,
     /// The statistics of the last forward through [`crate::BatchNormBackend`].
@@ -205,10 +227,12 @@ impl GpuBatchNorm {
             cache: Cache::default(),
             slice_len: None,
             fill: Fill::of(ctx.adapter_info()),
+            max_binding: None,
             max_per_dim: None,
             storage: DType::F32,
             own_saved: None,
             last_saved: None,
+            dispatches: Vec::new(),
             state,
             ctx: ctx.clone(),
             config,
@@ -328,55 +352,6 @@ impl GpuBatchNorm {
         Ok(())
     }
 
-    /// Parameters of one call on `walk`.
-    fn params(&self, walk: &ChannelWalk, flags: u32) -> Params {
-        let m = walk.per_channel() as u32;
-        let red = ReduceGrid::new(
-            walk.outer as u32,
-            walk.channels as u32,
-            walk.inner as u32,
-            self.fill,
-            self.slice_len,
-        );
-        let cumulative = if self.config.momentum.is_none() {
-            FLAG_CUMULATIVE
-        } else {
-            0
-        };
-        let lanes = if red.lane_channels {
-            FLAG_LANE_CHANNELS
-        } else {
-            0
-        };
-        let grid = ElementGrid::new(walk.len() as u32, walk.channels as u32, walk.inner as u32);
-        Params {
-            channels: walk.channels as u32,
-            outer: walk.outer as u32,
-            inner: walk.inner as u32,
-            total: walk.len() as u32,
-            slices: red.slices,
-            slice_len: red.slice_len,
-            per_channel: m,
-            flags: flags | cumulative | lanes,
-            eps: self.config.eps as f32,
-            momentum: self.config.momentum.unwrap_or(0.0) as f32,
-            unbias: if m > 1 {
-                m as f32 / (m - 1) as f32
-            } else {
-                0.0
-            },
-            inv_m: 1.0 / m as f32,
-            state_stride: self.stride as u32,
-            band: grid.band,
-            steps: grid.steps,
-            band_cols: grid.cols,
-            red_cols: red.cols,
-            red_inner: red.inner,
-            red_tx: red.tx,
-            red_major: u32::from(red.column_major),
-        }
-    }
-
     /// The uniform block of `p`, and a partials buffer large enough for it.
     fn prepare(&mut self, p: &Params) -> Result<wgpu::Buffer> {
         // vec4 per (channel, slice): the statistics pass writes (mean, M2, K, 0)
@@ -420,37 +395,40 @@ impl GpuBatchNorm {
             });
         }
         let group = self.cache.group(&self.ctx, kernel, bindings)?;
+        let b = &bindings[1];
+        let size = b.size.map_or(b.buffer.size() - b.offset, |s| s.get());
         Ok(Pass {
             kernel,
             group,
             workgroups,
+            span: (b.offset, size),
         })
     }
 
-    /// Records `passes` into one compute pass, in order.
-    fn record(&self, enc: &mut wgpu::CommandEncoder, label: &str, passes: &[Pass<'_>]) {
+    /// Records `passes` into one compute pass, in order, and notes them for
+    /// [`GpuBatchNorm::last_dispatches`].
+    fn record(&mut self, enc: &mut wgpu::CommandEncoder, label: &str, passes: &[Pass<'_>]) {
         let max_dim = self.max_dim();
         let mut cpass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some(label),
             timestamp_writes: None,
         });
+        self.dispatches.clear();
         for p in passes {
-            kernels::dispatch(&mut cpass, p.kernel, &p.group, p.workgroups, max_dim);
+            let grid = kernels::dispatch(&mut cpass, p.kernel, &p.group, p.workgroups, max_dim);
+            self.dispatches.push(GpuDispatch {
+                kernel: p.kernel.name,
+                grid,
+                binding1: p.span,
+            });
         }
     }
 
-    /// Whether the reductions of `p` take vec4s, and their workgroups (the
-    /// grid that [`GpuBatchNorm::params`] took `p`'s fields from).
-    fn reduce_wgs(&self, p: &Params) -> (bool, u32) {
-        let g = ReduceGrid::new(p.outer, p.channels, p.inner, self.fill, self.slice_len);
-        (g.vec4, g.workgroups)
-    }
-
-    /// Whether the elementwise passes of `p` take vec4s, and their workgroups
-    /// (`band`, `steps` and `band_cols` of `p` come from the same grid).
-    fn elementwise_wgs(p: &Params) -> (bool, u32) {
-        let g = ElementGrid::new(p.total, p.channels, p.inner);
-        (g.vec4, g.workgroups)
+    /// The dispatches of the last call this layer recorded, in order: which
+    /// kernels ran on what grids over which bytes. Tests and benchmarks use
+    /// it to see the slices, folded grids and chunked bindings a shape gets.
+    pub fn last_dispatches(&self) -> &[GpuDispatch] {
+        &self.dispatches
     }
 
     /// A binding of the whole `buffer`.
