@@ -69,6 +69,7 @@ pub mod shaders;
 mod shape;
 mod state;
 mod stats;
+pub mod sync;
 mod validate;
 
 pub use backend::BatchNormBackend;
