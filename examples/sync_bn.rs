@@ -265,8 +265,8 @@ fn bench(comm: &MpiCollective<SimpleCommunicator>, rank: usize) {
             .map(|_| {
                 world.barrier();
                 let t0 = Instant::now();
-                sync::merge_moments(comm, Ok(&local), 64).unwrap();
-                sync::sum_grad_sums(comm, Ok(&sums), 64).unwrap();
+                sync::merge_moments(comm, Some(&local), 64).unwrap();
+                sync::sum_grad_sums(comm, Some(&sums), 64).unwrap();
                 t0.elapsed().as_secs_f64()
             })
             .collect();

@@ -12,6 +12,9 @@
 //! - [`CpuReference`]: the same operations on the CPU, accumulating in `f64`.
 //! - [`BatchNormBackend`]: the ndarray interface both implement, so one test
 //!   body runs on every backend.
+//! - [`sync`]: synchronized BatchNorm for data-parallel training, the ranks'
+//!   statistics merged exactly through any [`sync::Collective`] (in one
+//!   process, or over MPI).
 //!
 //! Semantics are PyTorch's `torch.nn.BatchNorm1d/2d/3d`: the biased variance
 //! normalizes, the unbiased one enters the running variance, `momentum = None`
@@ -50,6 +53,8 @@
 //!   `StateDict`) and the parity-fixture format and runner (`fixture`), both
 //!   safetensors files. Without it the crate compiles only what BatchNorm
 //!   itself needs.
+//! - `mpi` (off by default): `sync::MpiCollective`, synchronized BatchNorm
+//!   across MPI ranks (rsmpi; needs an MPI library and libclang to build).
 
 #![warn(missing_docs)]
 

@@ -392,3 +392,85 @@ fn ranks_with_different_channel_counts_in_the_collective_fail_cleanly() {
         assert!(e.contains("different lengths [3, 4]"), "{e}");
     }
 }
+
+#[test]
+fn a_refused_backward_part_fails_every_rank() {
+    let config = BatchNormConfig::new(3);
+    let mut rng = rng(13);
+    let state = random_state(&mut rng, &config, 0);
+    let x = normal(&mut rng, &[4, 3, 2], 1.0, 1.0);
+    let dy = normal(&mut rng, &[4, 3, 2], 0.0, 1.0);
+    let bad_dy = normal(&mut rng, &[4, 3, 3], 0.0, 1.0);
+    let results = on_ranks(3, |comm| {
+        let r = comm.rank();
+        let mut layer = Layer::new(r == 0, &config, &state);
+        layer.forward(&comm, &x).unwrap();
+        let after_forward = layer.backend().state().unwrap();
+        let e = layer.backward(&comm, &x, if r == 1 { &bad_dy } else { &dy });
+        // The step can be repeated with good inputs: the rounds stay aligned.
+        let again = layer.backward(&comm, &x, &dy).unwrap();
+        (
+            e.unwrap_err().to_string(),
+            after_forward,
+            layer.backend().state().unwrap(),
+            again,
+        )
+    });
+    for (r, (e, before, after, again)) in results.iter().enumerate() {
+        if r == 1 {
+            assert!(e.contains("dy has shape [4, 3, 3]"), "rank {r}: {e}");
+        } else {
+            assert!(
+                e.contains("1 rank(s) failed their local backward phase"),
+                "rank {r}: {e}"
+            );
+        }
+        assert_eq!(before, after, "rank {r}");
+        assert_eq!(again.dbias, results[0].3.dbias, "rank {r}");
+    }
+}
+
+/// A transport that always fails, as a user's own `Collective` might.
+struct Unreachable;
+
+impl Collective for Unreachable {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        2
+    }
+    fn all_gather_f64(&self, _: &[f64], _: &mut [f64]) -> Result<()> {
+        Err(Error::Collective {
+            op: "all_gather_f64",
+            rank: 0,
+            message: "connection to rank 1 refused".into(),
+        })
+    }
+}
+
+#[test]
+fn a_transport_error_is_an_err_and_changes_nothing() {
+    let config = BatchNormConfig::new(2);
+    let mut rng = rng(14);
+    let state = random_state(&mut rng, &config, 5);
+    let x = normal(&mut rng, &[3, 2, 4], 0.0, 1.0);
+    let mut reference = CpuReference::new(config.clone()).unwrap();
+    let mut fast = CpuBatchNorm::new(config.clone()).unwrap();
+    reference.set_state(&state).unwrap();
+    fast.set_state(&state).unwrap();
+    let e = sync::forward_train(&mut reference, &Unreachable, x.view()).unwrap_err();
+    assert!(
+        e.to_string().contains("connection to rank 1 refused"),
+        "{e}"
+    );
+    let e = sync::forward_train(&mut fast, &Unreachable, x.view()).unwrap_err();
+    assert!(
+        e.to_string().contains("connection to rank 1 refused"),
+        "{e}"
+    );
+    assert_eq!(reference.state().unwrap(), state);
+    assert_eq!(BatchNormBackend::state(&fast).unwrap(), state);
+    assert!(reference.saved_stats().unwrap().is_none());
+    assert!(fast.saved_stats().is_none());
+}

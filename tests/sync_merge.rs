@@ -136,7 +136,7 @@ fn the_order_is_the_rank_order_and_every_rank_gets_the_same_bits() {
             .into_iter()
             .map(|comm| {
                 let mine = &local[comm.rank()];
-                s.spawn(move || sync::merge_moments(&comm, Ok(mine), channels).unwrap())
+                s.spawn(move || sync::merge_moments(&comm, Some(mine), channels).unwrap())
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()

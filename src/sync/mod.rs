@@ -154,7 +154,7 @@ where
 {
     let channels = bn.sync_config().num_features;
     let local = bn.local_moments(&x);
-    let global = merge_moments(comm, local.as_deref().map_err(|_| ()), channels);
+    let global = merge_moments(comm, local.as_deref().ok(), channels);
     let global = match (local, global) {
         (Err(e), _) => return Err(e),
         (Ok(_), global) => global?,
@@ -174,7 +174,7 @@ where
 {
     let channels = bn.sync_config().num_features;
     let local = bn.local_grad_sums(&x, &dy);
-    let global = sum_grad_sums(comm, local.as_deref().map_err(|_| ()), channels);
+    let global = sum_grad_sums(comm, local.as_deref().ok(), channels);
     let global = match (local, global) {
         (Err(e), _) => return Err(e),
         (Ok(_), global) => global?,
@@ -200,22 +200,24 @@ pub fn merge_partials<P: AsRef<[Moments]>>(parts: &[P], channels: usize) -> Vec<
         .collect()
 }
 
-/// Forward, phase 2: all-gathers every rank's `local` moments (or its
-/// failure) through `comm` and merges them with [`merge_partials`].
+/// Forward, phase 2: all-gathers every rank's `local` moments through
+/// `comm` and merges them with [`merge_partials`]. A rank whose local phase
+/// failed passes `None` and still takes part, so that every rank returns
+/// the error.
 ///
 /// # Errors
 /// [`Error::Collective`] when the transport failed or a rank's local phase
 /// failed; the length of `local` must be `channels`.
 pub fn merge_moments<C: Collective + ?Sized>(
     comm: &C,
-    local: std::result::Result<&[Moments], ()>,
+    local: Option<&[Moments]>,
     channels: usize,
 ) -> Result<Vec<Moments>> {
     // [failed, count.., mean.., M2..]
     let width = 1 + 3 * channels;
     let mut send = vec![0.0; width];
     match local {
-        Ok(m) if m.len() == channels => {
+        Some(m) if m.len() == channels => {
             for (c, mo) in m.iter().enumerate() {
                 send[1 + c] = mo.n;
                 send[1 + channels + c] = mo.mean;
@@ -246,19 +248,19 @@ pub fn merge_moments<C: Collective + ?Sized>(
 }
 
 /// Backward, phase 2: the SUM all-reduce of every rank's `(sum_dy,
-/// sum_dy_xmu)` through `comm`.
+/// sum_dy_xmu)` through `comm`; `None` as in [`merge_moments`].
 ///
 /// # Errors
 /// As [`merge_moments`].
 pub fn sum_grad_sums<C: Collective + ?Sized>(
     comm: &C,
-    local: std::result::Result<&[(f64, f64)], ()>,
+    local: Option<&[(f64, f64)]>,
     channels: usize,
 ) -> Result<Vec<(f64, f64)>> {
     // [failed ranks, sum_dy.., sum_dy_xmu..]
     let mut buf = vec![0.0; 1 + 2 * channels];
     match local {
-        Ok(s) if s.len() == channels => {
+        Some(s) if s.len() == channels => {
             for (c, &(s1, s2)) in s.iter().enumerate() {
                 buf[1 + c] = s1;
                 buf[1 + channels + c] = s2;
