@@ -89,22 +89,22 @@ fn report(y: &ArrayD<f32>, g: &Gradients, s: &BatchNormState) -> Vec<Vec<f32>> {
     ]
 }
 
-/// The count of elements outside `|got - want| <= TOL + TOL |want|` and the worst excess.
+/// The count of elements outside `|got - want| <= TOL + TOL |want|` (NaN
+/// matching only NaN) and the worst excess.
 fn compare(got: &[f32], want: &[f32]) -> (usize, f32) {
     assert_eq!(got.len(), want.len(), "lengths");
     got.iter()
         .zip(want)
         .fold((0, 0.0f32), |(bad, worst), (&g, &w)| {
+            if g.is_nan() || w.is_nan() {
+                let ok = g.is_nan() && w.is_nan();
+                return (
+                    bad + usize::from(!ok),
+                    if ok { worst } else { f32::INFINITY },
+                );
+            }
             let excess = (g - w).abs() - TOL * w.abs();
-            let bad_here = !(excess <= TOL);
-            (
-                bad + bad_here as usize,
-                if excess.is_nan() {
-                    f32::INFINITY
-                } else {
-                    worst.max(excess)
-                },
-            )
+            (bad + usize::from(excess > TOL), worst.max(excess))
         })
 }
 

@@ -80,13 +80,16 @@ fn join(parts: &[ArrayD<f32>]) -> ArrayD<f32> {
     ndarray::concatenate(Axis(0), &views).unwrap()
 }
 
+/// Every rank's part of `x` and of `dy` in one step.
+type RankParts = (Vec<ArrayD<f32>>, Vec<ArrayD<f32>>);
+
 /// Runs `steps` synchronized training steps (forward, backward) on one
 /// thread per rank; `fast[r]` picks rank r's backend. Returns each rank's steps.
 fn run_ranks(
     config: &BatchNormConfig,
     state: &BatchNormState,
     fast: &[bool],
-    steps: &[(Vec<ArrayD<f32>>, Vec<ArrayD<f32>>)],
+    steps: &[RankParts],
 ) -> Vec<Vec<Step>> {
     let group = InProcessCollective::group(fast.len());
     std::thread::scope(|s| {
@@ -155,12 +158,7 @@ fn check_against_whole(
         all_close(&what("dx"), &flat(&join(&dxs)), &flat(&g.dx), TOL, TOL).unwrap();
         for (r, rank) in ranks.iter().enumerate() {
             let got = &rank[k];
-            assert_eq!(
-                got.y.shape(),
-                &parts[k].0[r].shape()[..],
-                "{}",
-                what("y shape")
-            );
+            assert_eq!(got.y.shape(), parts[k].0[r].shape(), "{}", what("y shape"));
             let close = |t: &str, a: &[f32], b: &[f32]| {
                 all_close(&what(&format!("rank {r} {t}")), a, b, TOL, TOL).unwrap()
             };
