@@ -1,15 +1,13 @@
-// Backward, stage 1: per (channel, slice), S1 = sum(dy) and
-// S2 = sum(dy * (x - K)), centred on the K the forward saved (the channel's
-// first element, or the running mean of an evaluation forward);
-// backward_finalize subtracts d * S1 for the mean K + d.
+// Backward, stage 1, for columns of single elements: per (channel, slice),
+// S1 = sum(dy) and S2 = sum(dy * (x - K)) on the grid of reduce.wgsl, centred
+// on the K the forward saved (the channel's first element, or the running
+// mean of an evaluation forward); backward_finalize subtracts d * S1 for the
+// mean K + d. Each thread takes four of its positions per step.
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<Elem>;
 @group(0) @binding(2) var<storage, read> dy: array<Elem>;
 @group(0) @binding(3) var<storage, read> saved: array<vec4<f32>>;   // (K, d, invstd, 0)
 @group(0) @binding(4) var<storage, read_write> partials: array<vec2<f32>>;   // (S1, S2)
-
-var<workgroup> sh_s1: array<f32, WG>;
-var<workgroup> sh_s2: array<f32, WG>;
 
 @compute @workgroup_size(WG)
 fn main(
@@ -17,34 +15,29 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let g = linear_workgroup(wid, nwg);
-    let c = g / p.slices;
-    let s = g % p.slices;
-    if c >= p.channels {
-        return;
-    }
-    let center = saved[c].x;
-    let begin = s * p.slice_len;
-    let end = begin + slice_count(p, s);
-    var s1 = 0.0;
-    var s2 = 0.0;
-    for (var m = begin + lid; m < end; m = next_index(m, end)) {
-        let idx = element_index(p, c, m);
-        let gy = f32(dy[idx]);
-        s1 += gy;
-        s2 += gy * (f32(x[idx]) - center);
-    }
-    sh_s1[lid] = s1;
-    sh_s2[lid] = s2;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
-        if lid < stride {
-            sh_s1[lid] += sh_s1[lid + stride];
-            sh_s2[lid] += sh_s2[lid + stride];
+    let w = red_walk(p, wid, nwg, lid, 1u);
+    var s1 = vec4(0.0);
+    var s2 = vec4(0.0);
+    if w.live {
+        let center = saved[w.col].x;
+        let dq = w.step / p.red_inner;
+        let dr = w.step - dq * p.red_inner;
+        var at = cursor(p, w.begin);
+        var pos = w.begin;
+        while pos < w.end {
+            let q = quad(p, &pos, &at, w, dq, dr);
+            let g = vec4(f32(dy[q.idx.x]), f32(dy[q.idx.y]), f32(dy[q.idx.z]), f32(dy[q.idx.w]));
+            let v = vec4(f32(x[q.idx.x]), f32(x[q.idx.y]), f32(x[q.idx.z]), f32(x[q.idx.w]));
+            // past the slice's end a lane adds nothing (selected, not
+            // multiplied by 0, which would turn an infinity into NaN)
+            let gl = select(vec4(0.0), g, q.live);
+            s1 += gl;
+            s2 += gl * (select(vec4(center), v, q.live) - center);
         }
-        workgroupBarrier();
     }
-    if lid == 0u {
-        partials[c * p.slices + s] = vec2<f32>(sh_s1[0], sh_s2[0]);
+    let lanes = vec2(s1.x + s1.y + s1.z + s1.w, s2.x + s2.y + s2.z + s2.w);
+    let s = tree_sums(lid, lanes, red_tree(p));
+    if w.lead && w.live {
+        partials[w.col * p.slices + w.slice] = s;
     }
 }

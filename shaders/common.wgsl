@@ -6,7 +6,7 @@
 //
 // src/shaders.rs also prepends the constants WG (threads per workgroup of the
 // kernels that walk the big tensors), WG_CHANNEL (of the per-channel kernels),
-// FLAG_UPDATE_RUNNING, FLAG_BATCH_STATS and FLAG_CUMULATIVE (bits of
+// FLAG_UPDATE_RUNNING, FLAG_BATCH_STATS, FLAG_CUMULATIVE and FLAG_LANE_CHANNELS (bits of
 // Params.flags), so that Rust and WGSL share one definition of each.
 //
 // A layer keeps everything per channel that outlives a call in one `state`
@@ -35,6 +35,10 @@ struct Params {
     band: u32,         // elementwise passes: items (vec4 or scalar) per band, whole rows
     steps: u32,        // elementwise passes: bands one thread walks
     band_cols: u32,    // elementwise passes: workgroups across one band
+    red_cols: u32,     // reductions: columns of a row, in items (see reduce.wgsl)
+    red_inner: u32,    // reductions: items per run of a column
+    red_tx: u32,       // reductions: columns of a workgroup's block
+    red_major: u32,    // reductions: 1 when a column's threads are neighbours (column-major)
 }
 
 // Sections of the `state` buffer (times Params.state_stride).
@@ -53,18 +57,6 @@ const MOMENTUM_BITS: u32 = 2u;
 // Workgroups are dispatched on a 2-D grid when one dimension is not enough.
 fn linear_workgroup(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.x + wid.y * nwg.x;
-}
-
-// Flat index of element `m` (0..M) of channel `c`.
-fn element_index(p: Params, c: u32, m: u32) -> u32 {
-    let o = m / p.inner;
-    let i = m - o * p.inner;
-    return (o * p.channels + c) * p.inner + i;
-}
-
-// Channel of flat index `idx`.
-fn channel_of(p: Params, idx: u32) -> u32 {
-    return (idx / p.inner) % p.channels;
 }
 
 // The grid of the elementwise passes (`ElementGrid` in src/gpu/batchnorm/mod.rs).
@@ -92,10 +84,4 @@ fn band_walk(p: Params, wid: vec3<u32>, nwg: vec3<u32>, lid: u32, row: u32) -> B
 fn slice_count(p: Params, s: u32) -> u32 {
     let begin = s * p.slice_len;
     return min(p.slice_len, p.per_channel - begin);
-}
-
-// The next index of a loop that strides by WG up to `end`: `m + WG`, or `end`
-// when that would reach it, so the index never wraps past 2^32 - 1.
-fn next_index(m: u32, end: u32) -> u32 {
-    return select(end, m + WG, end - m > WG);
 }

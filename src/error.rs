@@ -267,6 +267,16 @@ pub enum Error {
         /// What is wrong, naming the key, tensor, dtype or shape.
         message: String,
     },
+    /// A BatchNorm cannot be folded into the layer before it.
+    #[error("cannot fold {batchnorm} into {layer}: {message}")]
+    Fold {
+        /// The BatchNorm: "the BatchNorm", or its module path.
+        batchnorm: String,
+        /// The layer: its kind and weight shape, and its module path.
+        layer: String,
+        /// What does not fit, naming the value, channel or shape.
+        message: String,
+    },
     /// A checkpoint (safetensors `state_dict`) is malformed or does not fit the layer.
     #[error("checkpoint {path}: {message}")]
     Checkpoint {

@@ -15,6 +15,9 @@
 //! - [`sync`]: synchronized BatchNorm for data-parallel training, the ranks'
 //!   statistics merged exactly through any [`sync::Collective`] (in one
 //!   process, or over MPI).
+//! - [`fold`]: a BatchNorm folded into the convolution or linear layer before
+//!   it, for inference (and, with `safetensors`, every BatchNorm of a
+//!   PyTorch `state_dict`).
 //!
 //! Semantics are PyTorch's `torch.nn.BatchNorm1d/2d/3d`: the biased variance
 //! normalizes, the unbiased one enters the running variance, `momentum = None`
@@ -66,6 +69,7 @@ pub mod cpu;
 mod error;
 #[cfg(feature = "safetensors")]
 pub mod fixture;
+pub mod fold;
 pub mod gpu;
 mod layout;
 mod operation;

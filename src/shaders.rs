@@ -1,11 +1,15 @@
 //! The WGSL sources, embedded at compile time.
 //!
-//! Each file under `shaders/` holds one compute entry point, `main`. Before
+//! Each file under `shaders/` holds one compute entry point, `main`, except
+//! the shared parts `common.wgsl` (every shader), `reduce.wgsl` (the
+//! reduction passes: their grid, Welford lanes and workgroup merges) and
+//! `stats_io.wgsl` (the bindings of the statistics passes). Before
 //! its text come a storage prelude that makes the element type of the big
 //! tensors f32 or f16 (the kernels that touch those tensors exist in both
 //! variants from the same file), the constants of [`CONSTANTS`] (workgroup
 //! sizes and flag bits, defined once here for Rust and WGSL alike), and the
-//! shared `Params` struct and helpers of `shaders/common.wgsl`.
+//! shared `Params` struct and helpers of `shaders/common.wgsl`, then the
+//! shared parts it uses.
 
 /// A compute shader: its file name (without `.wgsl`) and full source text.
 #[derive(Debug, Clone, Copy)]
@@ -57,6 +61,11 @@ macro_rules! flag_cumulative {
         4
     };
 }
+macro_rules! flag_lane_channels {
+    () => {
+        8
+    };
+}
 macro_rules! prelude_f32 {
     () => {
         "alias Elem = f32;\nalias Elem4 = vec4<f32>;\n"
@@ -80,6 +89,8 @@ macro_rules! constants {
             flag_batch_stats!(),
             "u;\nconst FLAG_CUMULATIVE: u32 = ",
             flag_cumulative!(),
+            "u;\nconst FLAG_LANE_CHANNELS: u32 = ",
+            flag_lane_channels!(),
             "u;\n"
         )
     };
@@ -96,9 +107,21 @@ pub const FLAG_BATCH_STATS: u32 = flag_batch_stats!();
 /// `Params::flags` bit: `momentum = None`, the running statistics are the
 /// cumulative average (factor `1 / num_batches_tracked`, read on the device).
 pub const FLAG_CUMULATIVE: u32 = flag_cumulative!();
+/// `Params::flags` bit: the lanes of a reduction's vec4 items are four
+/// adjacent channels (channels-last), not four values of one channel.
+pub const FLAG_LANE_CHANNELS: u32 = flag_lane_channels!();
 
 /// The shared prefix, `shaders/common.wgsl`.
 pub const COMMON: &str = include_str!("../shaders/common.wgsl");
+
+/// The shared parts of the shaders, by file name (without `.wgsl`):
+/// `common` before every shader, `reduce` before the reduction passes,
+/// `stats_io` before the statistics passes.
+pub const PARTS: &[(&str, &str)] = &[
+    ("common", COMMON),
+    ("reduce", include_str!("../shaders/reduce.wgsl")),
+    ("stats_io", include_str!("../shaders/stats_io.wgsl")),
+];
 
 /// Element type of the big tensors for f32 storage.
 pub const PRELUDE_F32: &str = prelude_f32!();
@@ -109,25 +132,20 @@ pub const PRELUDE_F16: &str = prelude_f16!();
 pub const CONSTANTS: &str = constants!();
 
 macro_rules! shader {
-    ($name:literal) => {
-        Shader {
-            name: $name,
-            source: concat!(
-                prelude_f32!(),
-                constants!(),
-                include_str!("../shaders/common.wgsl"),
-                include_str!(concat!("../shaders/", $name, ".wgsl"))
-            ),
-            file: include_str!(concat!("../shaders/", $name, ".wgsl")),
-        }
+    ($name:literal $(, uses $inc:literal)*) => {
+        shader!(@ $name, $name, prelude_f32!(); $($inc),*)
     };
-    ($name:literal, f16) => {
+    ($name:literal, f16 $(, uses $inc:literal)*) => {
+        shader!(@ concat!($name, "_f16"), $name, prelude_f16!(); $($inc),*)
+    };
+    (@ $label:expr, $name:literal, $prelude:expr; $($inc:literal),*) => {
         Shader {
-            name: concat!($name, "_f16"),
+            name: $label,
             source: concat!(
-                prelude_f16!(),
+                $prelude,
                 constants!(),
                 include_str!("../shaders/common.wgsl"),
+                $(include_str!(concat!("../shaders/", $inc, ".wgsl")),)*
                 include_str!(concat!("../shaders/", $name, ".wgsl"))
             ),
             file: include_str!(concat!("../shaders/", $name, ".wgsl")),
@@ -136,7 +154,10 @@ macro_rules! shader {
 }
 
 /// Training statistics, stage 1 (Welford per channel slice).
-pub const STATS_PARTIAL: Shader = shader!("stats_partial");
+pub const STATS_PARTIAL: Shader = shader!("stats_partial", uses "reduce", uses "stats_io");
+/// Training statistics, stage 1, vec4 items.
+pub const STATS_PARTIAL_VEC4: Shader =
+    shader!("stats_partial_vec4", uses "reduce", uses "stats_io");
 /// Training statistics, stage 2 (Chan merge, running statistics, coefficients).
 pub const STATS_FINALIZE: Shader = shader!("stats_finalize");
 /// Evaluation coefficients from the running statistics.
@@ -146,7 +167,9 @@ pub const NORMALIZE: Shader = shader!("normalize");
 /// Elementwise normalize, vec4.
 pub const NORMALIZE_VEC4: Shader = shader!("normalize_vec4");
 /// Backward stage 1 (partial S1, S2).
-pub const BACKWARD_PARTIAL: Shader = shader!("backward_partial");
+pub const BACKWARD_PARTIAL: Shader = shader!("backward_partial", uses "reduce");
+/// Backward stage 1, vec4 items.
+pub const BACKWARD_PARTIAL_VEC4: Shader = shader!("backward_partial_vec4", uses "reduce");
 /// Backward stage 2 (dweight, dbias, dx coefficients).
 pub const BACKWARD_FINALIZE: Shader = shader!("backward_finalize");
 /// Backward stage 3, scalar.
@@ -158,13 +181,18 @@ pub const BACKWARD_DX_VEC4: Shader = shader!("backward_dx_vec4");
 pub const COPY_VEC4: Shader = shader!("copy_vec4");
 
 /// Training statistics, stage 1, f16 storage.
-pub const STATS_PARTIAL_F16: Shader = shader!("stats_partial", f16);
+pub const STATS_PARTIAL_F16: Shader = shader!("stats_partial", f16, uses "reduce", uses "stats_io");
+/// Training statistics, stage 1, vec4 items, f16 storage.
+pub const STATS_PARTIAL_VEC4_F16: Shader =
+    shader!("stats_partial_vec4", f16, uses "reduce", uses "stats_io");
 /// Elementwise normalize, scalar, f16 storage.
 pub const NORMALIZE_F16: Shader = shader!("normalize", f16);
 /// Elementwise normalize, vec4, f16 storage.
 pub const NORMALIZE_VEC4_F16: Shader = shader!("normalize_vec4", f16);
 /// Backward stage 1, f16 storage.
-pub const BACKWARD_PARTIAL_F16: Shader = shader!("backward_partial", f16);
+pub const BACKWARD_PARTIAL_F16: Shader = shader!("backward_partial", f16, uses "reduce");
+/// Backward stage 1, vec4 items, f16 storage.
+pub const BACKWARD_PARTIAL_VEC4_F16: Shader = shader!("backward_partial_vec4", f16, uses "reduce");
 /// Backward stage 3, scalar, f16 storage.
 pub const BACKWARD_DX_F16: Shader = shader!("backward_dx", f16);
 /// Backward stage 3, vec4, f16 storage.
@@ -173,19 +201,23 @@ pub const BACKWARD_DX_VEC4_F16: Shader = shader!("backward_dx_vec4", f16);
 /// Every shader of the crate.
 pub const ALL: &[Shader] = &[
     STATS_PARTIAL,
+    STATS_PARTIAL_VEC4,
     STATS_FINALIZE,
     EVAL_COEFFS,
     NORMALIZE,
     NORMALIZE_VEC4,
     BACKWARD_PARTIAL,
+    BACKWARD_PARTIAL_VEC4,
     BACKWARD_FINALIZE,
     BACKWARD_DX,
     BACKWARD_DX_VEC4,
     COPY_VEC4,
     STATS_PARTIAL_F16,
+    STATS_PARTIAL_VEC4_F16,
     NORMALIZE_F16,
     NORMALIZE_VEC4_F16,
     BACKWARD_PARTIAL_F16,
+    BACKWARD_PARTIAL_VEC4_F16,
     BACKWARD_DX_F16,
     BACKWARD_DX_VEC4_F16,
 ];

@@ -62,10 +62,19 @@ fn every_shader_file_is_embedded() {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         let stem = path.file_stem().unwrap().to_str().unwrap().to_string();
-        if stem == "common" {
+        let on_disk = std::fs::read_to_string(&path).unwrap();
+        if let Some((_, part)) = shaders::PARTS.iter().find(|(name, _)| *name == stem) {
+            // a shared part: embedded as it is on disk, and used by some shader
+            assert_eq!(
+                *part, on_disk,
+                "{stem}: embedded text differs from the file"
+            );
+            assert!(
+                shaders::ALL.iter().any(|s| s.source.contains(&on_disk)),
+                "{stem} is in no shader"
+            );
             continue;
         }
-        let on_disk = std::fs::read_to_string(&path).unwrap();
         let embedded = shaders::ALL.iter().find(|s| s.name == stem);
         let embedded =
             embedded.unwrap_or_else(|| panic!("{} is not in shaders::ALL", path.display()));

@@ -4,6 +4,7 @@
 //! bnorm adapters                       every adapter wgpu finds, with limits and features
 //! bnorm check tests/fixtures           PyTorch parity fixtures on the CPU reference and every adapter
 //! bnorm layers model.safetensors       the BatchNorm layers of a PyTorch state_dict
+//! bnorm fold model.safetensors -o folded.safetensors   BatchNorms folded into the layers before them
 //! bnorm bench --quick                  CPU vs GPU throughput against a copy kernel
 //! bnorm bench --hot-path               host cost of recording and submitting on every adapter
 //! ```
@@ -14,6 +15,7 @@
 mod adapters;
 mod bench;
 mod check;
+mod fold;
 mod gpus;
 
 use clap::{Args, Parser, Subcommand};
@@ -57,6 +59,17 @@ enum Command {
     ///
     /// Prefix, channels, affine, num_batches_tracked, in module order.
     Layers(LayersArgs),
+    /// Fold every BatchNorm of a safetensors state_dict into the layer before it.
+    ///
+    /// For inference: each BatchNorm's running statistics and affine
+    /// parameters go into the weight and bias of the convolution or linear
+    /// layer it follows, and its keys leave the file. Pairs come from the
+    /// module paths: a Sequential index (`features.1` follows `features.0`)
+    /// or `bn` in the name (`layer1.0.bn1` follows `layer1.0.conv1`, `fc1` or
+    /// `linear1`); `--pair` gives the others. One line per fold, then a
+    /// summary. Exit status 1 when a BatchNorm cannot be folded (nothing is
+    /// written), 2 for I/O errors.
+    Fold(fold::FoldArgs),
     /// Measure CPU vs GPU throughput against a copy kernel, or the GPU hot path.
     ///
     /// Per operation and shape: median time, GB/s of the ideal traffic, and
@@ -84,6 +97,7 @@ fn main() -> ExitCode {
         Command::Adapters(sel) => adapters::adapters(&sel),
         Command::Check(args) => check::check(&args),
         Command::Layers(args) => layers(&args),
+        Command::Fold(args) => fold::fold(&args),
         Command::Bench(args) => bench(&args),
     }
 }

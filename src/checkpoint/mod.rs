@@ -46,6 +46,7 @@ mod keys;
 mod write;
 
 pub use keys::{KEYS, normalize_prefix};
+pub(crate) use write::Owned;
 pub use write::{save_state, save_states, states_to_bytes};
 
 /// A BatchNorm layer found in a `state_dict` by [`StateDict::batchnorm_layers`].
@@ -131,7 +132,7 @@ impl StateDict {
         }
     }
 
-    fn view(&self) -> Result<SafeTensors<'_>> {
+    pub(crate) fn view(&self) -> Result<SafeTensors<'_>> {
         SafeTensors::deserialize(&self.bytes)
             .map_err(|e| self.error(format!("not a safetensors file ({e})")))
     }
@@ -318,7 +319,9 @@ impl StateDict {
 }
 
 /// Reads an `F32` (or exactly widened `F16`/`BF16`) tensor; `Err(dtype)` otherwise.
-fn read_floats(t: &safetensors::tensor::TensorView<'_>) -> std::result::Result<Vec<f32>, Dtype> {
+pub(crate) fn read_floats(
+    t: &safetensors::tensor::TensorView<'_>,
+) -> std::result::Result<Vec<f32>, Dtype> {
     let b = t.data();
     match t.dtype() {
         Dtype::F32 => Ok(b

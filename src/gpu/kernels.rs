@@ -25,11 +25,15 @@ pub(crate) struct Params {
     pub band: u32,
     pub steps: u32,
     pub band_cols: u32,
+    pub red_cols: u32,
+    pub red_inner: u32,
+    pub red_tx: u32,
+    pub red_major: u32,
 }
 
 impl Params {
     /// The bytes of the block, as a hashable key.
-    pub fn key(&self) -> [u32; 16] {
+    pub fn key(&self) -> [u32; 20] {
         bytemuck::cast(*self)
     }
 }
@@ -135,9 +139,11 @@ impl Kernel {
 #[derive(Debug)]
 pub(crate) struct ElementKernels {
     pub stats_partial: Kernel,
+    pub stats_partial_vec4: Kernel,
     pub normalize: Kernel,
     pub normalize_vec4: Kernel,
     pub backward_partial: Kernel,
+    pub backward_partial_vec4: Kernel,
     pub backward_dx: Kernel,
     pub backward_dx_vec4: Kernel,
 }
@@ -150,6 +156,11 @@ impl ElementKernels {
             stats_partial: Kernel::new(
                 device,
                 pick(shaders::STATS_PARTIAL, shaders::STATS_PARTIAL_F16),
+                &[U, R, W, W],
+            ),
+            stats_partial_vec4: Kernel::new(
+                device,
+                pick(shaders::STATS_PARTIAL_VEC4, shaders::STATS_PARTIAL_VEC4_F16),
                 &[U, R, W, W],
             ),
             normalize: Kernel::new(
@@ -165,6 +176,14 @@ impl ElementKernels {
             backward_partial: Kernel::new(
                 device,
                 pick(shaders::BACKWARD_PARTIAL, shaders::BACKWARD_PARTIAL_F16),
+                &[U, R, R, R, W],
+            ),
+            backward_partial_vec4: Kernel::new(
+                device,
+                pick(
+                    shaders::BACKWARD_PARTIAL_VEC4,
+                    shaders::BACKWARD_PARTIAL_VEC4_F16,
+                ),
                 &[U, R, R, R, W],
             ),
             backward_dx: Kernel::new(
@@ -188,6 +207,24 @@ impl ElementKernels {
             &self.normalize_vec4
         } else {
             &self.normalize
+        }
+    }
+
+    /// The statistics pass: vec4 when the reduction's items are vec4s.
+    pub fn stats_partial(&self, vec4: bool) -> &Kernel {
+        if vec4 {
+            &self.stats_partial_vec4
+        } else {
+            &self.stats_partial
+        }
+    }
+
+    /// The backward reduction: vec4 when the reduction's items are vec4s.
+    pub fn backward_partial(&self, vec4: bool) -> &Kernel {
+        if vec4 {
+            &self.backward_partial_vec4
+        } else {
+            &self.backward_partial
         }
     }
 
@@ -336,6 +373,10 @@ mod tests {
             band: u32,
             steps: u32,
             band_cols: u32,
+            red_cols: u32,
+            red_inner: u32,
+            red_tx: u32,
+            red_major: u32,
         );
         let (mut wgsl, span) = wgsl_params();
         // the padding words are checked through the size below
@@ -367,5 +408,6 @@ mod tests {
         assert_eq!(value("FLAG_UPDATE_RUNNING"), shaders::FLAG_UPDATE_RUNNING);
         assert_eq!(value("FLAG_BATCH_STATS"), shaders::FLAG_BATCH_STATS);
         assert_eq!(value("FLAG_CUMULATIVE"), shaders::FLAG_CUMULATIVE);
+        assert_eq!(value("FLAG_LANE_CHANNELS"), shaders::FLAG_LANE_CHANNELS);
     }
 }

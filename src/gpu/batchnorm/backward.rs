@@ -10,8 +10,9 @@ use crate::shape::ChannelWalk;
 use crate::validate;
 
 impl GpuBatchNorm {
-    /// Backward, stage 1 (`shaders/backward_partial.wgsl`,
-    /// [`crate::reference::backward_partial`]): `S1 = sum(dy)` and
+    /// Backward, stage 1 (`shaders/backward_partial.wgsl`, or
+    /// `backward_partial_vec4.wgsl` when the reduction reads vec4s; on the
+    /// grid of [`super::grid::ReduceGrid`]; [`crate::reference::backward_partial`]): `S1 = sum(dy)` and
     /// `S2 = sum(dy * (x - mean))` of each slice of each channel into the
     /// partials buffer, with the mean the forward saved.
     fn backward_partial<'k>(
@@ -20,6 +21,7 @@ impl GpuBatchNorm {
         (params, p): (&wgpu::Buffer, &Params),
         (x, dy, saved): (&GpuTensor, &GpuTensor, &wgpu::Buffer),
     ) -> Result<Pass<'k>> {
+        let (vec4, wgs) = self.reduce_wgs(p);
         let scratch = self.scratch.clone();
         let bindings = [
             Self::whole(params),
@@ -28,7 +30,7 @@ impl GpuBatchNorm {
             Self::whole(saved),
             Self::whole(&scratch),
         ];
-        self.group(&e.backward_partial, &bindings, p.channels * p.slices)
+        self.group(e.backward_partial(vec4), &bindings, wgs)
     }
 
     /// Backward, stage 2 (`shaders/backward_finalize.wgsl`,

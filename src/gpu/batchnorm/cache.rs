@@ -39,7 +39,7 @@ struct GroupKey {
 /// Uniform blocks by contents, bind groups by kernel and bindings.
 #[derive(Debug, Default)]
 pub(crate) struct Cache {
-    params: HashMap<[u32; 16], wgpu::Buffer>,
+    params: HashMap<[u32; 20], wgpu::Buffer>,
     groups: HashMap<GroupKey, wgpu::BindGroup>,
     pub counts: GpuResourceCounts,
 }

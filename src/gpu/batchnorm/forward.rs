@@ -12,9 +12,11 @@ use crate::shape::ChannelWalk;
 use crate::validate;
 
 impl GpuBatchNorm {
-    /// Training statistics, stage 1 (`shaders/stats_partial.wgsl`,
-    /// [`crate::reference::stats_partial`]): Welford `(mean, M2)` of each
-    /// slice of each channel of `x` into the partials buffer; with
+    /// Training statistics, stage 1 (`shaders/stats_partial.wgsl`, or
+    /// `stats_partial_vec4.wgsl` when the reduction reads vec4s; on the grid
+    /// of [`super::grid::ReduceGrid`]; [`crate::reference::stats_partial`]):
+    /// Welford `(mean, M2)` of each slice of each channel of `x` into the
+    /// partials buffer; with
     /// `FLAG_UPDATE_RUNNING` also counts the batch and stores the step's momentum.
     fn stats_partial<'k>(
         &mut self,
@@ -22,6 +24,7 @@ impl GpuBatchNorm {
         (params, p): (&wgpu::Buffer, &Params),
         x: &GpuTensor,
     ) -> Result<Pass<'k>> {
+        let (vec4, wgs) = self.reduce_wgs(p);
         let (scratch, state) = (self.scratch.clone(), self.state.clone());
         let bindings = [
             Self::whole(params),
@@ -29,7 +32,7 @@ impl GpuBatchNorm {
             Self::whole(&scratch),
             Self::whole(&state),
         ];
-        self.group(&e.stats_partial, &bindings, p.channels * p.slices)
+        self.group(e.stats_partial(vec4), &bindings, wgs)
     }
 
     /// Training statistics, stage 2 (`shaders/stats_finalize.wgsl`,

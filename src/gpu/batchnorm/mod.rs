@@ -20,18 +20,13 @@ use super::tensor::GpuTensor;
 use crate::config::BatchNormConfig;
 use crate::error::{Error, Result};
 use crate::layout::{DType, Layout};
-use crate::shaders::FLAG_CUMULATIVE;
+use crate::shaders::{FLAG_CUMULATIVE, FLAG_LANE_CHANNELS};
 use crate::shape::ChannelWalk;
 use crate::state::BatchNormState;
 use crate::validate;
 use cache::Cache;
-use grid::ElementGrid;
+use grid::{ElementGrid, Fill, ReduceGrid};
 use std::sync::atomic::{AtomicU64, Ordering};
-
-/// Smallest slice of a channel one reduction workgroup takes by default.
-const MIN_SLICE_LEN: u32 = 4096;
-/// Most slices a channel is split into by default.
-const MAX_SLICES: u32 = 256;
 
 static NEXT_LAYER_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -152,6 +147,8 @@ pub struct GpuBatchNorm {
     scratch_bytes: u64,
     cache: Cache,
     slice_len: Option<u32>,
+    /// How the device likes its reductions.
+    fill: Fill,
     max_per_dim: Option<u32>,
     /// Storage type used for ndarray inputs of the [`crate::BatchNormBackend`] methods.
     storage: DType,
@@ -207,6 +204,7 @@ impl GpuBatchNorm {
             scratch_bytes: 16,
             cache: Cache::default(),
             slice_len: None,
+            fill: Fill::of(ctx.adapter_info()),
             max_per_dim: None,
             storage: DType::F32,
             own_saved: None,
@@ -221,9 +219,12 @@ impl GpuBatchNorm {
         Ok(bn)
     }
 
-    /// Sets how many elements of a channel one reduction workgroup takes
-    /// (`None`: chosen from the shape, at least 4096 and at most 256 slices a
-    /// channel). Smaller slices spread a channel over more workgroups.
+    /// Sets how many elements of a channel one reduction workgroup takes,
+    /// rounded up to whole items (4 elements where the reduction reads vec4s
+    /// of one channel). `None`: chosen from the shape and the adapter, so
+    /// that the reductions run a few workgroups per processor of the device
+    /// and each thread takes enough items (8 on a GPU, 128 on a CPU adapter). Smaller slices spread a
+    /// channel over more workgroups.
     ///
     /// # Errors
     /// [`Error::Config`] for `Some(0)`.
@@ -330,12 +331,20 @@ impl GpuBatchNorm {
     /// Parameters of one call on `walk`.
     fn params(&self, walk: &ChannelWalk, flags: u32) -> Params {
         let m = walk.per_channel() as u32;
-        let slice_len = self
-            .slice_len
-            .unwrap_or_else(|| MIN_SLICE_LEN.max(m.div_ceil(MAX_SLICES)))
-            .min(m);
+        let red = ReduceGrid::new(
+            walk.outer as u32,
+            walk.channels as u32,
+            walk.inner as u32,
+            self.fill,
+            self.slice_len,
+        );
         let cumulative = if self.config.momentum.is_none() {
             FLAG_CUMULATIVE
+        } else {
+            0
+        };
+        let lanes = if red.lane_channels {
+            FLAG_LANE_CHANNELS
         } else {
             0
         };
@@ -345,10 +354,10 @@ impl GpuBatchNorm {
             outer: walk.outer as u32,
             inner: walk.inner as u32,
             total: walk.len() as u32,
-            slices: m.div_ceil(slice_len),
-            slice_len,
+            slices: red.slices,
+            slice_len: red.slice_len,
             per_channel: m,
-            flags: flags | cumulative,
+            flags: flags | cumulative | lanes,
             eps: self.config.eps as f32,
             momentum: self.config.momentum.unwrap_or(0.0) as f32,
             unbias: if m > 1 {
@@ -361,6 +370,10 @@ impl GpuBatchNorm {
             band: grid.band,
             steps: grid.steps,
             band_cols: grid.cols,
+            red_cols: red.cols,
+            red_inner: red.inner,
+            red_tx: red.tx,
+            red_major: u32::from(red.column_major),
         }
     }
 
@@ -424,6 +437,13 @@ impl GpuBatchNorm {
         for p in passes {
             kernels::dispatch(&mut cpass, p.kernel, &p.group, p.workgroups, max_dim);
         }
+    }
+
+    /// Whether the reductions of `p` take vec4s, and their workgroups (the
+    /// grid that [`GpuBatchNorm::params`] took `p`'s fields from).
+    fn reduce_wgs(&self, p: &Params) -> (bool, u32) {
+        let g = ReduceGrid::new(p.outer, p.channels, p.inner, self.fill, self.slice_len);
+        (g.vec4, g.workgroups)
     }
 
     /// Whether the elementwise passes of `p` take vec4s, and their workgroups
