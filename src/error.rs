@@ -228,6 +228,26 @@ pub enum Error {
     /// Reading a buffer back failed.
     #[error("buffer readback failed: {0}")]
     Readback(String),
+    /// A synchronized training step saw at most one value per channel across
+    /// all ranks together.
+    #[error(
+        "expected more than 1 value per channel when training, got {count} in the whole synchronized batch (all ranks together)"
+    )]
+    SingleValueAcrossRanks {
+        /// Values per channel in the whole synchronized batch.
+        count: u64,
+    },
+    /// A collective (all-gather, all-reduce) of a synchronized BatchNorm
+    /// failed, or another rank failed its part of the step; nothing changed.
+    #[error("synchronized BatchNorm: {op} failed on rank {rank}: {message}")]
+    Collective {
+        /// The collective operation, e.g. `all_gather_f64`.
+        op: &'static str,
+        /// The rank that reports the error.
+        rank: usize,
+        /// What went wrong (the transport's message, or which rank failed).
+        message: String,
+    },
     /// Reading or writing a file failed.
     #[error("cannot {action} {path}: {source}")]
     Io {

@@ -12,6 +12,9 @@
 //! - [`CpuReference`]: the same operations on the CPU, accumulating in `f64`.
 //! - [`BatchNormBackend`]: the ndarray interface both implement, so one test
 //!   body runs on every backend.
+//! - [`sync`]: synchronized BatchNorm for data-parallel training, the ranks'
+//!   statistics merged exactly through any [`sync::Collective`] (in one
+//!   process, or over MPI).
 //! - [`fold`]: a BatchNorm folded into the convolution or linear layer before
 //!   it, for inference (and, with `safetensors`, every BatchNorm of a
 //!   PyTorch `state_dict`).
@@ -53,6 +56,8 @@
 //!   `StateDict`) and the parity-fixture format and runner (`fixture`), both
 //!   safetensors files. Without it the crate compiles only what BatchNorm
 //!   itself needs.
+//! - `mpi` (off by default): `sync::MpiCollective`, synchronized BatchNorm
+//!   across MPI ranks (rsmpi; needs an MPI library and libclang to build).
 
 #![warn(missing_docs)]
 
@@ -73,6 +78,7 @@ pub mod shaders;
 mod shape;
 mod state;
 mod stats;
+pub mod sync;
 mod validate;
 
 pub use backend::BatchNormBackend;

@@ -9,13 +9,16 @@
 
 use crate::backend::BatchNormBackend;
 use crate::config::{BatchNormConfig, Mode};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::layout::DType;
 use crate::shape::ChannelWalk;
 use crate::state::{BatchNormState, Gradients, SavedBatchStats, SavedStats};
 use crate::stats::{Moments, backward_stats, update_running};
+use crate::sync::SYNCED_FORWARD;
 use crate::validate;
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
+
+mod sync;
 
 /// Per-channel coefficients of the elementwise pass:
 /// `y = (x - center) * scale + shift`.
@@ -250,6 +253,9 @@ pub struct CpuReference {
     config: BatchNormConfig,
     state: BatchNormState,
     saved: Option<SavedBatchStats>,
+    /// The global count per channel when `saved` came from a synchronized
+    /// forward ([`crate::sync`]), whose backward is synchronized too.
+    sync_count: Option<usize>,
     storage: DType,
 }
 
@@ -265,6 +271,7 @@ impl CpuReference {
             config,
             state,
             saved: None,
+            sync_count: None,
             storage: DType::F32,
         })
     }
@@ -294,21 +301,79 @@ impl CpuReference {
     ) -> Result<ArrayD<f32>> {
         let walk = validate::input(&self.config, x.shape(), true)?;
         let xs = &self.stored(&x)[..];
-        let (weight, bias) = self.affine();
         // One slice per channel: the two-pass sum over the whole channel.
-        let partials = stats_partial(xs, &walk, walk.per_channel());
-        let stats = stats_finalize(&partials, self.config.eps, &weight, &bias);
-        let y = normalize(xs, &walk, &stats.coef);
-        if update_running_stats {
-            let m = walk.per_channel();
+        let moments = stats_partial(xs, &walk, walk.per_channel());
+        let running = update_running_stats.then(|| walk.per_channel());
+        let y = self.apply_batch_stats(xs, Some(&walk), &walk.dims, &moments, running);
+        self.sync_count = None;
+        Ok(self.output(&walk, y))
+    }
+
+    /// Normalizes `xs` (walked by `walk`, `None` for an empty part of shape
+    /// `dims`) with the batch statistics `moments` (one per channel), keeps
+    /// them for backward, and with `running = Some(m)` moves the running
+    /// statistics for `m` values per channel. The local training forward and
+    /// the synchronized one (merged moments, global count) share it.
+    fn apply_batch_stats(
+        &mut self,
+        xs: &[f32],
+        walk: Option<&ChannelWalk>,
+        dims: &[usize],
+        moments: &[Moments],
+        running: Option<usize>,
+    ) -> Vec<f32> {
+        let (weight, bias) = self.affine();
+        let stats = stats_finalize(moments, self.config.eps, &weight, &bias);
+        let y = walk.map_or_else(Vec::new, |w| normalize(xs, w, &stats.coef));
+        if let Some(m) = running {
             update_running(&mut self.state, &self.config, &stats.mean, &stats.var, m);
         }
         self.saved = Some(SavedBatchStats {
-            dims: walk.dims.clone(),
+            dims: dims.to_vec(),
             mean: stats.mean,
             invstd: stats.invstd,
         });
-        Ok(self.output(&walk, y))
+        y
+    }
+
+    /// The gradients from the per-channel sums `(sum_dy, sum_dy_xmu)` of
+    /// `m` values per channel around `center` with `invstd` (see
+    /// [`backward_finalize`]); `walk` is `None` for an empty part of shape
+    /// `dims`. The local backward and the synchronized one (sums of all
+    /// ranks, global count) share it.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_grad_sums_to(
+        &self,
+        xs: &[f32],
+        dys: &[f32],
+        walk: Option<&ChannelWalk>,
+        dims: &[usize],
+        (center, invstd): (&[f64], &[f64]),
+        sums: &[(f64, f64)],
+        m: usize,
+        batch: bool,
+    ) -> Gradients {
+        let channels = self.config.num_features;
+        let (weight, _) = self.affine();
+        let mut dweight = Vec::with_capacity(channels);
+        let mut dbias = Vec::with_capacity(channels);
+        let mut coef = Vec::with_capacity(channels);
+        for c in 0..channels {
+            let (dw, db, k) = backward_finalize(sums[c], center[c], invstd[c], weight[c], m, batch);
+            dweight.push(dw as f32);
+            dbias.push(db as f32);
+            coef.push(k);
+        }
+        let dx = match walk {
+            Some(w) => self.output(w, backward_dx(xs, dys, w, &coef)),
+            None => ArrayD::from_shape_vec(IxDyn(dims), Vec::new()).expect("an empty shape"),
+        };
+        let affine = self.config.affine;
+        Gradients {
+            dx,
+            dweight: affine.then_some(dweight),
+            dbias: affine.then_some(dbias),
+        }
     }
 }
 
@@ -354,27 +419,25 @@ impl BatchNormBackend for CpuReference {
             &walk.dims,
             batch,
         )?;
+        if batch && self.sync_count.is_some() {
+            return Err(Error::NoSavedStatistics {
+                detail: SYNCED_FORWARD.into(),
+            });
+        }
         let xs = &self.stored(&x)[..];
         let dys = &self.stored(&dy)[..];
         let sums = backward_partial(xs, dys, &walk, &center);
-        let (weight, _) = self.affine();
         let m = walk.per_channel();
-        let mut dweight = Vec::with_capacity(walk.channels);
-        let mut dbias = Vec::with_capacity(walk.channels);
-        let mut coef = Vec::with_capacity(walk.channels);
-        for c in 0..walk.channels {
-            let (dw, db, k) = backward_finalize(sums[c], center[c], invstd[c], weight[c], m, batch);
-            dweight.push(dw as f32);
-            dbias.push(db as f32);
-            coef.push(k);
-        }
-        let dx = backward_dx(xs, dys, &walk, &coef);
-        let affine = self.config.affine;
-        Ok(Gradients {
-            dx: self.output(&walk, dx),
-            dweight: affine.then_some(dweight),
-            dbias: affine.then_some(dbias),
-        })
+        Ok(self.apply_grad_sums_to(
+            xs,
+            dys,
+            Some(&walk),
+            &walk.dims,
+            (&center, &invstd),
+            &sums,
+            m,
+            batch,
+        ))
     }
 
     fn saved_stats(&self) -> Result<Option<SavedStats>> {

@@ -35,16 +35,18 @@ mod lanes;
 mod plan;
 mod reduce;
 mod rows;
+mod sync;
 
 pub use elementwise::parallel_copy;
 
 use crate::backend::BatchNormBackend;
 use crate::config::{BatchNormConfig, Mode};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::reference;
 use crate::shape::ChannelWalk;
 use crate::state::{BatchNormState, Gradients, SavedBatchStats, SavedStats};
 use crate::stats::{Moments, backward_stats, update_running};
+use crate::sync::SYNCED_FORWARD;
 use crate::validate;
 use elementwise::{Coefs, backward_dx, normalize};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
@@ -75,6 +77,9 @@ pub struct CpuBatchNorm {
     config: BatchNormConfig,
     state: BatchNormState,
     saved: Option<SavedBatchStats>,
+    /// The global count per channel when `saved` came from a synchronized
+    /// forward ([`crate::sync`]), whose backward is synchronized too.
+    sync_count: Option<usize>,
 }
 
 impl CpuBatchNorm {
@@ -89,6 +94,7 @@ impl CpuBatchNorm {
             config,
             state,
             saved: None,
+            sync_count: None,
         })
     }
 
@@ -128,13 +134,32 @@ impl CpuBatchNorm {
         let walk = validate::input(&self.config, dims, true)?;
         validate::slice_len("x", x.len(), &walk)?;
         validate::slice_len("y", y.len(), &walk)?;
-        let (weight, bias) = self.state.affine(walk.channels);
-        let mut moments = channel_moments(x, &walk);
-        non_finite_moments(x, &walk, &mut moments);
-        let stats = reference::stats_finalize(&moments, self.config.eps, &weight, &bias);
+        let moments = local_moments(x, &walk);
+        let running = update.then(|| walk.per_channel());
+        self.apply_batch_stats(x, Some(&walk), dims, &moments, running, y);
+        self.sync_count = None;
+        Ok(())
+    }
+
+    /// Normalizes `x` into `y` with the batch statistics `moments` (one per
+    /// channel), keeps them for backward, and with `running = Some(m)` moves
+    /// the running statistics for `m` values per channel; `walk` is `None`
+    /// for an empty part of shape `dims`. The local training forward and the
+    /// synchronized one (merged moments, global count) share it.
+    fn apply_batch_stats(
+        &mut self,
+        x: &[f32],
+        walk: Option<&ChannelWalk>,
+        dims: &[usize],
+        moments: &[Moments],
+        running: Option<usize>,
+        y: &mut [f32],
+    ) {
+        let c = self.config.num_features;
+        let (weight, bias) = self.state.affine(c);
+        let stats = reference::stats_finalize(moments, self.config.eps, &weight, &bias);
         // y = (x - c32) * s + (b + (c32 - mean) * s): the rounding of the centre
         // to f32 is folded into the shift, so large means cost no precision.
-        let c = walk.channels;
         let (mut k0, mut k1, mut k2) = (
             Vec::with_capacity(c),
             Vec::with_capacity(c),
@@ -147,17 +172,18 @@ impl CpuBatchNorm {
             k1.push(s as f32);
             k2.push((bias[ch] + (f64::from(c32) - stats.mean[ch]) * s) as f32);
         }
-        normalize(x, y, &walk, &Coefs::new(&walk, [k0, k1, k2, vec![0.0; c]]));
-        if update {
-            let m = walk.per_channel();
+        if let Some(walk) = walk {
+            let coefs = Coefs::new(walk, [k0, k1, k2, vec![0.0; c]]);
+            normalize(x, y, walk, &coefs);
+        }
+        if let Some(m) = running {
             update_running(&mut self.state, &self.config, &stats.mean, &stats.var, m);
         }
         self.saved = Some(SavedBatchStats {
-            dims: walk.dims,
+            dims: dims.to_vec(),
             mean: stats.mean,
             invstd: stats.invstd,
         });
-        Ok(())
     }
 
     /// Training forward on a contiguous tensor of shape `dims` (in the layer's
@@ -255,10 +281,37 @@ impl CpuBatchNorm {
             &walk.dims,
             batch,
         )?;
+        if batch && self.sync_count.is_some() {
+            return Err(Error::NoSavedStatistics {
+                detail: SYNCED_FORWARD.into(),
+            });
+        }
+        let sums = grad_sums(x, dy, &walk, &center);
+        let m = walk.per_channel();
+        let out = (dx, dweight, dbias);
+        self.apply_grad_sums_to(x, dy, Some(&walk), (&center, &invstd), &sums, m, batch, out);
+        Ok(())
+    }
+
+    /// Writes `dx`, `dweight` and `dbias` from the per-channel sums
+    /// `(sum_dy, sum_dy_xmu)` of `m` values per channel around `center` with
+    /// `invstd`; `walk` is `None` for an empty part. The local backward and
+    /// the synchronized one (sums of all ranks, global count) share it.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_grad_sums_to(
+        &self,
+        x: &[f32],
+        dy: &[f32],
+        walk: Option<&ChannelWalk>,
+        (center, invstd): (&[f64], &[f64]),
+        sums: &[(f64, f64)],
+        m: usize,
+        batch: bool,
+        (dx, dweight, dbias): (&mut [f32], &mut [f32], &mut [f32]),
+    ) {
+        let c = self.config.num_features;
         let (weight, _) = self.state.affine(c);
-        let center32: Vec<f32> = center.iter().map(|&v| v as f32).collect();
-        let sums = channel_grad_sums(x, dy, &walk, &center32);
-        let mf = walk.per_channel() as f64;
+        let mf = m as f64;
         let mut k = [
             vec![0.0f32; c],
             vec![0.0f32; c],
@@ -266,9 +319,7 @@ impl CpuBatchNorm {
             vec![0.0f32; c],
         ];
         for ch in 0..c {
-            let (s1, s2_32) = sums[ch];
-            // Sums were taken around the f32 centre; move them to the exact one.
-            let s2 = s2_32 + (f64::from(center32[ch]) - center[ch]) * s1;
+            let (s1, s2) = sums[ch];
             let is = invstd[ch];
             let a = weight[ch] * is;
             dweight[ch] = (s2 * is) as f32;
@@ -279,17 +330,37 @@ impl CpuBatchNorm {
                 (0.0, 0.0)
             };
             // dx = a dy + b (x - c32) + (c + b (c32 - centre))
-            k[0][ch] = center32[ch];
+            let c32 = center[ch] as f32;
+            k[0][ch] = c32;
             k[1][ch] = a as f32;
             k[2][ch] = b as f32;
-            k[3][ch] = (cc + b * (f64::from(center32[ch]) - center[ch])) as f32;
+            k[3][ch] = (cc + b * (f64::from(c32) - center[ch])) as f32;
         }
-        backward_dx(x, dy, dx, &walk, &Coefs::new(&walk, k));
-        Ok(())
+        if let Some(walk) = walk {
+            backward_dx(x, dy, dx, walk, &Coefs::new(walk, k));
+        }
     }
 }
 
-/// The shape of an ndarray input, owned.
+/// Per-channel moments of `x`, with PyTorch's statistics for channels
+/// holding `±inf` or NaN.
+fn local_moments(x: &[f32], walk: &ChannelWalk) -> Vec<Moments> {
+    let mut moments = channel_moments(x, walk);
+    non_finite_moments(x, walk, &mut moments);
+    moments
+}
+
+/// Per-channel `(sum(dy), sum(dy * (x - center)))`, taken around the `f32`
+/// centre and moved to the exact one.
+fn grad_sums(x: &[f32], dy: &[f32], walk: &ChannelWalk, center: &[f64]) -> Vec<(f64, f64)> {
+    let center32: Vec<f32> = center.iter().map(|&v| v as f32).collect();
+    let mut sums = channel_grad_sums(x, dy, walk, &center32);
+    for ((s1, s2), (&c32, &c)) in sums.iter_mut().zip(center32.iter().zip(center)) {
+        *s2 += (f64::from(c32) - c) * *s1;
+    }
+    sums
+}
+
 /// Channels whose mean came out infinite or NaN held `±inf` or NaN, which the
 /// centred sums of the fast passes meet as `inf - inf`. Their statistics
 /// become PyTorch's, those of a plain sum: the mean is `+inf` or `-inf` when
@@ -307,6 +378,7 @@ fn non_finite_moments(x: &[f32], walk: &ChannelWalk, moments: &mut [Moments]) {
     }
 }
 
+/// The shape of an ndarray input, owned.
 fn dims_of(x: &ArrayViewD<'_, f32>) -> Vec<usize> {
     x.shape().to_vec()
 }

@@ -1,0 +1,111 @@
+//! The fast CPU backend as a participant of a synchronized BatchNorm
+//! ([`crate::sync`]): its own reductions and elementwise passes as the local
+//! phases.
+
+use super::{CpuBatchNorm, grad_sums, local_moments};
+use crate::error::{Error, Result};
+use crate::shape::ChannelWalk;
+use crate::state::Gradients;
+use crate::stats::{Moments, backward_stats};
+use crate::sync::{NOT_SYNCED, SyncPhases, global_count, part_walk};
+use crate::validate;
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use std::borrow::Cow;
+
+/// The elements of `x` in standard order, borrowed when they already are.
+fn contiguous<'a>(x: &'a ArrayViewD<'_, f32>) -> Cow<'a, [f32]> {
+    match x.as_slice() {
+        Some(s) => Cow::Borrowed(s),
+        None => Cow::Owned(x.iter().copied().collect()),
+    }
+}
+
+impl SyncPhases for CpuBatchNorm {
+    type Tensor<'a> = ArrayViewD<'a, f32>;
+    type Output = ArrayD<f32>;
+    type Grads = Gradients;
+
+    fn sync_config(&self) -> &crate::config::BatchNormConfig {
+        &self.config
+    }
+
+    /// `(count, mean, M2)` per channel by the backend's parallel reduction;
+    /// `(0, 0, 0)` for a part with zero samples.
+    fn local_moments(&mut self, x: &ArrayViewD<'_, f32>) -> Result<Vec<Moments>> {
+        Ok(match part_walk(&self.config, x.shape())? {
+            Some(walk) => local_moments(&contiguous(x), &walk),
+            None => vec![Moments::default(); self.config.num_features],
+        })
+    }
+
+    fn apply_moments(
+        &mut self,
+        x: &ArrayViewD<'_, f32>,
+        global: &[Moments],
+    ) -> Result<ArrayD<f32>> {
+        let walk = part_walk(&self.config, x.shape())?;
+        let m = global_count(global, self.config.num_features)?;
+        let xs = contiguous(x);
+        let mut y = vec![0.0f32; xs.len()];
+        self.apply_batch_stats(&xs, walk.as_ref(), x.shape(), global, Some(m), &mut y);
+        self.sync_count = Some(m);
+        Ok(ArrayD::from_shape_vec(IxDyn(x.shape()), y).expect("shape of x"))
+    }
+
+    fn local_grad_sums(
+        &mut self,
+        x: &ArrayViewD<'_, f32>,
+        dy: &ArrayViewD<'_, f32>,
+    ) -> Result<Vec<(f64, f64)>> {
+        let (walk, center, _, _) = self.synced_backward(x, dy)?;
+        Ok(match walk {
+            Some(w) => grad_sums(&contiguous(x), &contiguous(dy), &w, &center),
+            None => vec![(0.0, 0.0); self.config.num_features],
+        })
+    }
+
+    fn apply_grad_sums(
+        &mut self,
+        x: &ArrayViewD<'_, f32>,
+        dy: &ArrayViewD<'_, f32>,
+        global: &[(f64, f64)],
+    ) -> Result<Gradients> {
+        let (walk, center, invstd, m) = self.synced_backward(x, dy)?;
+        let c = self.config.num_features;
+        validate::channel_len("summed gradients", global.len(), c)?;
+        let (xs, dys) = (contiguous(x), contiguous(dy));
+        let (mut dx, mut dw, mut db) = (vec![0.0f32; xs.len()], vec![0.0f32; c], vec![0.0f32; c]);
+        let out = (&mut dx[..], &mut dw[..], &mut db[..]);
+        let stats = (&center[..], &invstd[..]);
+        self.apply_grad_sums_to(&xs, &dys, walk.as_ref(), stats, global, m, true, out);
+        let affine = self.config.affine;
+        Ok(Gradients {
+            dx: ArrayD::from_shape_vec(IxDyn(x.shape()), dx).expect("shape of x"),
+            dweight: affine.then_some(dw),
+            dbias: affine.then_some(db),
+        })
+    }
+}
+
+/// The checked part of a synchronized backward, the saved `(mean, invstd)`
+/// and the global count.
+type SyncedBackward = (Option<ChannelWalk>, Vec<f64>, Vec<f64>, usize);
+
+impl CpuBatchNorm {
+    /// Checks `x` and `dy` of a synchronized backward and returns the walk
+    /// of the part, the saved statistics and the global count.
+    fn synced_backward(
+        &self,
+        x: &ArrayViewD<'_, f32>,
+        dy: &ArrayViewD<'_, f32>,
+    ) -> Result<SyncedBackward> {
+        let walk = part_walk(&self.config, x.shape())?;
+        validate::same_shape("dy", x.shape(), dy.shape())?;
+        let saved = self.saved.as_ref();
+        let (center, invstd) = backward_stats(&self.config, &self.state, saved, x.shape(), true)?;
+        let m = self.sync_count.ok_or_else(|| Error::NoSavedStatistics {
+            detail: NOT_SYNCED.into(),
+        })?;
+        Ok((walk, center, invstd, m))
+    }
+}
