@@ -39,7 +39,7 @@ impl GpuContext {
     /// ```
     ///
     /// # Errors
-    /// The first `Err` of `record`; [`Error::Wgpu`]; [`Error::DeviceLost`].
+    /// The first `Err` of `record`; [`crate::Error::Wgpu`]; [`crate::Error::DeviceLost`].
     pub fn run(
         &self,
         label: &str,

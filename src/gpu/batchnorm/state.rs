@@ -97,7 +97,7 @@ impl GpuBatchNorm {
     /// the commands of the next submit on the queue.
     ///
     /// # Errors
-    /// [`Error::ParameterLength`], [`Error::MissingParameter`].
+    /// [`crate::Error::ParameterLength`], [`crate::Error::MissingParameter`].
     pub fn set_state(&mut self, state: &BatchNormState) -> Result<()> {
         state.validate(&self.config)?;
         let c = self.config.num_features;
