@@ -210,20 +210,26 @@ mod tests {
         }
     }
 
+    /// `(outer, channels, inner)` of the coverage tests: odd, tiny, wide,
+    /// long, runs of every remainder by 4 and 8.
+    const SHAPES: &[(u32, u32, u32)] = &[
+        (2, 3, 5),
+        (4, 64, 1),
+        (3, 2048, 49),
+        (7, 3, 1),
+        (1, 1, 1),
+        (600, 301, 1),
+        (2, 16, 196),
+        (40000, 4, 1),
+        (5, 12, 8),
+        (33, 8, 4),
+    ];
+
     /// Every item is visited exactly once, by a thread whose row position
     /// fixes its channel, whatever the shape.
     #[test]
     fn bands_cover_every_item_once() {
-        for &(outer, channels, inner) in &[
-            (2, 3, 5),
-            (4, 64, 1),
-            (3, 2048, 49),
-            (7, 3, 1),
-            (1, 1, 1),
-            (600, 301, 1),
-            (2, 16, 196),
-            (40000, 4, 1),
-        ] {
+        for &(outer, channels, inner) in SHAPES {
             let total = outer * channels * inner;
             let g = ElementGrid::new(total, channels, inner);
             let unit = if g.vec4 { 4 } else { 1 };
@@ -261,18 +267,7 @@ mod tests {
     /// by step.
     #[test]
     fn reductions_cover_every_element_once() {
-        for &(outer, channels, inner) in &[
-            (2, 3, 5),
-            (4, 64, 1),
-            (3, 2048, 49),
-            (7, 3, 1),
-            (1, 1, 1),
-            (600, 301, 1),
-            (2, 16, 196),
-            (40000, 4, 1),
-            (5, 12, 8),
-            (33, 8, 4),
-        ] {
+        for &(outer, channels, inner) in SHAPES {
             for (workgroups, positions) in [(1, 8), (8, 128), (2048, 8)] {
                 let fill = Fill {
                     workgroups,
