@@ -247,8 +247,8 @@ impl GpuBatchNorm {
     /// rounded up to whole items (4 elements where the reduction reads vec4s
     /// of one channel). `None`: chosen from the shape and the adapter, so
     /// that the reductions run a few workgroups per processor of the device
-    /// and each thread takes enough items (8 on a GPU, 128 on a CPU adapter). Smaller slices spread a
-    /// channel over more workgroups.
+    /// and each thread takes enough items (8 on a GPU, 128 on a CPU
+    /// adapter). Smaller slices spread a channel over more workgroups.
     ///
     /// # Errors
     /// [`Error::Config`] for `Some(0)`.
