@@ -16,7 +16,7 @@ impl GpuBatchNorm {
     /// grid of [`super::grid::ReduceGrid`]; [`crate::reference::backward_partial`]): `S1 = sum(dy)` and
     /// `S2 = sum(dy * (x - mean))` of each slice of each channel into the
     /// partials buffer, with the mean the forward saved.
-    fn backward_partial<'k>(
+    pub(super) fn backward_partial<'k>(
         &mut self,
         e: &'k ElementKernels,
         chunk: &Chunk,
@@ -61,7 +61,7 @@ impl GpuBatchNorm {
     /// multiple of 4; on the grid of [`super::grid::ElementGrid`];
     /// [`crate::reference::backward_dx`]): `dx = a*dy + b*(x - mean) + c`;
     /// threads whose channels all have `b = 0` (running statistics) leave `x` unread.
-    fn backward_dx<'k>(
+    pub(super) fn backward_dx<'k>(
         &mut self,
         e: &'k ElementKernels,
         chunk: &Chunk,

@@ -19,7 +19,7 @@ impl GpuBatchNorm {
     /// Welford `(mean, M2)` of each slice of each channel of `x` into the
     /// partials buffer; with
     /// `FLAG_UPDATE_RUNNING` also counts the batch and stores the step's momentum.
-    fn stats_partial<'k>(
+    pub(super) fn stats_partial<'k>(
         &mut self,
         e: &'k ElementKernels,
         chunk: &Chunk,
@@ -102,7 +102,7 @@ impl GpuBatchNorm {
     }
 
     /// The normalize passes of every chunk of `plan`.
-    fn normalize_all<'k>(
+    pub(super) fn normalize_all<'k>(
         &mut self,
         e: &'k ElementKernels,
         plan: &Plan,
@@ -154,6 +154,8 @@ impl GpuBatchNorm {
         update: bool,
     ) -> Result<()> {
         let (walk, saved_buffer) = self.check_forward(x, y, saved.as_deref(), true)?;
+        // a backward of this forward is the layer's own, not a synchronized one
+        self.sync = None;
         let ctx = self.ctx.clone();
         let e = elements(&ctx, x.dtype())?;
         let flags = if update { FLAG_UPDATE_RUNNING } else { 0 };

@@ -11,6 +11,7 @@ mod plan;
 mod run;
 mod saved;
 mod state;
+mod sync;
 
 pub use cache::GpuResourceCounts;
 pub use saved::GpuSavedStats;
@@ -174,6 +175,8 @@ pub struct GpuBatchNorm {
     storage: DType,
     /// The dispatches of the last recorded call.
     dispatches: Vec<GpuDispatch>,
+    /// What the last synchronized forward keeps for its backward.
+    sync: Option<sync::SyncSaved>,
     /// Where forwards given no handle save their statistics.
     own_saved: Option<GpuSavedStats>,
     /// The statistics of the last forward through [`crate::BatchNormBackend`].
@@ -233,6 +236,7 @@ impl GpuBatchNorm {
             own_saved: None,
             last_saved: None,
             dispatches: Vec::new(),
+            sync: None,
             state,
             ctx: ctx.clone(),
             config,
