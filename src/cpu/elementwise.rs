@@ -1,7 +1,9 @@
 //! The elementwise passes of the fast CPU backend, `y = (x - c) * s + b`
 //! and `dx = a dy + b (x - m) + c`, in parallel over contiguous segments
-//! that share their coefficients; and the CPU's copy roofline.
+//! that share their coefficients, loading and storing any [`CpuElement`];
+//! and the CPU's copy roofline.
 
+use super::elem::CpuElement;
 use super::plan::{ROW_WALK_BELOW, TASK};
 use crate::error::{Error, Result};
 use crate::shape::ChannelWalk;
@@ -40,11 +42,11 @@ impl Coefs {
 /// Runs `f(start, len, coefficient slices or one value each)` over `out` in
 /// parallel, one call per contiguous segment that shares its coefficients
 /// (per-channel) or lies in one row (per-position).
-pub(super) fn for_each_segment(
-    out: &mut [f32],
+pub(super) fn for_each_segment<E: CpuElement>(
+    out: &mut [E],
     walk: &ChannelWalk,
     coefs: &Coefs,
-    f: impl Fn(&mut [f32], usize, Seg<'_>) + Sync,
+    f: impl Fn(&mut [E], usize, Seg<'_>) + Sync,
 ) {
     let chunk = TASK
         .max(out.len().div_ceil(rayon::current_num_threads().max(1) * 4))
@@ -96,11 +98,11 @@ pub(super) enum Seg<'a> {
 /// `y = (x - c) * s + b`, per position.
 #[inline]
 #[allow(clippy::needless_range_loop)]
-pub(super) fn normalize_row(y: &mut [f32], x: &[f32], c: &[f32], s: &[f32], b: &[f32]) {
+pub(super) fn normalize_row<E: CpuElement>(y: &mut [E], x: &[E], c: &[f32], s: &[f32], b: &[f32]) {
     let n = y.len();
     let (x, c, s, b) = (&x[..n], &c[..n], &s[..n], &b[..n]);
     for j in 0..n {
-        y[j] = (x[j] - c[j]) * s[j] + b[j];
+        y[j] = E::store((x[j].load() - c[j]) * s[j] + b[j]);
     }
 }
 
@@ -109,26 +111,31 @@ pub(super) fn normalize_row(y: &mut [f32], x: &[f32], c: &[f32], s: &[f32], b: &
 /// stays out, as in PyTorch's evaluation backward.
 #[inline]
 #[allow(clippy::needless_range_loop)]
-pub(super) fn backward_dx_row(dx: &mut [f32], x: &[f32], dy: &[f32], [m, a, b, c]: [&[f32]; 4]) {
+pub(super) fn backward_dx_row<E: CpuElement>(
+    dx: &mut [E],
+    x: &[E],
+    dy: &[E],
+    [m, a, b, c]: [&[f32]; 4],
+) {
     let n = dx.len();
     let (x, dy, m, a, b, c) = (&x[..n], &dy[..n], &m[..n], &a[..n], &b[..n], &c[..n]);
     for j in 0..n {
         // Both sides computed, then a select: LLVM vectorizes this form (a
         // branch here kept the loop scalar, 2x slower on `(N, C)` backward).
-        let t = b[j] * (x[j] - m[j]);
+        let t = b[j] * (x[j].load() - m[j]);
         let xt = if b[j] == 0.0 { 0.0 } else { t };
-        dx[j] = a[j] * dy[j] + xt + c[j];
+        dx[j] = E::store(a[j] * dy[j].load() + xt + c[j]);
     }
 }
 
 /// `y = (x - center) * scale + shift`, coefficients `[center, scale, shift, _]`.
-pub(super) fn normalize(x: &[f32], y: &mut [f32], walk: &ChannelWalk, coefs: &Coefs) {
+pub(super) fn normalize<E: CpuElement>(x: &[E], y: &mut [E], walk: &ChannelWalk, coefs: &Coefs) {
     for_each_segment(y, walk, coefs, |y, start, seg| {
         let x = &x[start..start + y.len()];
         match seg {
             Seg::Scalar([c, s, b, _]) => {
                 for (o, &v) in y.iter_mut().zip(x) {
-                    *o = (v - c) * s + b;
+                    *o = E::store((v.load() - c) * s + b);
                 }
             }
             Seg::Slices([c, s, b, _]) => normalize_row(y, x, c, s, b),
@@ -137,10 +144,10 @@ pub(super) fn normalize(x: &[f32], y: &mut [f32], walk: &ChannelWalk, coefs: &Co
 }
 
 /// `dx = a * dy + b * (x - center) + c`, coefficients `[center, a, b, c]`.
-pub(super) fn backward_dx(
-    x: &[f32],
-    dy: &[f32],
-    dx: &mut [f32],
+pub(super) fn backward_dx<E: CpuElement>(
+    x: &[E],
+    dy: &[E],
+    dx: &mut [E],
     walk: &ChannelWalk,
     coefs: &Coefs,
 ) {
@@ -152,12 +159,12 @@ pub(super) fn backward_dx(
             // stays out, as in PyTorch's evaluation backward.
             Seg::Scalar([_, a, 0.0, c]) => {
                 for (o, &g) in dx.iter_mut().zip(dy) {
-                    *o = a * g + c;
+                    *o = E::store(a * g.load() + c);
                 }
             }
             Seg::Scalar([m, a, b, c]) => {
                 for ((o, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
-                    *o = a * g + b * (v - m) + c;
+                    *o = E::store(a * g.load() + b * (v.load() - m) + c);
                 }
             }
             Seg::Slices(k) => backward_dx_row(dx, x, dy, k),
@@ -166,11 +173,11 @@ pub(super) fn backward_dx(
 }
 
 /// Copies `src` into `dst` on every core: the CPU's bandwidth roofline for
-/// `bnorm bench` (8 bytes of traffic per `f32` element).
+/// `bnorm bench` (8 bytes of traffic per `f32` element, 4 per `f16`).
 ///
 /// # Errors
 /// [`Error::ShapeMismatch`] when the lengths differ.
-pub fn parallel_copy(src: &[f32], dst: &mut [f32]) -> Result<()> {
+pub fn parallel_copy<E: CpuElement>(src: &[E], dst: &mut [E]) -> Result<()> {
     if src.len() != dst.len() {
         return Err(Error::ShapeMismatch {
             what: "copy destination".into(),
@@ -183,13 +190,6 @@ pub fn parallel_copy(src: &[f32], dst: &mut [f32]) -> Result<()> {
         .min(TASK * 4);
     dst.par_chunks_mut(chunk)
         .zip(src.par_chunks(chunk))
-        .for_each(|(d, s)| {
-            // `+ 0.0` keeps LLVM from calling memcpy, whose non-temporal stores
-            // would send a cache-sized copy to DRAM while BatchNorm's passes,
-            // with ordinary stores, stay in cache: a streaming loop like theirs.
-            for (d, &s) in d.iter_mut().zip(s) {
-                *d = s + 0.0;
-            }
-        });
+        .for_each(|(d, s)| E::copy_run(s, d));
     Ok(())
 }

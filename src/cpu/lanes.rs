@@ -1,6 +1,9 @@
 //! The inner loops of the reductions: [`LANES`] independent `f32`
 //! accumulators over contiguous runs, and per-position accumulators over
-//! rows (channels-last and short-run walks).
+//! rows (channels-last and short-run walks). Inputs are any [`CpuElement`],
+//! loaded as `f32`.
+
+use super::elem::CpuElement;
 
 /// Independent accumulators of the inner loops (a multiple of every SIMD width).
 pub(super) const LANES: usize = 16;
@@ -36,8 +39,8 @@ impl Lanes {
 pub(super) const SAMPLE: usize = 256;
 
 /// The mean of `x` (a few values), in `f32`.
-pub(super) fn prefix_mean(x: &[f32]) -> f32 {
-    (x.iter().map(|&v| f64::from(v)).sum::<f64>() / x.len() as f64) as f32
+pub(super) fn prefix_mean<E: CpuElement>(x: &[E]) -> f32 {
+    (x.iter().map(|&v| f64::from(v.load())).sum::<f64>() / x.len() as f64) as f32
 }
 
 /// Whether sums `s1 = sum(x - k)`, `s2 = sum((x - k)^2)` of `n` values
@@ -51,30 +54,30 @@ pub(super) fn fits_one_pass(s1: f64, s2: f64, n: f64) -> bool {
 
 /// `acc += sum(x)`.
 #[inline(never)]
-pub(super) fn add_sum(acc: &mut Lanes, x: &[f32]) {
+pub(super) fn add_sum<E: CpuElement>(acc: &mut Lanes, x: &[E]) {
     let (chunks, rest) = x.as_chunks::<LANES>();
     // Lanes in a local array and whole-array updates: SIMD adds, no reloads.
     let mut a = acc.v;
     for c in chunks {
-        a = std::array::from_fn(|l| a[l] + c[l]);
+        a = std::array::from_fn(|l| a[l] + c[l].load());
     }
     acc.v = a;
-    acc.tail += rest.iter().map(|&v| f64::from(v)).sum::<f64>();
+    acc.tail += rest.iter().map(|&v| f64::from(v.load())).sum::<f64>();
 }
 
 /// `s1 += sum(x - m)`, `s2 += sum((x - m)^2)`.
 #[inline(never)]
-pub(super) fn add_centered(s1: &mut Lanes, s2: &mut Lanes, x: &[f32], m: f32) {
+pub(super) fn add_centered<E: CpuElement>(s1: &mut Lanes, s2: &mut Lanes, x: &[E], m: f32) {
     let (chunks, rest) = x.as_chunks::<LANES>();
     let (mut a1, mut a2) = (s1.v, s2.v);
     for c in chunks {
-        let d: [f32; LANES] = std::array::from_fn(|l| c[l] - m);
+        let d: [f32; LANES] = std::array::from_fn(|l| c[l].load() - m);
         a1 = std::array::from_fn(|l| a1[l] + d[l]);
         a2 = std::array::from_fn(|l| a2[l] + d[l] * d[l]);
     }
     (s1.v, s2.v) = (a1, a2);
     for &v in rest {
-        let d = v - m;
+        let d = v.load() - m;
         s1.tail += f64::from(d);
         s2.tail += f64::from(d * d);
     }
@@ -82,17 +85,25 @@ pub(super) fn add_centered(s1: &mut Lanes, s2: &mut Lanes, x: &[f32], m: f32) {
 
 /// `s1 += sum(dy)`, `s2 += sum(dy * (x - center))`.
 #[inline(never)]
-pub(super) fn add_grad(s1: &mut Lanes, s2: &mut Lanes, x: &[f32], dy: &[f32], center: f32) {
+pub(super) fn add_grad<E: CpuElement>(
+    s1: &mut Lanes,
+    s2: &mut Lanes,
+    x: &[E],
+    dy: &[E],
+    center: f32,
+) {
     let (xc, xr) = x.as_chunks::<LANES>();
     let (gc, gr) = dy.as_chunks::<LANES>();
     let (mut a1, mut a2) = (s1.v, s2.v);
     for (a, g) in xc.iter().zip(gc) {
-        let d: [f32; LANES] = std::array::from_fn(|l| a[l] - center);
+        let d: [f32; LANES] = std::array::from_fn(|l| a[l].load() - center);
+        let g: [f32; LANES] = std::array::from_fn(|l| g[l].load());
         a1 = std::array::from_fn(|l| a1[l] + g[l]);
         a2 = std::array::from_fn(|l| a2[l] + g[l] * d[l]);
     }
     (s1.v, s2.v) = (a1, a2);
     for (&a, &g) in xr.iter().zip(gr) {
+        let (a, g) = (a.load(), g.load());
         s1.tail += f64::from(g);
         s2.tail += f64::from(g * (a - center));
     }
@@ -109,13 +120,13 @@ pub(super) const ROWS: usize = 4;
 /// `acc += sum of the rows`, per position.
 #[inline]
 #[allow(clippy::needless_range_loop)]
-pub(super) fn add_rows<const R: usize>(acc: &mut [f32], rows: [&[f32]; R]) {
+pub(super) fn add_rows<E: CpuElement, const R: usize>(acc: &mut [f32], rows: [&[E]; R]) {
     let n = acc.len();
     let rows = rows.map(|r| &r[..n]);
     for j in 0..n {
-        let mut t = rows[0][j];
+        let mut t = rows[0][j].load();
         for r in &rows[1..] {
-            t += r[j];
+            t += r[j].load();
         }
         acc[j] += t;
     }
@@ -124,20 +135,20 @@ pub(super) fn add_rows<const R: usize>(acc: &mut [f32], rows: [&[f32]; R]) {
 /// `s1 += row - m`, `s2 += (row - m)^2`, per position, summed over the rows.
 #[inline]
 #[allow(clippy::needless_range_loop)]
-pub(super) fn add_rows_centered<const R: usize>(
+pub(super) fn add_rows_centered<E: CpuElement, const R: usize>(
     s1: &mut [f32],
     s2: &mut [f32],
     m: &[f32],
-    rows: [&[f32]; R],
+    rows: [&[E]; R],
 ) {
     let n = s1.len();
     let (s2, m) = (&mut s2[..n], &m[..n]);
     let rows = rows.map(|r| &r[..n]);
     for j in 0..n {
-        let d = rows[0][j] - m[j];
+        let d = rows[0][j].load() - m[j];
         let (mut t1, mut t2) = (d, d * d);
         for r in &rows[1..] {
-            let d = r[j] - m[j];
+            let d = r[j].load() - m[j];
             t1 += d;
             t2 += d * d;
         }
@@ -149,21 +160,23 @@ pub(super) fn add_rows_centered<const R: usize>(
 /// `s1 += dy`, `s2 += dy * (x - center)`, per position, summed over the rows.
 #[inline]
 #[allow(clippy::needless_range_loop)]
-pub(super) fn add_rows_grad<const R: usize>(
+pub(super) fn add_rows_grad<E: CpuElement, const R: usize>(
     s1: &mut [f32],
     s2: &mut [f32],
     center: &[f32],
-    x: [&[f32]; R],
-    dy: [&[f32]; R],
+    x: [&[E]; R],
+    dy: [&[E]; R],
 ) {
     let n = s1.len();
     let (s2, center) = (&mut s2[..n], &center[..n]);
     let (x, dy) = (x.map(|r| &r[..n]), dy.map(|r| &r[..n]));
     for j in 0..n {
-        let (mut t1, mut t2) = (dy[0][j], dy[0][j] * (x[0][j] - center[j]));
+        let g = dy[0][j].load();
+        let (mut t1, mut t2) = (g, g * (x[0][j].load() - center[j]));
         for r in 1..R {
-            t1 += dy[r][j];
-            t2 += dy[r][j] * (x[r][j] - center[j]);
+            let g = dy[r][j].load();
+            t1 += g;
+            t2 += g * (x[r][j].load() - center[j]);
         }
         s1[j] += t1;
         s2[j] += t2;

@@ -1,0 +1,233 @@
+//! The element types the fast CPU backend stores: `f32` and `half::f16`.
+//! Every kernel is generic over [`CpuElement`]: it loads each element as
+//! `f32`, accumulates in `f32` lanes and `f64` partials exactly as for `f32`
+//! storage, and stores its results from `f32`.
+//!
+//! The f16 conversions are branch-free integer and float operations (no
+//! per-element test for the CPU's F16C instructions), so the compiler
+//! vectorizes them inside the kernels' loops like the rest of the arithmetic:
+//!
+//! ```text
+//! load:  bits (h & 0x7fff) << 13, exponent rebiased by 127 - 15;
+//!        Inf/NaN: exponent forced to 255; subnormal: (bits + 2^-14 bias) - 2^-14
+//! store: |v| >= 65520        -> Inf (NaN -> quiet NaN 0x7e00)
+//!        |v| <  2^-14        -> (|v| + 0.5) mantissa bits: the FPU rounds to even
+//!        otherwise           -> exponent rebiased, + 0xfff + odd bit, >> 13 (ties to even)
+//! ```
+
+use crate::layout::DType;
+use half::f16;
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+}
+
+/// An element type the fast CPU backend stores: `f32` or `half::f16`.
+/// Arithmetic is `f32` (accumulation `f32` lanes merged in `f64`) for both.
+///
+/// ```
+/// use half::f16;
+/// use wgpu_batchnorm::cpu::CpuElement;
+/// assert_eq!(f16::from_f32(0.1).load(), f16::from_f32(0.1).to_f32());
+/// assert_eq!(<f16 as CpuElement>::store(65519.0), f16::from_f32(65519.0));
+/// ```
+pub trait CpuElement: Copy + Send + Sync + std::fmt::Debug + sealed::Sealed + 'static {
+    /// The storage type this element is.
+    const DTYPE: DType;
+
+    /// The element as `f32` (exact).
+    fn load(self) -> f32;
+
+    /// `v` rounded to this type (to nearest, ties to even).
+    fn store(v: f32) -> Self;
+
+    /// A plain copy of `src` into `dst` (same length) in a loop like the
+    /// kernels', not a `memcpy` (whose non-temporal stores would send a
+    /// cache-sized copy to DRAM while the kernels' ordinary stores stay in
+    /// cache): the copy roofline of `bnorm bench`.
+    fn copy_run(src: &[Self], dst: &mut [Self]);
+
+    /// `x` as a slice of this type, when this type is `f32` (no copy).
+    #[doc(hidden)]
+    fn from_f32_slice(x: &[f32]) -> Option<&[Self]>;
+
+    /// `v` as a `Vec<f32>`, when this type is `f32` (no copy); else `v` back.
+    #[doc(hidden)]
+    fn into_f32_vec(v: Vec<Self>) -> Result<Vec<f32>, Vec<Self>>;
+}
+
+impl CpuElement for f32 {
+    const DTYPE: DType = DType::F32;
+
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self
+    }
+
+    #[inline(always)]
+    fn store(v: f32) -> Self {
+        v
+    }
+
+    fn copy_run(src: &[f32], dst: &mut [f32]) {
+        // `+ 0.0` keeps LLVM from calling memcpy.
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = s + 0.0;
+        }
+    }
+
+    fn from_f32_slice(x: &[f32]) -> Option<&[f32]> {
+        Some(x)
+    }
+
+    fn into_f32_vec(v: Vec<f32>) -> Result<Vec<f32>, Vec<f32>> {
+        Ok(v)
+    }
+}
+
+impl CpuElement for f16 {
+    const DTYPE: DType = DType::F16;
+
+    #[inline(always)]
+    fn load(self) -> f32 {
+        f16_to_f32(self.to_bits())
+    }
+
+    #[inline(always)]
+    fn store(v: f32) -> Self {
+        f16::from_bits(f32_to_f16(v))
+    }
+
+    fn copy_run(src: &[f16], dst: &mut [f16]) {
+        // XOR with a zero the compiler cannot see keeps LLVM from calling memcpy.
+        let zero = std::hint::black_box(0u16);
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = f16::from_bits(s.to_bits() ^ zero);
+        }
+    }
+
+    fn from_f32_slice(_: &[f32]) -> Option<&[f16]> {
+        None
+    }
+
+    fn into_f32_vec(v: Vec<f16>) -> Result<Vec<f32>, Vec<f16>> {
+        Err(v)
+    }
+}
+
+/// f16 bits to `f32`, exact (NaN stays NaN with its payload), without branches.
+#[inline(always)]
+fn f16_to_f32(h: u16) -> f32 {
+    const SHIFTED_EXP: u32 = 0x7c00 << 13;
+    let h = u32::from(h);
+    let o = (h & 0x7fff) << 13;
+    let exp = o & SHIFTED_EXP;
+    let o = o + ((127 - 15) << 23);
+    // Inf/NaN: the exponent becomes 255.
+    let inf_nan = o + ((128 - 16) << 23);
+    // Subnormal (and zero): renormalized by the FPU.
+    let sub = f32::from_bits(o + (1 << 23)) - f32::from_bits(113 << 23);
+    let o = if exp == SHIFTED_EXP {
+        inf_nan
+    } else if exp == 0 {
+        sub.to_bits()
+    } else {
+        o
+    };
+    f32::from_bits(o | ((h & 0x8000) << 16))
+}
+
+/// `f32` to f16 bits, rounded to nearest with ties to even, overflow to
+/// infinity, NaN to a quiet NaN; without branches.
+#[inline(always)]
+fn f32_to_f16(v: f32) -> u16 {
+    const F32_INF: u32 = 255 << 23;
+    const F16_MAX: u32 = (127 + 16) << 23;
+    const DENORM_MAGIC: u32 = ((127 - 15) + (23 - 10) + 1) << 23;
+    let bits = v.to_bits();
+    let sign = bits & 0x8000_0000;
+    let a = bits ^ sign;
+    let big = if a > F32_INF { 0x7e00 } else { 0x7c00 };
+    // Below the smallest normal f16: adding 0.5 lines the f16 subnormal
+    // mantissa up with the f32 one, and the addition rounds to even.
+    let small = (f32::from_bits(a) + f32::from_bits(DENORM_MAGIC))
+        .to_bits()
+        .wrapping_sub(DENORM_MAGIC);
+    // Normal: rebias the exponent, round the 13 dropped bits to even.
+    let odd = (a >> 13) & 1;
+    let rebias = (15u32.wrapping_sub(127) << 23).wrapping_add(0xfff);
+    let normal = a.wrapping_add(rebias).wrapping_add(odd) >> 13;
+    let o = if a >= F16_MAX {
+        big
+    } else if a < (113 << 23) {
+        small
+    } else {
+        normal
+    };
+    (o | (sign >> 16)) as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_is_exact_for_every_f16() {
+        for h in 0..=u16::MAX {
+            let want = f16::from_bits(h).to_f32();
+            let got = f16_to_f32(h);
+            if want.is_nan() {
+                assert!(got.is_nan(), "{h:#06x}: {got}");
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{h:#06x}: {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn store_rounds_like_half() {
+        // Every f32 with a stride that visits every exponent and sign, plus
+        // the halfway points between neighbouring f16 values and their
+        // neighbours (the ties and near-ties).
+        let check = |v: f32| {
+            let want = f16::from_f32(v);
+            let got = f32_to_f16(v);
+            if v.is_nan() {
+                assert!(f16::from_bits(got).is_nan(), "{v}: {got:#06x}");
+            } else {
+                assert_eq!(got, want.to_bits(), "{v:e} ({:#010x})", v.to_bits());
+            }
+        };
+        for b in (0..=u32::MAX).step_by(4093) {
+            check(f32::from_bits(b));
+        }
+        for h in 0..0x7c00u16 {
+            let lo = f16::from_bits(h).to_f32();
+            let hi = f16::from_bits(h + 1).to_f32();
+            let mid = 0.5 * (lo + hi);
+            for v in [
+                mid,
+                mid.next_down(),
+                mid.next_up(),
+                lo,
+                -mid,
+                -mid.next_up(),
+            ] {
+                check(v);
+            }
+        }
+        for v in [
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            65504.0,
+            65520.0,
+        ] {
+            check(v);
+        }
+    }
+}
