@@ -271,3 +271,36 @@ fn f16_parallel_copy_is_exact() {
     let e = cpu::parallel_copy(&src, &mut dst[1..]).unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
 }
+
+/// A synchronized step of one rank stores f16 as the local step does: the
+/// same statistics, state and gradients, `y` and `dx` to the bit.
+#[test]
+fn f16_synchronized_step_of_one_rank_is_the_local_one() {
+    use wgpu_batchnorm::sync::{self, InProcessCollective};
+    for layout in [Layout::ChannelsFirst, Layout::ChannelsLast] {
+        let dims = [6, 5, 9, 4];
+        let cfg = BatchNormConfig::new(dims[if layout == Layout::ChannelsLast { 3 } else { 1 }])
+            .with_layout(layout);
+        let mut r = rng(21);
+        let x = normal(&mut r, &dims, 1.0, 2.0);
+        let dy = normal(&mut r, &dims, 0.0, 1.0);
+        let mut local = CpuBatchNorm::new(cfg.clone()).unwrap();
+        let mut synced = CpuBatchNorm::new(cfg).unwrap();
+        local.set_storage_dtype(DType::F16).unwrap();
+        synced.set_storage_dtype(DType::F16).unwrap();
+        let comm = InProcessCollective::group(1).pop().unwrap();
+        let y = BatchNormBackend::forward_train(&mut local, x.view()).unwrap();
+        let ys = sync::forward_train(&mut synced, &comm, x.view()).unwrap();
+        assert_eq!(flat(&ys), flat(&y), "{layout}");
+        assert!(
+            flat(&y).iter().all(|&v| DType::F16.round(v) == v),
+            "{layout}"
+        );
+        assert_eq!(local.saved_stats(), synced.saved_stats(), "{layout}");
+        assert_eq!(local.state(), synced.state(), "{layout}");
+        let g = BatchNormBackend::backward(&mut local, x.view(), dy.view(), Mode::Train).unwrap();
+        let gs = sync::backward(&mut synced, &comm, x.view(), dy.view()).unwrap();
+        assert_eq!(flat(&gs.dx), flat(&g.dx), "{layout}");
+        assert_eq!((gs.dweight, gs.dbias), (g.dweight, g.dbias), "{layout}");
+    }
+}

@@ -56,7 +56,7 @@ use crate::validate;
 use elementwise::{Coefs, backward_dx, normalize};
 use reduce::{channel_grad_sums, channel_moments};
 
-/// BatchNorm on the CPU in `f32` with rayon: the fast CPU backend.
+/// BatchNorm on the CPU in `f32` arithmetic with rayon, storing `f32` or `f16`: the fast CPU backend.
 ///
 /// Same semantics and state as [`crate::CpuReference`] (PyTorch's), within the
 /// `f32` tolerance of it; per-channel statistics are merged in `f64`. Runs on
