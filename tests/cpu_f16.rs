@@ -155,6 +155,8 @@ fn f16_non_finite_values_match_the_reference() {
 fn f16_slices_are_the_f32_computation_rounded() {
     let cases = [
         (vec![64, 12], Layout::ChannelsFirst, 0.0),
+        // Rows of 700 positions: the row loops take them in blocks.
+        (vec![40, 700], Layout::ChannelsFirst, 0.5),
         (vec![3, 32, 7, 7], Layout::ChannelsFirst, 1.0),
         (vec![2, 3, 64, 70], Layout::ChannelsFirst, 300.0),
         (vec![3, 10, 9, 24], Layout::ChannelsLast, -2.0),

@@ -1,11 +1,14 @@
 //! The element types the fast CPU backend stores: `f32` and `half::f16`.
-//! Every kernel is generic over [`CpuElement`]: it loads each element as
-//! `f32`, accumulates in `f32` lanes and `f64` partials exactly as for `f32`
-//! storage, and stores its results from `f32`.
+//! Every kernel is generic over [`CpuElement`] and runs its `f32` code on
+//! blocks of its inputs as `f32` ([`CpuElement::read`], [`CpuElement::map`]):
+//! the `f32` slices themselves, or f16 blocks widened with `half`'s slice
+//! conversions (the CPU's F16C or FP16 instructions where it has them), so
+//! the sums are those of `f32` storage on the same values (`f32` lanes,
+//! `f64` partials) and results are rounded to f16 when stored.
 //!
-//! The f16 conversions are branch-free integer and float operations (no
-//! per-element test for the CPU's F16C instructions), so the compiler
-//! vectorizes them inside the kernels' loops like the rest of the arithmetic:
+//! Single elements ([`CpuElement::load`], [`CpuElement::store`]) convert
+//! with branch-free integer and float operations, which the compiler
+//! vectorizes where they sit in a loop:
 //!
 //! ```text
 //! load:  bits (h & 0x7fff) << 13, exponent rebiased by 127 - 15;
@@ -17,6 +20,7 @@
 
 use crate::layout::DType;
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 mod sealed {
     pub trait Sealed {}
@@ -49,6 +53,20 @@ pub trait CpuElement: Copy + Send + Sync + std::fmt::Debug + sealed::Sealed + 's
     /// cache): the copy roofline of `bnorm bench`.
     fn copy_run(src: &[Self], dst: &mut [Self]);
 
+    /// Calls `f(offset, inputs)` with the `inputs` (at most [`MAX_INPUTS`]
+    /// slices of one length) as `f32`, a block at a time: `f32` in one call
+    /// without a copy; `f16` converted in blocks of [`BLOCK`] elements (with
+    /// the CPU's F16C or FP16 instructions where it has them, via `half`),
+    /// into a per-thread buffer. `f` must not call `read` or `map` itself.
+    #[doc(hidden)]
+    fn read(inputs: &[&[Self]], f: impl FnMut(usize, &[&[f32]]));
+
+    /// As [`CpuElement::read`], with an output as long as the inputs: `f`
+    /// writes `f32` values into its output block, which are stored (rounded)
+    /// into `out`.
+    #[doc(hidden)]
+    fn map(inputs: &[&[Self]], out: &mut [Self], f: impl FnMut(usize, &[&[f32]], &mut [f32]));
+
     /// `x` as a slice of this type, when this type is `f32` (no copy).
     #[doc(hidden)]
     fn from_f32_slice(x: &[f32]) -> Option<&[Self]>;
@@ -76,6 +94,16 @@ impl CpuElement for f32 {
         for (d, &s) in dst.iter_mut().zip(src) {
             *d = s + 0.0;
         }
+    }
+
+    #[inline(always)]
+    fn read(inputs: &[&[f32]], mut f: impl FnMut(usize, &[&[f32]])) {
+        f(0, inputs);
+    }
+
+    #[inline(always)]
+    fn map(inputs: &[&[f32]], out: &mut [f32], mut f: impl FnMut(usize, &[&[f32]], &mut [f32])) {
+        f(0, inputs, out);
     }
 
     fn from_f32_slice(x: &[f32]) -> Option<&[f32]> {
@@ -108,6 +136,31 @@ impl CpuElement for f16 {
         }
     }
 
+    fn read(inputs: &[&[f16]], mut f: impl FnMut(usize, &[&[f32]])) {
+        SCRATCH.with_borrow_mut(|buf| {
+            let (ins, _) = scratch(buf, inputs.len());
+            let n = inputs.first().map_or(0, |x| x.len());
+            for s in (0..n).step_by(BLOCK) {
+                let len = BLOCK.min(n - s);
+                let views = widen_block(ins, inputs, s, len);
+                f(s, &views[..inputs.len()]);
+            }
+        });
+    }
+
+    fn map(inputs: &[&[f16]], out: &mut [f16], mut f: impl FnMut(usize, &[&[f32]], &mut [f32])) {
+        SCRATCH.with_borrow_mut(|buf| {
+            let (ins, o) = scratch(buf, inputs.len());
+            let n = out.len();
+            for s in (0..n).step_by(BLOCK) {
+                let len = BLOCK.min(n - s);
+                let views = widen_block(ins, inputs, s, len);
+                f(s, &views[..inputs.len()], &mut o[..len]);
+                out[s..s + len].convert_from_f32_slice(&o[..len]);
+            }
+        });
+    }
+
     fn from_f32_slice(_: &[f32]) -> Option<&[f16]> {
         None
     }
@@ -115,6 +168,44 @@ impl CpuElement for f16 {
     fn into_f32_vec(v: Vec<f16>) -> Result<Vec<f32>, Vec<f16>> {
         Err(v)
     }
+}
+
+/// Elements of one block that [`CpuElement::read`] and [`CpuElement::map`]
+/// convert at a time (a multiple of the reductions' 16 lanes, so a block
+/// boundary never changes which lane an element is added to).
+pub const BLOCK: usize = 512;
+
+/// Inputs [`CpuElement::read`] and [`CpuElement::map`] take at most (a row
+/// reduction's 4 rows of `x` and 4 of `dy`).
+pub const MAX_INPUTS: usize = 8;
+
+thread_local! {
+    /// Per-thread blocks of converted inputs and of an output.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The scratch space split into `k` input blocks and one output block.
+fn scratch(buf: &mut Vec<f32>, k: usize) -> (&mut [f32], &mut [f32]) {
+    assert!(k <= MAX_INPUTS, "{k} inputs, at most {MAX_INPUTS}");
+    if buf.len() < (MAX_INPUTS + 1) * BLOCK {
+        buf.resize((MAX_INPUTS + 1) * BLOCK, 0.0);
+    }
+    buf.split_at_mut(MAX_INPUTS * BLOCK)
+}
+
+/// Elements `s..s + len` of each input, widened into the input blocks.
+fn widen_block<'a>(
+    ins: &'a mut [f32],
+    inputs: &[&[f16]],
+    s: usize,
+    len: usize,
+) -> [&'a [f32]; MAX_INPUTS] {
+    for (b, x) in ins.chunks_mut(BLOCK).zip(inputs) {
+        x[s..s + len].convert_to_f32_slice(&mut b[..len]);
+    }
+    let ins: &'a [f32] = ins;
+    let mut blocks = ins.chunks(BLOCK);
+    std::array::from_fn(|_| blocks.next().map_or(&[][..], |b| &b[..len]))
 }
 
 /// f16 bits to `f32`, exact (NaN stays NaN with its payload), without branches.

@@ -90,6 +90,7 @@ pub(super) fn for_each_segment<E: CpuElement>(
 }
 
 /// Coefficients of one segment.
+#[derive(Clone, Copy)]
 pub(super) enum Seg<'a> {
     Scalar([f32; 4]),
     Slices([&'a [f32]; 4]),
@@ -98,11 +99,11 @@ pub(super) enum Seg<'a> {
 /// `y = (x - c) * s + b`, per position.
 #[inline]
 #[allow(clippy::needless_range_loop)]
-pub(super) fn normalize_row<E: CpuElement>(y: &mut [E], x: &[E], c: &[f32], s: &[f32], b: &[f32]) {
+pub(super) fn normalize_row(y: &mut [f32], x: &[f32], c: &[f32], s: &[f32], b: &[f32]) {
     let n = y.len();
     let (x, c, s, b) = (&x[..n], &c[..n], &s[..n], &b[..n]);
     for j in 0..n {
-        y[j] = E::store((x[j].load() - c[j]) * s[j] + b[j]);
+        y[j] = (x[j] - c[j]) * s[j] + b[j];
     }
 }
 
@@ -111,20 +112,15 @@ pub(super) fn normalize_row<E: CpuElement>(y: &mut [E], x: &[E], c: &[f32], s: &
 /// stays out, as in PyTorch's evaluation backward.
 #[inline]
 #[allow(clippy::needless_range_loop)]
-pub(super) fn backward_dx_row<E: CpuElement>(
-    dx: &mut [E],
-    x: &[E],
-    dy: &[E],
-    [m, a, b, c]: [&[f32]; 4],
-) {
+pub(super) fn backward_dx_row(dx: &mut [f32], x: &[f32], dy: &[f32], [m, a, b, c]: [&[f32]; 4]) {
     let n = dx.len();
     let (x, dy, m, a, b, c) = (&x[..n], &dy[..n], &m[..n], &a[..n], &b[..n], &c[..n]);
     for j in 0..n {
         // Both sides computed, then a select: LLVM vectorizes this form (a
         // branch here kept the loop scalar, 2x slower on `(N, C)` backward).
-        let t = b[j] * (x[j].load() - m[j]);
+        let t = b[j] * (x[j] - m[j]);
         let xt = if b[j] == 0.0 { 0.0 } else { t };
-        dx[j] = E::store(a[j] * dy[j].load() + xt + c[j]);
+        dx[j] = a[j] * dy[j] + xt + c[j];
     }
 }
 
@@ -132,14 +128,17 @@ pub(super) fn backward_dx_row<E: CpuElement>(
 pub(super) fn normalize<E: CpuElement>(x: &[E], y: &mut [E], walk: &ChannelWalk, coefs: &Coefs) {
     for_each_segment(y, walk, coefs, |y, start, seg| {
         let x = &x[start..start + y.len()];
-        match seg {
-            Seg::Scalar([c, s, b, _]) => {
-                for (o, &v) in y.iter_mut().zip(x) {
-                    *o = E::store((v.load() - c) * s + b);
+        E::map(&[x], y, |o, v, y| {
+            let x = v[0];
+            match seg {
+                Seg::Scalar([c, s, b, _]) => {
+                    for (o, &v) in y.iter_mut().zip(x) {
+                        *o = (v - c) * s + b;
+                    }
                 }
+                Seg::Slices([c, s, b, _]) => normalize_row(y, x, &c[o..], &s[o..], &b[o..]),
             }
-            Seg::Slices([c, s, b, _]) => normalize_row(y, x, c, s, b),
-        }
+        });
     });
 }
 
@@ -153,22 +152,24 @@ pub(super) fn backward_dx<E: CpuElement>(
 ) {
     for_each_segment(dx, walk, coefs, |dx, start, seg| {
         let span = start..start + dx.len();
-        let (x, dy) = (&x[span.clone()], &dy[span]);
-        match seg {
-            // b = 0 (running statistics): x does not enter dx, so a NaN in x
-            // stays out, as in PyTorch's evaluation backward.
-            Seg::Scalar([_, a, 0.0, c]) => {
-                for (o, &g) in dx.iter_mut().zip(dy) {
-                    *o = E::store(a * g.load() + c);
+        E::map(&[&x[span.clone()], &dy[span]], dx, |o, v, dx| {
+            let (x, dy) = (v[0], v[1]);
+            match seg {
+                // b = 0 (running statistics): x does not enter dx, so a NaN in x
+                // stays out, as in PyTorch's evaluation backward.
+                Seg::Scalar([_, a, 0.0, c]) => {
+                    for (o, &g) in dx.iter_mut().zip(dy) {
+                        *o = a * g + c;
+                    }
                 }
-            }
-            Seg::Scalar([m, a, b, c]) => {
-                for ((o, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
-                    *o = E::store(a * g.load() + b * (v.load() - m) + c);
+                Seg::Scalar([m, a, b, c]) => {
+                    for ((o, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+                        *o = a * g + b * (v - m) + c;
+                    }
                 }
+                Seg::Slices(k) => backward_dx_row(dx, x, dy, k.map(|k| &k[o..])),
             }
-            Seg::Slices(k) => backward_dx_row(dx, x, dy, k),
-        }
+        });
     });
 }
 

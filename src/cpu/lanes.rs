@@ -1,7 +1,8 @@
 //! The inner loops of the reductions: [`LANES`] independent `f32`
 //! accumulators over contiguous runs, and per-position accumulators over
-//! rows (channels-last and short-run walks). Inputs are any [`CpuElement`],
-//! loaded as `f32`.
+//! rows (channels-last and short-run walks). The loops are `f32`; the
+//! functions the reductions call take any [`CpuElement`] and run them on
+//! its blocks as `f32` ([`CpuElement::read`]).
 
 use super::elem::CpuElement;
 
@@ -53,38 +54,19 @@ pub(super) fn fits_one_pass(s1: f64, s2: f64, n: f64) -> bool {
 }
 
 /// `acc += sum(x)`.
-#[inline(never)]
+#[inline]
 pub(super) fn add_sum<E: CpuElement>(acc: &mut Lanes, x: &[E]) {
-    let (chunks, rest) = x.as_chunks::<LANES>();
-    // Lanes in a local array and whole-array updates: SIMD adds, no reloads.
-    let mut a = acc.v;
-    for c in chunks {
-        a = std::array::from_fn(|l| a[l] + c[l].load());
-    }
-    acc.v = a;
-    acc.tail += rest.iter().map(|&v| f64::from(v.load())).sum::<f64>();
+    E::read(&[x], |_, v| sum_f32(acc, v[0]));
 }
 
 /// `s1 += sum(x - m)`, `s2 += sum((x - m)^2)`.
-#[inline(never)]
+#[inline]
 pub(super) fn add_centered<E: CpuElement>(s1: &mut Lanes, s2: &mut Lanes, x: &[E], m: f32) {
-    let (chunks, rest) = x.as_chunks::<LANES>();
-    let (mut a1, mut a2) = (s1.v, s2.v);
-    for c in chunks {
-        let d: [f32; LANES] = std::array::from_fn(|l| c[l].load() - m);
-        a1 = std::array::from_fn(|l| a1[l] + d[l]);
-        a2 = std::array::from_fn(|l| a2[l] + d[l] * d[l]);
-    }
-    (s1.v, s2.v) = (a1, a2);
-    for &v in rest {
-        let d = v.load() - m;
-        s1.tail += f64::from(d);
-        s2.tail += f64::from(d * d);
-    }
+    E::read(&[x], |_, v| centered_f32(s1, s2, v[0], m));
 }
 
 /// `s1 += sum(dy)`, `s2 += sum(dy * (x - center))`.
-#[inline(never)]
+#[inline]
 pub(super) fn add_grad<E: CpuElement>(
     s1: &mut Lanes,
     s2: &mut Lanes,
@@ -92,18 +74,106 @@ pub(super) fn add_grad<E: CpuElement>(
     dy: &[E],
     center: f32,
 ) {
+    E::read(&[x, dy], |_, v| grad_f32(s1, s2, v[0], v[1], center));
+}
+
+/// `acc += sum of the rows`, per position.
+#[inline]
+pub(super) fn add_rows<E: CpuElement, const R: usize>(acc: &mut [f32], rows: [&[E]; R]) {
+    let n = acc.len();
+    let rows = rows.map(|r| &r[..n]);
+    E::read(&rows, |s, v| {
+        let acc = &mut acc[s..s + v[0].len()];
+        rows_f32::<R>(acc, std::array::from_fn(|r| v[r]));
+    });
+}
+
+/// `s1 += row - m`, `s2 += (row - m)^2`, per position, summed over the rows.
+#[inline]
+pub(super) fn add_rows_centered<E: CpuElement, const R: usize>(
+    s1: &mut [f32],
+    s2: &mut [f32],
+    m: &[f32],
+    rows: [&[E]; R],
+) {
+    let n = s1.len();
+    let rows = rows.map(|r| &r[..n]);
+    E::read(&rows, |s, v| {
+        let span = s..s + v[0].len();
+        let (s1, s2, m) = (&mut s1[span.clone()], &mut s2[span.clone()], &m[span]);
+        rows_centered_f32::<R>(s1, s2, m, std::array::from_fn(|r| v[r]));
+    });
+}
+
+/// `s1 += dy`, `s2 += dy * (x - center)`, per position, summed over the rows.
+#[inline]
+pub(super) fn add_rows_grad<E: CpuElement, const R: usize>(
+    s1: &mut [f32],
+    s2: &mut [f32],
+    center: &[f32],
+    x: [&[E]; R],
+    dy: [&[E]; R],
+) {
+    let n = s1.len();
+    let mut rows = [&[][..]; 2 * ROWS];
+    for (k, r) in x.iter().chain(&dy).enumerate() {
+        rows[k] = &r[..n];
+    }
+    E::read(&rows[..2 * R], |s, v| {
+        let span = s..s + v[0].len();
+        let (s1, s2, c) = (&mut s1[span.clone()], &mut s2[span.clone()], &center[span]);
+        let (x, dy) = (
+            std::array::from_fn(|r| v[r]),
+            std::array::from_fn(|r| v[R + r]),
+        );
+        rows_grad_f32::<R>(s1, s2, c, x, dy);
+    });
+}
+
+/// `acc += sum(x)`.
+#[inline(never)]
+fn sum_f32(acc: &mut Lanes, x: &[f32]) {
+    let (chunks, rest) = x.as_chunks::<LANES>();
+    // Lanes in a local array and whole-array updates: SIMD adds, no reloads.
+    let mut a = acc.v;
+    for c in chunks {
+        a = std::array::from_fn(|l| a[l] + c[l]);
+    }
+    acc.v = a;
+    acc.tail += rest.iter().map(|&v| f64::from(v)).sum::<f64>();
+}
+
+/// `s1 += sum(x - m)`, `s2 += sum((x - m)^2)`.
+#[inline(never)]
+fn centered_f32(s1: &mut Lanes, s2: &mut Lanes, x: &[f32], m: f32) {
+    let (chunks, rest) = x.as_chunks::<LANES>();
+    let (mut a1, mut a2) = (s1.v, s2.v);
+    for c in chunks {
+        let d: [f32; LANES] = std::array::from_fn(|l| c[l] - m);
+        a1 = std::array::from_fn(|l| a1[l] + d[l]);
+        a2 = std::array::from_fn(|l| a2[l] + d[l] * d[l]);
+    }
+    (s1.v, s2.v) = (a1, a2);
+    for &v in rest {
+        let d = v - m;
+        s1.tail += f64::from(d);
+        s2.tail += f64::from(d * d);
+    }
+}
+
+/// `s1 += sum(dy)`, `s2 += sum(dy * (x - center))`.
+#[inline(never)]
+fn grad_f32(s1: &mut Lanes, s2: &mut Lanes, x: &[f32], dy: &[f32], center: f32) {
     let (xc, xr) = x.as_chunks::<LANES>();
     let (gc, gr) = dy.as_chunks::<LANES>();
     let (mut a1, mut a2) = (s1.v, s2.v);
     for (a, g) in xc.iter().zip(gc) {
-        let d: [f32; LANES] = std::array::from_fn(|l| a[l].load() - center);
-        let g: [f32; LANES] = std::array::from_fn(|l| g[l].load());
+        let d: [f32; LANES] = std::array::from_fn(|l| a[l] - center);
         a1 = std::array::from_fn(|l| a1[l] + g[l]);
         a2 = std::array::from_fn(|l| a2[l] + g[l] * d[l]);
     }
     (s1.v, s2.v) = (a1, a2);
     for (&a, &g) in xr.iter().zip(gr) {
-        let (a, g) = (a.load(), g.load());
         s1.tail += f64::from(g);
         s2.tail += f64::from(g * (a - center));
     }
@@ -120,13 +190,13 @@ pub(super) const ROWS: usize = 4;
 /// `acc += sum of the rows`, per position.
 #[inline]
 #[allow(clippy::needless_range_loop)]
-pub(super) fn add_rows<E: CpuElement, const R: usize>(acc: &mut [f32], rows: [&[E]; R]) {
+fn rows_f32<const R: usize>(acc: &mut [f32], rows: [&[f32]; R]) {
     let n = acc.len();
     let rows = rows.map(|r| &r[..n]);
     for j in 0..n {
-        let mut t = rows[0][j].load();
+        let mut t = rows[0][j];
         for r in &rows[1..] {
-            t += r[j].load();
+            t += r[j];
         }
         acc[j] += t;
     }
@@ -135,20 +205,15 @@ pub(super) fn add_rows<E: CpuElement, const R: usize>(acc: &mut [f32], rows: [&[
 /// `s1 += row - m`, `s2 += (row - m)^2`, per position, summed over the rows.
 #[inline]
 #[allow(clippy::needless_range_loop)]
-pub(super) fn add_rows_centered<E: CpuElement, const R: usize>(
-    s1: &mut [f32],
-    s2: &mut [f32],
-    m: &[f32],
-    rows: [&[E]; R],
-) {
+fn rows_centered_f32<const R: usize>(s1: &mut [f32], s2: &mut [f32], m: &[f32], rows: [&[f32]; R]) {
     let n = s1.len();
     let (s2, m) = (&mut s2[..n], &m[..n]);
     let rows = rows.map(|r| &r[..n]);
     for j in 0..n {
-        let d = rows[0][j].load() - m[j];
+        let d = rows[0][j] - m[j];
         let (mut t1, mut t2) = (d, d * d);
         for r in &rows[1..] {
-            let d = r[j].load() - m[j];
+            let d = r[j] - m[j];
             t1 += d;
             t2 += d * d;
         }
@@ -160,23 +225,21 @@ pub(super) fn add_rows_centered<E: CpuElement, const R: usize>(
 /// `s1 += dy`, `s2 += dy * (x - center)`, per position, summed over the rows.
 #[inline]
 #[allow(clippy::needless_range_loop)]
-pub(super) fn add_rows_grad<E: CpuElement, const R: usize>(
+fn rows_grad_f32<const R: usize>(
     s1: &mut [f32],
     s2: &mut [f32],
     center: &[f32],
-    x: [&[E]; R],
-    dy: [&[E]; R],
+    x: [&[f32]; R],
+    dy: [&[f32]; R],
 ) {
     let n = s1.len();
     let (s2, center) = (&mut s2[..n], &center[..n]);
     let (x, dy) = (x.map(|r| &r[..n]), dy.map(|r| &r[..n]));
     for j in 0..n {
-        let g = dy[0][j].load();
-        let (mut t1, mut t2) = (g, g * (x[0][j].load() - center[j]));
+        let (mut t1, mut t2) = (dy[0][j], dy[0][j] * (x[0][j] - center[j]));
         for r in 1..R {
-            let g = dy[r][j].load();
-            t1 += g;
-            t2 += g * (x[r][j].load() - center[j]);
+            t1 += dy[r][j];
+            t2 += dy[r][j] * (x[r][j] - center[j]);
         }
         s1[j] += t1;
         s2[j] += t2;
