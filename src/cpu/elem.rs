@@ -1,8 +1,8 @@
 //! The element types the fast CPU backend stores: `f32` and `half::f16`.
 //! Every kernel is generic over [`CpuElement`] and runs its `f32` code on
 //! blocks of its inputs as `f32` ([`CpuElement::read`], [`CpuElement::map`]):
-//! the `f32` slices themselves, or f16 blocks widened with `half`'s slice
-//! conversions (the CPU's F16C or FP16 instructions where it has them), so
+//! the `f32` slices themselves, or f16 blocks widened by [`super::convert`]
+//! (eight at a time with the CPU's F16C instructions where it has them), so
 //! the sums are those of `f32` storage on the same values (`f32` lanes,
 //! `f64` partials) and results are rounded to f16 when stored.
 //!
@@ -18,9 +18,9 @@
 //!        otherwise           -> exponent rebiased, + 0xfff + odd bit, >> 13 (ties to even)
 //! ```
 
+use super::convert::{narrow, widen};
 use crate::layout::DType;
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 
 mod sealed {
     pub trait Sealed {}
@@ -56,8 +56,7 @@ pub trait CpuElement: Copy + Send + Sync + std::fmt::Debug + sealed::Sealed + 's
     /// Calls `f(offset, inputs)` with the `inputs` (at most [`MAX_INPUTS`]
     /// slices of one length) as `f32`, a block at a time: `f32` in one call
     /// without a copy; `f16` converted in blocks of [`BLOCK`] elements (with
-    /// the CPU's F16C or FP16 instructions where it has them, via `half`),
-    /// into a per-thread buffer. `f` must not call `read` or `map` itself.
+    /// the CPU's F16C instructions where it has them), into a per-thread buffer. `f` must not call `read` or `map` itself.
     #[doc(hidden)]
     fn read(inputs: &[&[Self]], f: impl FnMut(usize, &[&[f32]]));
 
@@ -156,7 +155,7 @@ impl CpuElement for f16 {
                 let len = BLOCK.min(n - s);
                 let views = widen_block(ins, inputs, s, len);
                 f(s, &views[..inputs.len()], &mut o[..len]);
-                out[s..s + len].convert_from_f32_slice(&o[..len]);
+                narrow(&o[..len], &mut out[s..s + len]);
             }
         });
     }
@@ -201,7 +200,7 @@ fn widen_block<'a>(
     len: usize,
 ) -> [&'a [f32]; MAX_INPUTS] {
     for (b, x) in ins.chunks_mut(BLOCK).zip(inputs) {
-        x[s..s + len].convert_to_f32_slice(&mut b[..len]);
+        widen(&x[s..s + len], &mut b[..len]);
     }
     let ins: &'a [f32] = ins;
     let mut blocks = ins.chunks(BLOCK);

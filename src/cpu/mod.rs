@@ -33,6 +33,7 @@
 //! (`f32` lanes, `f64` merges); results are rounded to f16 when stored.
 
 mod backend;
+mod convert;
 mod elem;
 mod elementwise;
 mod lanes;
