@@ -21,7 +21,7 @@ pub struct CheckArgs {
     fixtures: Vec<PathBuf>,
     #[command(flatten)]
     selection: Selection,
-    /// Only the CPU backends (the f64 reference and the fast f32 one).
+    /// Only the CPU backends (the f64 reference and the fast one, f32 or f16).
     #[arg(long, conflicts_with_all = ["no_cpu", "require_gpu"])]
     cpu_only: bool,
     /// Skip the CPU backends.

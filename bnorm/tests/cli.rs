@@ -91,10 +91,10 @@ fn check_runs_f16_where_stored_and_fails_it_loudly_elsewhere() {
     let f = fixture("f16_bn1d");
     let o = bnorm(&["check", f.to_str().unwrap()]);
     let out = stdout(&o);
-    // The reference emulates f16 storage, the fast CPU backend has none, a GPU needs SHADER_F16.
+    // The reference emulates f16 storage, the fast CPU backend stores it, a GPU needs SHADER_F16.
     let backends: Vec<(String, bool)> = [
         ("cpu-reference".to_string(), true),
-        ("cpu".to_string(), false),
+        ("cpu".to_string(), true),
     ]
     .into_iter()
     .chain(

@@ -1,7 +1,9 @@
 //! The elementwise passes of the fast CPU backend, `y = (x - c) * s + b`
 //! and `dx = a dy + b (x - m) + c`, in parallel over contiguous segments
-//! that share their coefficients; and the CPU's copy roofline.
+//! that share their coefficients, loading and storing any [`CpuElement`];
+//! and the CPU's copy roofline.
 
+use super::elem::{CpuElement, MAX_INPUTS};
 use super::plan::{ROW_WALK_BELOW, TASK};
 use crate::error::{Error, Result};
 use crate::shape::ChannelWalk;
@@ -37,57 +39,66 @@ impl Coefs {
     }
 }
 
-/// Runs `f(start, len, coefficient slices or one value each)` over `out` in
-/// parallel, one call per contiguous segment that shares its coefficients
-/// (per-channel) or lies in one row (per-position).
-pub(super) fn for_each_segment(
-    out: &mut [f32],
+/// Runs `f(out, inputs, coefficient slices or one value each)` over `out`
+/// in parallel, one call per contiguous segment that shares its
+/// coefficients (per-channel) or lies in one row (per-position), with the
+/// same segment of each input (tensors as long as `out`) and `out` as `f32`:
+/// each task's part converted once, a block at a time
+/// ([`CpuElement::map`]; `f32` in place).
+pub(super) fn for_each_segment<E: CpuElement>(
+    out: &mut [E],
+    inputs: &[&[E]],
     walk: &ChannelWalk,
     coefs: &Coefs,
-    f: impl Fn(&mut [f32], usize, Seg<'_>) + Sync,
+    f: impl Fn(&mut [f32], &[&[f32]], Seg<'_>) + Sync,
 ) {
     let chunk = TASK
         .max(out.len().div_ceil(rayon::current_num_threads().max(1) * 4))
         .min(TASK * 4);
     out.par_chunks_mut(chunk).enumerate().for_each(|(t, o)| {
         let base = t * chunk;
-        // Run and channel of the segment, advanced without a division per run
-        // (two divisions per 7x7 run cost as much as the run itself).
-        let mut run = base / walk.inner;
-        let mut c = run % walk.channels;
-        let mut i = 0;
-        while i < o.len() {
-            let g = base + i;
-            if coefs.per_position {
-                let cols = coefs.k[0].len();
-                let p = g % cols;
-                let n = (cols - p).min(o.len() - i);
+        let ins: Vec<&[E]> = inputs.iter().map(|x| &x[base..base + o.len()]).collect();
+        E::map(&ins, o, |off, v, o| {
+            let base = base + off;
+            // Run and channel of the segment, advanced without a division per run
+            // (two divisions per 7x7 run cost as much as the run itself).
+            let mut run = base / walk.inner;
+            let mut c = run % walk.channels;
+            let mut i = 0;
+            let mut parts = [&[][..]; MAX_INPUTS];
+            while i < o.len() {
+                let g = base + i;
                 let k = &coefs.k;
-                let seg = Seg::Slices([
-                    &k[0][p..p + n],
-                    &k[1][p..p + n],
-                    &k[2][p..p + n],
-                    &k[3][p..p + n],
-                ]);
-                f(&mut o[i..i + n], g, seg);
+                let (n, seg) = if coefs.per_position {
+                    let cols = k[0].len();
+                    let p = g % cols;
+                    let n = (cols - p).min(o.len() - i);
+                    let seg = Seg::Slices([
+                        &k[0][p..p + n],
+                        &k[1][p..p + n],
+                        &k[2][p..p + n],
+                        &k[3][p..p + n],
+                    ]);
+                    (n, seg)
+                } else {
+                    let n = ((run + 1) * walk.inner - g).min(o.len() - i);
+                    run += 1;
+                    let seg = Seg::Scalar([k[0][c], k[1][c], k[2][c], k[3][c]]);
+                    c = if c + 1 == walk.channels { 0 } else { c + 1 };
+                    (n, seg)
+                };
+                for (part, x) in parts.iter_mut().zip(v) {
+                    *part = &x[i..i + n];
+                }
+                f(&mut o[i..i + n], &parts[..v.len()], seg);
                 i += n;
-            } else {
-                let n = ((run + 1) * walk.inner - g).min(o.len() - i);
-                let k = &coefs.k;
-                f(
-                    &mut o[i..i + n],
-                    g,
-                    Seg::Scalar([k[0][c], k[1][c], k[2][c], k[3][c]]),
-                );
-                i += n;
-                run += 1;
-                c = if c + 1 == walk.channels { 0 } else { c + 1 };
             }
-        }
+        });
     });
 }
 
 /// Coefficients of one segment.
+#[derive(Clone, Copy)]
 pub(super) enum Seg<'a> {
     Scalar([f32; 4]),
     Slices([&'a [f32]; 4]),
@@ -122,9 +133,9 @@ pub(super) fn backward_dx_row(dx: &mut [f32], x: &[f32], dy: &[f32], [m, a, b, c
 }
 
 /// `y = (x - center) * scale + shift`, coefficients `[center, scale, shift, _]`.
-pub(super) fn normalize(x: &[f32], y: &mut [f32], walk: &ChannelWalk, coefs: &Coefs) {
-    for_each_segment(y, walk, coefs, |y, start, seg| {
-        let x = &x[start..start + y.len()];
+pub(super) fn normalize<E: CpuElement>(x: &[E], y: &mut [E], walk: &ChannelWalk, coefs: &Coefs) {
+    for_each_segment(y, &[x], walk, coefs, |y, v, seg| {
+        let x = v[0];
         match seg {
             Seg::Scalar([c, s, b, _]) => {
                 for (o, &v) in y.iter_mut().zip(x) {
@@ -137,16 +148,15 @@ pub(super) fn normalize(x: &[f32], y: &mut [f32], walk: &ChannelWalk, coefs: &Co
 }
 
 /// `dx = a * dy + b * (x - center) + c`, coefficients `[center, a, b, c]`.
-pub(super) fn backward_dx(
-    x: &[f32],
-    dy: &[f32],
-    dx: &mut [f32],
+pub(super) fn backward_dx<E: CpuElement>(
+    x: &[E],
+    dy: &[E],
+    dx: &mut [E],
     walk: &ChannelWalk,
     coefs: &Coefs,
 ) {
-    for_each_segment(dx, walk, coefs, |dx, start, seg| {
-        let span = start..start + dx.len();
-        let (x, dy) = (&x[span.clone()], &dy[span]);
+    for_each_segment(dx, &[x, dy], walk, coefs, |dx, v, seg| {
+        let (x, dy) = (v[0], v[1]);
         match seg {
             // b = 0 (running statistics): x does not enter dx, so a NaN in x
             // stays out, as in PyTorch's evaluation backward.
@@ -166,11 +176,11 @@ pub(super) fn backward_dx(
 }
 
 /// Copies `src` into `dst` on every core: the CPU's bandwidth roofline for
-/// `bnorm bench` (8 bytes of traffic per `f32` element).
+/// `bnorm bench` (8 bytes of traffic per `f32` element, 4 per `f16`).
 ///
 /// # Errors
 /// [`Error::ShapeMismatch`] when the lengths differ.
-pub fn parallel_copy(src: &[f32], dst: &mut [f32]) -> Result<()> {
+pub fn parallel_copy<E: CpuElement>(src: &[E], dst: &mut [E]) -> Result<()> {
     if src.len() != dst.len() {
         return Err(Error::ShapeMismatch {
             what: "copy destination".into(),
@@ -183,13 +193,6 @@ pub fn parallel_copy(src: &[f32], dst: &mut [f32]) -> Result<()> {
         .min(TASK * 4);
     dst.par_chunks_mut(chunk)
         .zip(src.par_chunks(chunk))
-        .for_each(|(d, s)| {
-            // `+ 0.0` keeps LLVM from calling memcpy, whose non-temporal stores
-            // would send a cache-sized copy to DRAM while BatchNorm's passes,
-            // with ordinary stores, stay in cache: a streaming loop like theirs.
-            for (d, &s) in d.iter_mut().zip(s) {
-                *d = s + 0.0;
-            }
-        });
+        .for_each(|(d, s)| E::copy_run(s, d));
     Ok(())
 }

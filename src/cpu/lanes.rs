@@ -1,6 +1,10 @@
 //! The inner loops of the reductions: [`LANES`] independent `f32`
 //! accumulators over contiguous runs, and per-position accumulators over
-//! rows (channels-last and short-run walks).
+//! rows (channels-last and short-run walks). The loops are `f32`; the
+//! functions the reductions call take any [`CpuElement`] and run them on
+//! its blocks as `f32` ([`CpuElement::read`]).
+
+use super::elem::CpuElement;
 
 /// Independent accumulators of the inner loops (a multiple of every SIMD width).
 pub(super) const LANES: usize = 16;
@@ -36,8 +40,8 @@ impl Lanes {
 pub(super) const SAMPLE: usize = 256;
 
 /// The mean of `x` (a few values), in `f32`.
-pub(super) fn prefix_mean(x: &[f32]) -> f32 {
-    (x.iter().map(|&v| f64::from(v)).sum::<f64>() / x.len() as f64) as f32
+pub(super) fn prefix_mean<E: CpuElement>(x: &[E]) -> f32 {
+    (x.iter().map(|&v| f64::from(v.load())).sum::<f64>() / x.len() as f64) as f32
 }
 
 /// Whether sums `s1 = sum(x - k)`, `s2 = sum((x - k)^2)` of `n` values
@@ -50,8 +54,85 @@ pub(super) fn fits_one_pass(s1: f64, s2: f64, n: f64) -> bool {
 }
 
 /// `acc += sum(x)`.
+#[inline]
+pub(super) fn add_sum<E: CpuElement>(acc: &mut Lanes, x: &[E]) {
+    E::read(&[x], |_, v| sum_f32(acc, v[0]));
+}
+
+/// `s1 += sum(x - m)`, `s2 += sum((x - m)^2)`.
+#[inline]
+pub(super) fn add_centered<E: CpuElement>(s1: &mut Lanes, s2: &mut Lanes, x: &[E], m: f32) {
+    E::read(&[x], |_, v| centered_f32(s1, s2, v[0], m));
+}
+
+/// `s1 += sum(dy)`, `s2 += sum(dy * (x - center))`.
+#[inline]
+pub(super) fn add_grad<E: CpuElement>(
+    s1: &mut Lanes,
+    s2: &mut Lanes,
+    x: &[E],
+    dy: &[E],
+    center: f32,
+) {
+    E::read(&[x, dy], |_, v| grad_f32(s1, s2, v[0], v[1], center));
+}
+
+/// `acc += sum of the rows`, per position.
+#[inline]
+pub(super) fn add_rows<E: CpuElement, const R: usize>(acc: &mut [f32], rows: [&[E]; R]) {
+    let n = acc.len();
+    let rows = rows.map(|r| &r[..n]);
+    E::read(&rows, |s, v| {
+        let acc = &mut acc[s..s + v[0].len()];
+        rows_f32::<R>(acc, std::array::from_fn(|r| v[r]));
+    });
+}
+
+/// `s1 += row - m`, `s2 += (row - m)^2`, per position, summed over the rows.
+#[inline]
+pub(super) fn add_rows_centered<E: CpuElement, const R: usize>(
+    s1: &mut [f32],
+    s2: &mut [f32],
+    m: &[f32],
+    rows: [&[E]; R],
+) {
+    let n = s1.len();
+    let rows = rows.map(|r| &r[..n]);
+    E::read(&rows, |s, v| {
+        let span = s..s + v[0].len();
+        let (s1, s2, m) = (&mut s1[span.clone()], &mut s2[span.clone()], &m[span]);
+        rows_centered_f32::<R>(s1, s2, m, std::array::from_fn(|r| v[r]));
+    });
+}
+
+/// `s1 += dy`, `s2 += dy * (x - center)`, per position, summed over the rows.
+#[inline]
+pub(super) fn add_rows_grad<E: CpuElement, const R: usize>(
+    s1: &mut [f32],
+    s2: &mut [f32],
+    center: &[f32],
+    x: [&[E]; R],
+    dy: [&[E]; R],
+) {
+    let n = s1.len();
+    let mut rows = [&[][..]; 2 * ROWS];
+    for (k, r) in x.iter().chain(&dy).enumerate() {
+        rows[k] = &r[..n];
+    }
+    E::read(&rows[..2 * R], |s, v| {
+        let span = s..s + v[0].len();
+        let (s1, s2, c) = (&mut s1[span.clone()], &mut s2[span.clone()], &center[span]);
+        let (x, dy) = (
+            std::array::from_fn(|r| v[r]),
+            std::array::from_fn(|r| v[R + r]),
+        );
+        rows_grad_f32::<R>(s1, s2, c, x, dy);
+    });
+}
+
+/// `acc += sum(x)`.
 #[inline(never)]
-pub(super) fn add_sum(acc: &mut Lanes, x: &[f32]) {
+fn sum_f32(acc: &mut Lanes, x: &[f32]) {
     let (chunks, rest) = x.as_chunks::<LANES>();
     // Lanes in a local array and whole-array updates: SIMD adds, no reloads.
     let mut a = acc.v;
@@ -64,7 +145,7 @@ pub(super) fn add_sum(acc: &mut Lanes, x: &[f32]) {
 
 /// `s1 += sum(x - m)`, `s2 += sum((x - m)^2)`.
 #[inline(never)]
-pub(super) fn add_centered(s1: &mut Lanes, s2: &mut Lanes, x: &[f32], m: f32) {
+fn centered_f32(s1: &mut Lanes, s2: &mut Lanes, x: &[f32], m: f32) {
     let (chunks, rest) = x.as_chunks::<LANES>();
     let (mut a1, mut a2) = (s1.v, s2.v);
     for c in chunks {
@@ -82,7 +163,7 @@ pub(super) fn add_centered(s1: &mut Lanes, s2: &mut Lanes, x: &[f32], m: f32) {
 
 /// `s1 += sum(dy)`, `s2 += sum(dy * (x - center))`.
 #[inline(never)]
-pub(super) fn add_grad(s1: &mut Lanes, s2: &mut Lanes, x: &[f32], dy: &[f32], center: f32) {
+fn grad_f32(s1: &mut Lanes, s2: &mut Lanes, x: &[f32], dy: &[f32], center: f32) {
     let (xc, xr) = x.as_chunks::<LANES>();
     let (gc, gr) = dy.as_chunks::<LANES>();
     let (mut a1, mut a2) = (s1.v, s2.v);
@@ -109,7 +190,7 @@ pub(super) const ROWS: usize = 4;
 /// `acc += sum of the rows`, per position.
 #[inline]
 #[allow(clippy::needless_range_loop)]
-pub(super) fn add_rows<const R: usize>(acc: &mut [f32], rows: [&[f32]; R]) {
+fn rows_f32<const R: usize>(acc: &mut [f32], rows: [&[f32]; R]) {
     let n = acc.len();
     let rows = rows.map(|r| &r[..n]);
     for j in 0..n {
@@ -124,12 +205,7 @@ pub(super) fn add_rows<const R: usize>(acc: &mut [f32], rows: [&[f32]; R]) {
 /// `s1 += row - m`, `s2 += (row - m)^2`, per position, summed over the rows.
 #[inline]
 #[allow(clippy::needless_range_loop)]
-pub(super) fn add_rows_centered<const R: usize>(
-    s1: &mut [f32],
-    s2: &mut [f32],
-    m: &[f32],
-    rows: [&[f32]; R],
-) {
+fn rows_centered_f32<const R: usize>(s1: &mut [f32], s2: &mut [f32], m: &[f32], rows: [&[f32]; R]) {
     let n = s1.len();
     let (s2, m) = (&mut s2[..n], &m[..n]);
     let rows = rows.map(|r| &r[..n]);
@@ -149,7 +225,7 @@ pub(super) fn add_rows_centered<const R: usize>(
 /// `s1 += dy`, `s2 += dy * (x - center)`, per position, summed over the rows.
 #[inline]
 #[allow(clippy::needless_range_loop)]
-pub(super) fn add_rows_grad<const R: usize>(
+fn rows_grad_f32<const R: usize>(
     s1: &mut [f32],
     s2: &mut [f32],
     center: &[f32],

@@ -1,4 +1,4 @@
-//! A fast BatchNorm on the CPU, in `f32`, on every core.
+//! A fast BatchNorm on the CPU, storing `f32` or `f16`, computing in `f32`, on every core.
 //!
 //! [`CpuBatchNorm`] has the semantics of [`crate::CpuReference`] (PyTorch's) but
 //! is built for speed rather than as an oracle:
@@ -28,8 +28,13 @@
 //! so a channel with mean 300 and unit variance loses no precision. The
 //! slice-based methods ([`CpuBatchNorm::forward_train_slice`] and friends)
 //! skip ndarray entirely, for benchmarks and for callers with their own
-//! buffers.
+//! buffers; they take `&[f32]` or `&[half::f16]` ([`CpuElement`]). f16
+//! elements are loaded as `f32` and every sum is the one of `f32` storage
+//! (`f32` lanes, `f64` merges); results are rounded to f16 when stored.
 
+mod backend;
+mod convert;
+mod elem;
 mod elementwise;
 mod lanes;
 mod plan;
@@ -37,26 +42,32 @@ mod reduce;
 mod rows;
 mod sync;
 
+pub use elem::CpuElement;
 pub use elementwise::parallel_copy;
 
-use crate::backend::BatchNormBackend;
 use crate::config::{BatchNormConfig, Mode};
 use crate::error::{Error, Result};
+use crate::layout::DType;
 use crate::reference;
 use crate::shape::ChannelWalk;
-use crate::state::{BatchNormState, Gradients, SavedBatchStats, SavedStats};
+use crate::state::{BatchNormState, SavedBatchStats, SavedStats};
 use crate::stats::{Moments, backward_stats, update_running};
 use crate::sync::SYNCED_FORWARD;
 use crate::validate;
 use elementwise::{Coefs, backward_dx, normalize};
-use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use reduce::{channel_grad_sums, channel_moments};
 
-/// BatchNorm on the CPU in `f32` with rayon: the fast CPU backend.
+/// BatchNorm on the CPU in `f32` arithmetic with rayon, storing `f32` or `f16`: the fast CPU backend.
 ///
 /// Same semantics and state as [`crate::CpuReference`] (PyTorch's), within the
 /// `f32` tolerance of it; per-channel statistics are merged in `f64`. Runs on
 /// rayon's global pool (`RAYON_NUM_THREADS` sets its size).
+///
+/// Tensors are stored as `f32` or `half::f16`: the slice methods take either
+/// ([`CpuElement`]); the ndarray interface ([`BatchNormBackend`](crate::BatchNormBackend))
+/// rounds its inputs to the [storage type](CpuBatchNorm::set_storage_dtype)
+/// and widens the outputs back to `f32`. f16 arithmetic is the `f32` one, on
+/// the f16 values; parameters and statistics stay `f32`.
 ///
 /// ```
 /// use wgpu_batchnorm::{BatchNormConfig, CpuBatchNorm, Mode};
@@ -80,6 +91,8 @@ pub struct CpuBatchNorm {
     /// The global count per channel when `saved` came from a synchronized
     /// forward ([`crate::sync`]), whose backward is synchronized too.
     sync_count: Option<usize>,
+    /// Storage type of the ndarray interface's tensors.
+    storage: DType,
 }
 
 impl CpuBatchNorm {
@@ -95,7 +108,28 @@ impl CpuBatchNorm {
             state,
             saved: None,
             sync_count: None,
+            storage: DType::F32,
         })
+    }
+
+    /// Storage type of the ndarray interface's tensors (the slice methods
+    /// store their slices' element type). Default f32.
+    pub fn storage_dtype(&self) -> DType {
+        self.storage
+    }
+
+    /// Sets the storage type of the ndarray interface: with
+    /// [`DType::F16`], inputs are rounded to f16 before computing and the
+    /// outputs (`y`, `dx`) are f16 values widened to `f32`; statistics,
+    /// parameters and gradients of parameters stay `f32`. Both types are
+    /// supported, so this never fails; it returns `Result` as
+    /// [`BatchNormBackend::set_storage_dtype`](crate::BatchNormBackend::set_storage_dtype) does.
+    ///
+    /// # Errors
+    /// None.
+    pub fn set_storage_dtype(&mut self, dtype: DType) -> Result<()> {
+        self.storage = dtype;
+        Ok(())
     }
 
     /// The layer's configuration.
@@ -124,11 +158,11 @@ impl CpuBatchNorm {
     }
 
     /// Normalizes with batch statistics; with `update`, moves the running ones.
-    fn batch_forward(
+    fn batch_forward<E: CpuElement>(
         &mut self,
-        x: &[f32],
+        x: &[E],
         dims: &[usize],
-        y: &mut [f32],
+        y: &mut [E],
         update: bool,
     ) -> Result<()> {
         let walk = validate::input(&self.config, dims, true)?;
@@ -146,14 +180,14 @@ impl CpuBatchNorm {
     /// the running statistics for `m` values per channel; `walk` is `None`
     /// for an empty part of shape `dims`. The local training forward and the
     /// synchronized one (merged moments, global count) share it.
-    fn apply_batch_stats(
+    fn apply_batch_stats<E: CpuElement>(
         &mut self,
-        x: &[f32],
+        x: &[E],
         walk: Option<&ChannelWalk>,
         dims: &[usize],
         moments: &[Moments],
         running: Option<usize>,
-        y: &mut [f32],
+        y: &mut [E],
     ) {
         let c = self.config.num_features;
         let (weight, bias) = self.state.affine(c);
@@ -188,7 +222,8 @@ impl CpuBatchNorm {
 
     /// Training forward on a contiguous tensor of shape `dims` (in the layer's
     /// layout) into `y`: normalizes with batch statistics, keeps them for
-    /// backward and updates the running statistics when tracked.
+    /// backward and updates the running statistics when tracked. Stores
+    /// `f32` or `f16` (`y` rounded to nearest), computing in `f32`.
     ///
     /// ```text
     /// y = (x - mean) / sqrt(var + eps) * weight + bias      (var biased)
@@ -201,7 +236,12 @@ impl CpuBatchNorm {
     /// [`crate::Error::TooLarge`], [`crate::Error::SingleValuePerChannel`], and
     /// [`crate::Error::ShapeMismatch`] when `x` or `y` does not hold `dims`' elements.
     /// On error the layer is unchanged and `y` unwritten.
-    pub fn forward_train_slice(&mut self, x: &[f32], dims: &[usize], y: &mut [f32]) -> Result<()> {
+    pub fn forward_train_slice<E: CpuElement>(
+        &mut self,
+        x: &[E],
+        dims: &[usize],
+        y: &mut [E],
+    ) -> Result<()> {
         self.batch_forward(x, dims, y, true)
     }
 
@@ -215,7 +255,12 @@ impl CpuBatchNorm {
     /// # Errors
     /// As [`CpuBatchNorm::forward_train_slice`]; one value per channel is an
     /// error only without tracked statistics.
-    pub fn forward_eval_slice(&mut self, x: &[f32], dims: &[usize], y: &mut [f32]) -> Result<()> {
+    pub fn forward_eval_slice<E: CpuElement>(
+        &mut self,
+        x: &[E],
+        dims: &[usize],
+        y: &mut [E],
+    ) -> Result<()> {
         if !self.config.track_running_stats {
             return self.batch_forward(x, dims, y, false);
         }
@@ -256,13 +301,13 @@ impl CpuBatchNorm {
     /// [`crate::Error::NoSavedStatistics`] when batch statistics of this shape were not
     /// computed by a forward first. On error nothing is written.
     #[allow(clippy::too_many_arguments)]
-    pub fn backward_slice(
+    pub fn backward_slice<E: CpuElement>(
         &mut self,
-        x: &[f32],
-        dy: &[f32],
+        x: &[E],
+        dy: &[E],
         dims: &[usize],
         mode: Mode,
-        dx: &mut [f32],
+        dx: &mut [E],
         dweight: &mut [f32],
         dbias: &mut [f32],
     ) -> Result<()> {
@@ -298,16 +343,16 @@ impl CpuBatchNorm {
     /// `invstd`; `walk` is `None` for an empty part. The local backward and
     /// the synchronized one (sums of all ranks, global count) share it.
     #[allow(clippy::too_many_arguments)]
-    fn apply_grad_sums_to(
+    fn apply_grad_sums_to<E: CpuElement>(
         &self,
-        x: &[f32],
-        dy: &[f32],
+        x: &[E],
+        dy: &[E],
         walk: Option<&ChannelWalk>,
         (center, invstd): (&[f64], &[f64]),
         sums: &[(f64, f64)],
         m: usize,
         batch: bool,
-        (dx, dweight, dbias): (&mut [f32], &mut [f32], &mut [f32]),
+        (dx, dweight, dbias): (&mut [E], &mut [f32], &mut [f32]),
     ) {
         let c = self.config.num_features;
         let (weight, _) = self.state.affine(c);
@@ -344,7 +389,7 @@ impl CpuBatchNorm {
 
 /// Per-channel moments of `x`, with PyTorch's statistics for channels
 /// holding `±inf` or NaN.
-fn local_moments(x: &[f32], walk: &ChannelWalk) -> Vec<Moments> {
+fn local_moments<E: CpuElement>(x: &[E], walk: &ChannelWalk) -> Vec<Moments> {
     let mut moments = channel_moments(x, walk);
     non_finite_moments(x, walk, &mut moments);
     moments
@@ -352,7 +397,12 @@ fn local_moments(x: &[f32], walk: &ChannelWalk) -> Vec<Moments> {
 
 /// Per-channel `(sum(dy), sum(dy * (x - center)))`, taken around the `f32`
 /// centre and moved to the exact one.
-fn grad_sums(x: &[f32], dy: &[f32], walk: &ChannelWalk, center: &[f64]) -> Vec<(f64, f64)> {
+fn grad_sums<E: CpuElement>(
+    x: &[E],
+    dy: &[E],
+    walk: &ChannelWalk,
+    center: &[f64],
+) -> Vec<(f64, f64)> {
     let center32: Vec<f32> = center.iter().map(|&v| v as f32).collect();
     let mut sums = channel_grad_sums(x, dy, walk, &center32);
     for ((s1, s2), (&c32, &c)) in sums.iter_mut().zip(center32.iter().zip(center)) {
@@ -365,94 +415,16 @@ fn grad_sums(x: &[f32], dy: &[f32], walk: &ChannelWalk, center: &[f64]) -> Vec<(
 /// centred sums of the fast passes meet as `inf - inf`. Their statistics
 /// become PyTorch's, those of a plain sum: the mean is `+inf` or `-inf` when
 /// one kind of infinity sits among finite values, else NaN; `M2` is NaN.
-fn non_finite_moments(x: &[f32], walk: &ChannelWalk, moments: &mut [Moments]) {
+fn non_finite_moments<E: CpuElement>(x: &[E], walk: &ChannelWalk, moments: &mut [Moments]) {
     for (c, m) in moments.iter_mut().enumerate() {
         if m.mean.is_finite() {
             continue;
         }
         let sum: f64 = (0..walk.per_channel())
-            .map(|i| f64::from(x[walk.index(c, i)]))
+            .map(|i| f64::from(x[walk.index(c, i)].load()))
             .sum();
         m.mean = sum / m.n;
         m.m2 = f64::NAN;
-    }
-}
-
-/// The shape of an ndarray input, owned.
-fn dims_of(x: &ArrayViewD<'_, f32>) -> Vec<usize> {
-    x.shape().to_vec()
-}
-
-/// A slice forward of [`CpuBatchNorm`] (`forward_train_slice`, `forward_eval_slice`).
-type SliceForward = fn(&mut CpuBatchNorm, &[f32], &[usize], &mut [f32]) -> Result<()>;
-
-impl CpuBatchNorm {
-    /// Runs `forward` on an ndarray input, into a new array.
-    fn forward_array(
-        &mut self,
-        x: ArrayViewD<'_, f32>,
-        forward: SliceForward,
-    ) -> Result<ArrayD<f32>> {
-        let dims = dims_of(&x);
-        let xs = x.as_standard_layout();
-        let xs = xs.as_slice().expect("standard layout is contiguous");
-        let mut y = vec![0.0f32; xs.len()];
-        forward(self, xs, &dims, &mut y)?;
-        Ok(ArrayD::from_shape_vec(IxDyn(&dims), y).expect("shape of x"))
-    }
-}
-
-impl BatchNormBackend for CpuBatchNorm {
-    fn backend_name(&self) -> String {
-        "cpu".into()
-    }
-
-    fn config(&self) -> &BatchNormConfig {
-        &self.config
-    }
-
-    fn forward_train(&mut self, x: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>> {
-        self.forward_array(x, CpuBatchNorm::forward_train_slice)
-    }
-
-    fn forward_eval(&mut self, x: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>> {
-        self.forward_array(x, CpuBatchNorm::forward_eval_slice)
-    }
-
-    fn backward(
-        &mut self,
-        x: ArrayViewD<'_, f32>,
-        dy: ArrayViewD<'_, f32>,
-        mode: Mode,
-    ) -> Result<Gradients> {
-        let dims = dims_of(&x);
-        // Shape checks first so that a wrong dy is named as such.
-        validate::backward_input(&self.config, &dims, dy.shape())?;
-        let xs = x.as_standard_layout();
-        let xs = xs.as_slice().expect("standard layout is contiguous");
-        let dys = dy.as_standard_layout();
-        let dys = dys.as_slice().expect("standard layout is contiguous");
-        let c = self.config.num_features;
-        let (mut dx, mut dw, mut db) = (vec![0.0f32; xs.len()], vec![0.0f32; c], vec![0.0f32; c]);
-        self.backward_slice(xs, dys, &dims, mode, &mut dx, &mut dw, &mut db)?;
-        let affine = self.config.affine;
-        Ok(Gradients {
-            dx: ArrayD::from_shape_vec(IxDyn(&dims), dx).expect("shape of x"),
-            dweight: affine.then_some(dw),
-            dbias: affine.then_some(db),
-        })
-    }
-
-    fn saved_stats(&self) -> Result<Option<SavedStats>> {
-        Ok(CpuBatchNorm::saved_stats(self))
-    }
-
-    fn state(&self) -> Result<BatchNormState> {
-        Ok(self.state.clone())
-    }
-
-    fn set_state(&mut self, state: &BatchNormState) -> Result<()> {
-        CpuBatchNorm::set_state(self, state)
     }
 }
 

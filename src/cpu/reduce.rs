@@ -6,6 +6,7 @@
 //! two-pass algorithm while it sits in cache, in `f32` lanes, and pieces and
 //! tasks merge in `f64` (Chan's formula for moments), in a fixed order.
 
+use super::elem::CpuElement;
 use super::lanes::{Lanes, SAMPLE, add_centered, add_grad, add_sum, fits_one_pass, prefix_mean};
 use super::plan::{PIECE, Plan, ROW_COLS, for_each_group, part_range, plan};
 use super::rows::{block_moments, row_task_grad_sums, row_task_moments};
@@ -19,7 +20,11 @@ use rayon::prelude::*;
 /// [`SAMPLE`] values) that stands where [`fits_one_pass`]; else the
 /// corrected two-pass algorithm, a first pass for the group's mean `m`.
 #[inline]
-pub(super) fn group_moments(x: &[f32], pieces: &[(usize, usize)], shift: Option<f32>) -> Moments {
+pub(super) fn group_moments<E: CpuElement>(
+    x: &[E],
+    pieces: &[(usize, usize)],
+    shift: Option<f32>,
+) -> Moments {
     let count: usize = pieces.iter().map(|p| p.1).sum();
     let n = count as f64;
     let centered = |m: f32| {
@@ -60,7 +65,7 @@ pub(super) fn piece_moments(x: &[f32]) -> Moments {
 }
 
 /// Per-channel moments of `x`.
-pub(super) fn channel_moments(x: &[f32], walk: &ChannelWalk) -> Vec<Moments> {
+pub(super) fn channel_moments<E: CpuElement>(x: &[E], walk: &ChannelWalk) -> Vec<Moments> {
     match plan(walk) {
         Plan::Channels { parts } => {
             let m = walk.per_channel();
@@ -136,9 +141,9 @@ pub(super) fn channel_moments(x: &[f32], walk: &ChannelWalk) -> Vec<Moments> {
 }
 
 /// Per-channel `(sum(dy), sum(dy * (x - center32[c])))`.
-pub(super) fn channel_grad_sums(
-    x: &[f32],
-    dy: &[f32],
+pub(super) fn channel_grad_sums<E: CpuElement>(
+    x: &[E],
+    dy: &[E],
     walk: &ChannelWalk,
     center32: &[f32],
 ) -> Vec<(f64, f64)> {

@@ -3,6 +3,7 @@
 //! `dy * (x - centre)` over a task's rows, accumulated per position in `f32`
 //! within a cache-sized block of rows and in `f64` across blocks.
 
+use super::elem::CpuElement;
 use super::lanes::{
     ROWS, SAMPLE, add_rows, add_rows_centered, add_rows_grad, fits_one_pass, prefix_mean,
 };
@@ -17,8 +18,8 @@ const SAMPLE_ROWS: usize = 16;
 /// block of rows, sums of `x - m` and `(x - m)^2` in `f32` around the running
 /// means (one pass, checked) or the block means (two passes); blocks merged
 /// in `f64`.
-pub(super) fn row_task_moments(
-    x: &[f32],
+pub(super) fn row_task_moments<E: CpuElement>(
+    x: &[E],
     cols: usize,
     r0: usize,
     r1: usize,
@@ -41,9 +42,9 @@ pub(super) fn row_task_moments(
             for (r, step) in row_groups(b0, b1) {
                 if let Some(q) = step {
                     let rows = std::array::from_fn(|k| row(r + k * q));
-                    add_rows_centered::<ROWS>(s1, s2, m, rows);
+                    add_rows_centered::<_, ROWS>(s1, s2, m, rows);
                 } else {
-                    add_rows_centered::<1>(s1, s2, m, [row(r)]);
+                    add_rows_centered::<_, 1>(s1, s2, m, [row(r)]);
                 }
             }
         };
@@ -60,7 +61,7 @@ pub(super) fn row_task_moments(
             let first = (b1 - b0).min(SAMPLE_ROWS);
             bm.fill(0.0);
             for r in b0..b0 + first {
-                add_rows::<1>(&mut bm, [row(r)]);
+                add_rows::<_, 1>(&mut bm, [row(r)]);
             }
             let inv = 1.0 / first as f32;
             bm.iter_mut().for_each(|a| *a *= inv);
@@ -74,9 +75,9 @@ pub(super) fn row_task_moments(
             bm.fill(0.0);
             for (r, step) in row_groups(b0, b1) {
                 if let Some(q) = step {
-                    add_rows::<ROWS>(&mut bm, std::array::from_fn(|k| row(r + k * q)));
+                    add_rows::<_, ROWS>(&mut bm, std::array::from_fn(|k| row(r + k * q)));
                 } else {
-                    add_rows::<1>(&mut bm, [row(r)]);
+                    add_rows::<_, 1>(&mut bm, [row(r)]);
                 }
             }
             let inv = 1.0 / (b1 - b0) as f32;
@@ -107,8 +108,8 @@ pub(super) fn row_task_moments(
 /// One pass around the running means (first block: the mean of each
 /// channel's first run) where every channel [`fits_one_pass`], else the
 /// corrected two-pass algorithm; blocks merged in `f64`.
-pub(super) fn block_moments(
-    x: &[f32],
+pub(super) fn block_moments<E: CpuElement>(
+    x: &[E],
     walk: &ChannelWalk,
     (c0, c1): (usize, usize),
     (r0, r1): (usize, usize),
@@ -135,9 +136,9 @@ pub(super) fn block_moments(
             for (r, step) in row_groups(b0, b1) {
                 if let Some(q) = step {
                     let rows = std::array::from_fn(|k| row(r + k * q));
-                    add_rows_centered::<ROWS>(s1, s2, ctr, rows);
+                    add_rows_centered::<_, ROWS>(s1, s2, ctr, rows);
                 } else {
-                    add_rows_centered::<1>(s1, s2, ctr, [row(r)]);
+                    add_rows_centered::<_, 1>(s1, s2, ctr, [row(r)]);
                 }
             }
             (by_channel(s1), by_channel(s2))
@@ -153,7 +154,7 @@ pub(super) fn block_moments(
         if !(0..nb).all(|j| fits_one_pass(t1[j], t2[j], n)) {
             s1.fill(0.0);
             for r in b0..b1 {
-                add_rows::<1>(&mut s1, [row(r)]);
+                add_rows::<_, 1>(&mut s1, [row(r)]);
             }
             for (m, t) in means.iter_mut().zip(by_channel(&s1)) {
                 *m = (t / n) as f32;
@@ -174,9 +175,9 @@ pub(super) fn block_moments(
 
 /// Column sums of `dy` and `dy * (x - center)` over rows `r0..r1`, columns
 /// `p0..p0 + center.len()`: `f32` within a block of rows, `f64` across blocks.
-pub(super) fn row_task_grad_sums(
-    x: &[f32],
-    dy: &[f32],
+pub(super) fn row_task_grad_sums<E: CpuElement>(
+    x: &[E],
+    dy: &[E],
     cols: usize,
     center: &[f32],
     r0: usize,
@@ -194,9 +195,9 @@ pub(super) fn row_task_grad_sums(
             if let Some(q) = step {
                 let xs = std::array::from_fn(|k| &x[span(r + k * q)]);
                 let gs = std::array::from_fn(|k| &dy[span(r + k * q)]);
-                add_rows_grad::<ROWS>(&mut s1, &mut s2, center, xs, gs);
+                add_rows_grad::<_, ROWS>(&mut s1, &mut s2, center, xs, gs);
             } else {
-                add_rows_grad::<1>(&mut s1, &mut s2, center, [&x[span(r)]], [&dy[span(r)]]);
+                add_rows_grad::<_, 1>(&mut s1, &mut s2, center, [&x[span(r)]], [&dy[span(r)]]);
             }
         }
         for j in 0..w {

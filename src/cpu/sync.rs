@@ -4,6 +4,7 @@
 
 use super::{CpuBatchNorm, grad_sums, local_moments};
 use crate::error::{Error, Result};
+use crate::layout::DType;
 use crate::shape::ChannelWalk;
 use crate::state::Gradients;
 use crate::stats::{Moments, backward_stats};
@@ -12,12 +13,22 @@ use crate::validate;
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use std::borrow::Cow;
 
-/// The elements of `x` in standard order, borrowed when they already are.
-fn contiguous<'a>(x: &'a ArrayViewD<'_, f32>) -> Cow<'a, [f32]> {
+/// The elements of `x` in standard order, rounded to the storage type
+/// (their f16 values, for f16 storage, whose arithmetic is `f32` as here);
+/// borrowed when they already are.
+fn contiguous<'a>(x: &'a ArrayViewD<'_, f32>, storage: DType) -> Cow<'a, [f32]> {
     match x.as_slice() {
-        Some(s) => Cow::Borrowed(s),
-        None => Cow::Owned(x.iter().copied().collect()),
+        Some(s) if storage == DType::F32 => Cow::Borrowed(s),
+        _ => Cow::Owned(x.iter().map(|&v| storage.round(v)).collect()),
     }
+}
+
+/// `v` rounded to the storage type, in an array of shape `dims`.
+fn output(dims: &[usize], mut v: Vec<f32>, storage: DType) -> ArrayD<f32> {
+    if storage != DType::F32 {
+        v.iter_mut().for_each(|e| *e = storage.round(*e));
+    }
+    ArrayD::from_shape_vec(IxDyn(dims), v).expect("shape of x")
 }
 
 impl SyncPhases for CpuBatchNorm {
@@ -33,7 +44,7 @@ impl SyncPhases for CpuBatchNorm {
     /// `(0, 0, 0)` for a part with zero samples.
     fn local_moments(&mut self, x: &ArrayViewD<'_, f32>) -> Result<Vec<Moments>> {
         Ok(match part_walk(&self.config, x.shape())? {
-            Some(walk) => local_moments(&contiguous(x), &walk),
+            Some(walk) => local_moments(&contiguous(x, self.storage), &walk),
             None => vec![Moments::default(); self.config.num_features],
         })
     }
@@ -45,11 +56,11 @@ impl SyncPhases for CpuBatchNorm {
     ) -> Result<ArrayD<f32>> {
         let walk = part_walk(&self.config, x.shape())?;
         let m = global_count(global, self.config.num_features)?;
-        let xs = contiguous(x);
+        let xs = contiguous(x, self.storage);
         let mut y = vec![0.0f32; xs.len()];
         self.apply_batch_stats(&xs, walk.as_ref(), x.shape(), global, Some(m), &mut y);
         self.sync_count = Some(m);
-        Ok(ArrayD::from_shape_vec(IxDyn(x.shape()), y).expect("shape of x"))
+        Ok(output(x.shape(), y, self.storage))
     }
 
     fn local_grad_sums(
@@ -59,7 +70,12 @@ impl SyncPhases for CpuBatchNorm {
     ) -> Result<Vec<(f64, f64)>> {
         let (walk, center, _, _) = self.synced_backward(x, dy)?;
         Ok(match walk {
-            Some(w) => grad_sums(&contiguous(x), &contiguous(dy), &w, &center),
+            Some(w) => grad_sums(
+                &contiguous(x, self.storage),
+                &contiguous(dy, self.storage),
+                &w,
+                &center,
+            ),
             None => vec![(0.0, 0.0); self.config.num_features],
         })
     }
@@ -73,14 +89,14 @@ impl SyncPhases for CpuBatchNorm {
         let (walk, center, invstd, m) = self.synced_backward(x, dy)?;
         let c = self.config.num_features;
         validate::channel_len("summed gradients", global.len(), c)?;
-        let (xs, dys) = (contiguous(x), contiguous(dy));
+        let (xs, dys) = (contiguous(x, self.storage), contiguous(dy, self.storage));
         let (mut dx, mut dw, mut db) = (vec![0.0f32; xs.len()], vec![0.0f32; c], vec![0.0f32; c]);
         let out = (&mut dx[..], &mut dw[..], &mut db[..]);
         let stats = (&center[..], &invstd[..]);
         self.apply_grad_sums_to(&xs, &dys, walk.as_ref(), stats, global, m, true, out);
         let affine = self.config.affine;
         Ok(Gradients {
-            dx: ArrayD::from_shape_vec(IxDyn(x.shape()), dx).expect("shape of x"),
+            dx: output(x.shape(), dx, self.storage),
             dweight: affine.then_some(dw),
             dbias: affine.then_some(db),
         })

@@ -146,7 +146,7 @@ impl From<LayoutArg> for Layout {
 pub enum DTypeArg {
     /// f32 storage.
     F32,
-    /// f16 storage (GPU adapters with `SHADER_F16`; the CPU backend is f32-only).
+    /// f16 storage (the CPU backend; GPU adapters with `SHADER_F16`).
     F16,
 }
 

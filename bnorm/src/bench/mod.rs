@@ -12,7 +12,7 @@
 //! - that figure as a fraction of a copy measured on the same device in the
 //!   same run (GPU: the vec4 kernel of
 //!   [`GpuContext::copy`](wgpu_batchnorm::GpuContext::copy); CPU:
-//!   [`parallel_copy`](wgpu_batchnorm::cpu::parallel_copy); 8 B per element);
+//!   [`parallel_copy`](wgpu_batchnorm::cpu::parallel_copy); 8 B per element for f32, 4 B for f16);
 //! - on GPUs, the time both from timestamp queries (GPU time of the passes,
 //!   where the adapter has `TIMESTAMP_QUERY`) and from the wall clock around
 //!   submit-and-wait, each in its own record (`gpu_time_source`), each
@@ -82,7 +82,7 @@ fn progress(steps: u64) -> ProgressBar {
 }
 
 /// Runs `bnorm bench` and returns its exit status: 0 when every measurement
-/// ran (unsupported combinations, e.g. f16 on the CPU, are noted but not
+/// ran (unsupported combinations, e.g. f16 on an adapter without it, are noted but not
 /// failures), 1 when one failed or nothing could be measured.
 ///
 /// # Errors
