@@ -62,19 +62,6 @@ struct Step {
     state: BatchNormState,
 }
 
-/// `x` cut along axis 0 into parts of `sizes` samples (which may be 0).
-fn split(x: &ArrayD<f32>, sizes: &[usize]) -> Vec<ArrayD<f32>> {
-    let mut at = 0;
-    sizes
-        .iter()
-        .map(|&n| {
-            let part = x.slice_axis(Axis(0), (at..at + n).into()).to_owned();
-            at += n;
-            part
-        })
-        .collect()
-}
-
 fn join(parts: &[ArrayD<f32>]) -> ArrayD<f32> {
     let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
     ndarray::concatenate(Axis(0), &views).unwrap()

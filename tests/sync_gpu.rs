@@ -5,7 +5,7 @@
 
 mod common;
 use common::*;
-use ndarray::{ArrayD, Axis};
+use ndarray::ArrayD;
 use wgpu_batchnorm::sync::{self, InProcessCollective};
 use wgpu_batchnorm::*;
 
@@ -17,19 +17,6 @@ struct Step {
     dweight: Vec<f32>,
     dbias: Vec<f32>,
     state: BatchNormState,
-}
-
-/// `x` cut along axis 0 into parts of `sizes` samples (which may be 0).
-fn split(x: &ArrayD<f32>, sizes: &[usize]) -> Vec<ArrayD<f32>> {
-    let mut at = 0;
-    sizes
-        .iter()
-        .map(|&n| {
-            let part = x.slice_axis(Axis(0), (at..at + n).into()).to_owned();
-            at += n;
-            part
-        })
-        .collect()
 }
 
 /// One rank's two steps: on adapter `gpu` (an index into `gpu_contexts()`),

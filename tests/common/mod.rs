@@ -291,3 +291,19 @@ pub fn check_parity_with(
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     outs.len() - 1
 }
+
+/// `x` cut along axis 0 into parts of `sizes` samples (which may be 0): the
+/// ranks' parts of a batch.
+pub fn split(x: &ArrayD<f32>, sizes: &[usize]) -> Vec<ArrayD<f32>> {
+    let mut at = 0;
+    sizes
+        .iter()
+        .map(|&n| {
+            let part = x
+                .slice_axis(ndarray::Axis(0), (at..at + n).into())
+                .to_owned();
+            at += n;
+            part
+        })
+        .collect()
+}
