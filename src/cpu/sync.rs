@@ -3,12 +3,11 @@
 //! phases.
 
 use super::{CpuBatchNorm, grad_sums, local_moments};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::layout::DType;
-use crate::shape::ChannelWalk;
 use crate::state::Gradients;
-use crate::stats::{Moments, backward_stats};
-use crate::sync::{NOT_SYNCED, SyncPhases, global_count, part_walk};
+use crate::stats::Moments;
+use crate::sync::{SyncPhases, SyncedBackward, global_count, part_walk, synced_backward};
 use crate::validate;
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use std::borrow::Cow;
@@ -103,25 +102,20 @@ impl SyncPhases for CpuBatchNorm {
     }
 }
 
-/// The checked part of a synchronized backward, the saved `(mean, invstd)`
-/// and the global count.
-type SyncedBackward = (Option<ChannelWalk>, Vec<f64>, Vec<f64>, usize);
-
 impl CpuBatchNorm {
-    /// Checks `x` and `dy` of a synchronized backward and returns the walk
-    /// of the part, the saved statistics and the global count.
+    /// [`synced_backward`] of this layer.
     fn synced_backward(
         &self,
         x: &ArrayViewD<'_, f32>,
         dy: &ArrayViewD<'_, f32>,
     ) -> Result<SyncedBackward> {
-        let walk = part_walk(&self.config, x.shape())?;
-        validate::same_shape("dy", x.shape(), dy.shape())?;
         let saved = self.saved.as_ref();
-        let (center, invstd) = backward_stats(&self.config, &self.state, saved, x.shape(), true)?;
-        let m = self.sync_count.ok_or_else(|| Error::NoSavedStatistics {
-            detail: NOT_SYNCED.into(),
-        })?;
-        Ok((walk, center, invstd, m))
+        synced_backward(
+            &self.config,
+            &self.state,
+            saved,
+            self.sync_count,
+            (x.shape(), dy.shape()),
+        )
     }
 }

@@ -2,9 +2,9 @@
 //! ([`crate::sync`]): the local phases with the reference's own stages.
 
 use super::{CpuReference, backward_partial, stats_partial};
-use crate::error::{Error, Result};
-use crate::stats::{Moments, backward_stats};
-use crate::sync::{NOT_SYNCED, SyncPhases, global_count, part_walk};
+use crate::error::Result;
+use crate::stats::Moments;
+use crate::sync::{SyncPhases, SyncedBackward, global_count, part_walk, synced_backward};
 use crate::validate;
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
@@ -71,25 +71,20 @@ impl SyncPhases for CpuReference {
     }
 }
 
-/// The checked part of a synchronized backward, the saved `(mean, invstd)`
-/// and the global count.
-type SyncedBackward = (Option<crate::shape::ChannelWalk>, Vec<f64>, Vec<f64>, usize);
-
 impl CpuReference {
-    /// Checks `x` and `dy` of a synchronized backward and returns the walk
-    /// of the part, the saved statistics and the global count.
+    /// [`synced_backward`] of this layer.
     fn synced_backward(
         &self,
         x: &ArrayViewD<'_, f32>,
         dy: &ArrayViewD<'_, f32>,
     ) -> Result<SyncedBackward> {
-        let walk = part_walk(&self.config, x.shape())?;
-        validate::same_shape("dy", x.shape(), dy.shape())?;
         let saved = self.saved.as_ref();
-        let (center, invstd) = backward_stats(&self.config, &self.state, saved, x.shape(), true)?;
-        let m = self.sync_count.ok_or_else(|| Error::NoSavedStatistics {
-            detail: NOT_SYNCED.into(),
-        })?;
-        Ok((walk, center, invstd, m))
+        synced_backward(
+            &self.config,
+            &self.state,
+            saved,
+            self.sync_count,
+            (x.shape(), dy.shape()),
+        )
     }
 }

@@ -340,3 +340,31 @@ pub(crate) fn global_count(global: &[Moments], channels: usize) -> Result<usize>
     }
     Ok(n as usize)
 }
+
+/// The checked part of a synchronized backward on a CPU backend: the walk of
+/// the part (`None` for zero samples), the saved `(mean, invstd)` and the
+/// global count.
+pub(crate) type SyncedBackward = (Option<ChannelWalk>, Vec<f64>, Vec<f64>, usize);
+
+/// Checks `x` and `dy` (shapes `x`, `dy`) of a synchronized backward against
+/// what the synchronized forward saved (`saved`, and the global count
+/// `sync_count`, `None` when the last forward was not synchronized).
+///
+/// # Errors
+/// As [`part_walk`]; [`Error::ShapeMismatch`] for `dy`;
+/// [`Error::NoSavedStatistics`].
+pub(crate) fn synced_backward(
+    config: &BatchNormConfig,
+    state: &crate::state::BatchNormState,
+    saved: Option<&crate::state::SavedBatchStats>,
+    sync_count: Option<usize>,
+    (x, dy): (&[usize], &[usize]),
+) -> Result<SyncedBackward> {
+    let walk = part_walk(config, x)?;
+    crate::validate::same_shape("dy", x, dy)?;
+    let (center, invstd) = crate::stats::backward_stats(config, state, saved, x, true)?;
+    let m = sync_count.ok_or_else(|| Error::NoSavedStatistics {
+        detail: NOT_SYNCED.into(),
+    })?;
+    Ok((walk, center, invstd, m))
+}

@@ -96,14 +96,25 @@ impl GpuBatchNorm {
         (wide(&state.weight, 1.0), wide(&state.bias, 0.0))
     }
 
-    /// The synchronized forward's statistics of the last forward on `dims`.
-    fn synced(&self, dims: &[usize]) -> Result<&SyncSaved> {
-        self.sync
+    /// Checks `x` and `dy` of a synchronized backward: the walk of the part
+    /// and what the synchronized forward of its shape kept.
+    fn synced_part(
+        &self,
+        x: &GpuTensor,
+        dy: &GpuTensor,
+    ) -> Result<(Option<ChannelWalk>, SyncSaved)> {
+        let walk = self.part(x)?;
+        self.check_tensor("dy", dy)?;
+        validate::same_shape("dy", x.shape(), dy.shape())?;
+        validate::dtype("dy", x.dtype(), dy.dtype())?;
+        let synced = self
+            .sync
             .as_ref()
-            .filter(|s| s.dims == dims)
+            .filter(|s| s.dims == x.shape())
             .ok_or_else(|| Error::NoSavedStatistics {
                 detail: NOT_SYNCED.into(),
-            })
+            })?;
+        Ok((walk, synced.clone()))
     }
 
     /// Writes per-channel vec4s into `buffer` (saved statistics or coefficients).
@@ -216,11 +227,8 @@ impl SyncPhases for GpuBatchNorm {
     /// The backward's reduction on the device around the saved K, read back
     /// and summed per channel in f64, then moved to the mean.
     fn local_grad_sums(&mut self, x: &GpuTensor, dy: &GpuTensor) -> Result<Vec<(f64, f64)>> {
-        let walk = self.part(x)?;
-        self.check_tensor("dy", dy)?;
-        validate::same_shape("dy", x.shape(), dy.shape())?;
-        validate::dtype("dy", x.dtype(), dy.dtype())?;
-        let mean = self.synced(x.shape())?.mean.clone();
+        let (walk, synced) = self.synced_part(x, dy)?;
+        let mean = synced.mean;
         let c = self.config.num_features;
         let Some(walk) = walk else {
             return Ok(vec![(0.0, 0.0); c]);
@@ -249,13 +257,9 @@ impl SyncPhases for GpuBatchNorm {
         dy: &GpuTensor,
         global: &[(f64, f64)],
     ) -> Result<GpuGradients> {
-        let walk = self.part(x)?;
-        self.check_tensor("dy", dy)?;
-        validate::same_shape("dy", x.shape(), dy.shape())?;
-        validate::dtype("dy", x.dtype(), dy.dtype())?;
+        let (walk, s) = self.synced_part(x, dy)?;
         let c = self.config.num_features;
         validate::channel_len("summed gradients", global.len(), c)?;
-        let s = self.synced(x.shape())?.clone();
         let plan = walk
             .as_ref()
             .map(|w| self.plan(w, x.dtype(), 0))
