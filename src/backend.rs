@@ -2,6 +2,7 @@
 
 use crate::config::{BatchNormConfig, Mode};
 use crate::error::{Error, Result};
+use crate::fused::{Activation, FusedGradients, Fusion};
 use crate::layout::DType;
 use crate::state::{BatchNormState, Gradients, SavedStats};
 use ndarray::{ArrayD, ArrayViewD};
@@ -45,6 +46,53 @@ pub trait BatchNormBackend {
         dy: ArrayViewD<'_, f32>,
         mode: Mode,
     ) -> Result<Gradients>;
+
+    /// Fused forward `y = act(BN(x) + z)` in `mode`: the BatchNorm exactly as
+    /// [`BatchNormBackend::forward_train`] (`Mode::Train`: batch statistics
+    /// kept, running statistics updated) or [`BatchNormBackend::forward_eval`]
+    /// (`Mode::Eval`) does it, then the residual `z` (same shape as `x`) added
+    /// when given, then `activation`, in one pass over the output.
+    ///
+    /// # Errors
+    /// Those of the plain forward, and a `z` whose shape is not `x`'s; the
+    /// default implementation returns [`Error::Unsupported`].
+    fn forward_fused(
+        &mut self,
+        x: ArrayViewD<'_, f32>,
+        z: Option<ArrayViewD<'_, f32>>,
+        activation: Activation,
+        mode: Mode,
+    ) -> Result<ArrayD<f32>> {
+        let _ = (x, z, activation, mode);
+        Err(Error::Unsupported {
+            adapter: self.backend_name(),
+            what: "fused BatchNorm".into(),
+        })
+    }
+
+    /// Backward of [`BatchNormBackend::forward_fused`] in `mode` at input `x`,
+    /// with its output `y` (the ReLU's mask: the gradient stops where
+    /// `y <= 0`) and upstream gradient `dy`: `dz` (the gated `dy`, when
+    /// `fusion.residual`), then the BatchNorm's backward of the gated `dy`
+    /// exactly as [`BatchNormBackend::backward`] does it.
+    ///
+    /// # Errors
+    /// Those of the plain backward, and a `y` whose shape is not `x`'s; the
+    /// default implementation returns [`Error::Unsupported`].
+    fn backward_fused(
+        &mut self,
+        x: ArrayViewD<'_, f32>,
+        y: ArrayViewD<'_, f32>,
+        dy: ArrayViewD<'_, f32>,
+        fusion: Fusion,
+        mode: Mode,
+    ) -> Result<FusedGradients> {
+        let _ = (x, y, dy, fusion, mode);
+        Err(Error::Unsupported {
+            adapter: self.backend_name(),
+            what: "fused BatchNorm".into(),
+        })
+    }
 
     /// Batch statistics kept by the last forward that computed them.
     ///

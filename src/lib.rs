@@ -15,6 +15,9 @@
 //! - [`sync`]: synchronized BatchNorm for data-parallel training, the ranks'
 //!   statistics merged exactly through any [`sync::Collective`] (in one
 //!   process, or over MPI).
+//! - [`Fusion`]: BatchNorm fused with the residual add and ReLU that follow
+//!   it in a ResNet block, `y = act(BN(x) + z)`, forward and backward, in one
+//!   pass over the output.
 //! - [`fold`]: a BatchNorm folded into the convolution or linear layer before
 //!   it, for inference (and, with `safetensors`, every BatchNorm of a
 //!   PyTorch `state_dict`).
@@ -70,6 +73,7 @@ mod error;
 #[cfg(feature = "safetensors")]
 pub mod fixture;
 pub mod fold;
+mod fused;
 pub mod gpu;
 mod layout;
 mod operation;
@@ -89,6 +93,7 @@ pub use cpu::CpuBatchNorm;
 pub use error::{Error, Result};
 #[cfg(feature = "safetensors")]
 pub use fixture::{Fixture, FixtureReport, run_fixture};
+pub use fused::{Activation, FusedGradients, FusedOp, Fusion};
 pub use gpu::{
     AdapterSelection, GpuBatchNorm, GpuContext, GpuDispatch, GpuForward, GpuGradients,
     GpuResourceCounts, GpuSavedStats, GpuTensor,
