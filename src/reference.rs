@@ -5,19 +5,21 @@
 //! `shaders/stats_partial.wgsl` ~ `GpuBatchNorm::stats_partial`, and so on:
 //! `stats_finalize`, `normalize`, `eval_coeffs`, `backward_partial`,
 //! `backward_finalize`, `backward_dx`), so a reader can hold one beside the
-//! other. It is not the fast path.
+//! other. The fused op (`y = act(BN(x) + z)`, [`crate::Fusion`]) adds
+//! [`normalize_fused`] (the normalize pass with the residual and the
+//! activation) and [`backward_gate`] (the upstream gradient the activation
+//! lets through). It is not the fast path.
 
-use crate::backend::BatchNormBackend;
-use crate::config::{BatchNormConfig, Mode};
-use crate::error::{Error, Result};
+use crate::config::BatchNormConfig;
+use crate::error::Result;
+use crate::fused::Activation;
 use crate::layout::DType;
 use crate::shape::ChannelWalk;
-use crate::state::{BatchNormState, Gradients, SavedBatchStats, SavedStats};
-use crate::stats::{Moments, backward_stats, update_running};
-use crate::sync::SYNCED_FORWARD;
-use crate::validate;
+use crate::state::{BatchNormState, Gradients, SavedBatchStats};
+use crate::stats::{Moments, update_running};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
+mod backend;
 mod sync;
 
 /// Per-channel coefficients of the elementwise pass:
@@ -150,12 +152,51 @@ pub fn eval_coeffs(
 /// The elementwise pass (`shaders/normalize.wgsl`, `normalize_vec4.wgsl`):
 /// `y = (x - center[c]) * scale[c] + shift[c]`, rounded to `f32`.
 pub fn normalize(x: &[f32], walk: &ChannelWalk, coef: &[NormalizeCoef]) -> Vec<f32> {
+    normalize_fused(x, None, walk, coef, Activation::Identity)
+        .into_iter()
+        .map(|v| v as f32)
+        .collect()
+}
+
+/// The fused forward's elementwise pass: [`normalize`], then the residual
+/// `z` added when given, then `activation`, all in `f64` and not rounded
+/// (the caller rounds once, to the storage type).
+///
+/// ```text
+/// y = act((x - center[c]) * scale[c] + shift[c] + z)        act: identity or ReLU
+/// ```
+pub fn normalize_fused(
+    x: &[f32],
+    z: Option<&[f32]>,
+    walk: &ChannelWalk,
+    coef: &[NormalizeCoef],
+    activation: Activation,
+) -> Vec<f64> {
     x.iter()
         .enumerate()
         .map(|(i, &v)| {
             let k = coef[walk.channel_of(i)];
-            ((v as f64 - k.center) * k.scale + k.shift) as f32
+            let bn = (f64::from(v) - k.center) * k.scale + k.shift;
+            activation.apply(match z {
+                Some(z) => bn + f64::from(z[i]),
+                None => bn,
+            })
         })
+        .collect()
+}
+
+/// The fused backward's first step: the upstream gradient `dy` that the
+/// activation lets through at the fused forward's output `y`
+/// ([`Activation::gate`]); the residual's gradient `dz`, and what the
+/// BatchNorm's backward stages take as their `dy`.
+///
+/// ```text
+/// identity: g = dy          ReLU: g = (y <= 0) ? 0 : dy      (a NaN y lets dy through)
+/// ```
+pub fn backward_gate(y: &[f32], dy: &[f32], activation: Activation) -> Vec<f32> {
+    y.iter()
+        .zip(dy)
+        .map(|(&y, &g)| activation.gate(f64::from(y), f64::from(g)) as f32)
         .collect()
 }
 
@@ -289,31 +330,28 @@ impl CpuReference {
         ArrayD::from_shape_vec(IxDyn(&walk.dims), v).expect("shape of x")
     }
 
+    /// `f64` values rounded once, to the storage type, in `f32`.
+    fn rounded(&self, v: Vec<f64>) -> Vec<f32> {
+        match self.storage {
+            DType::F32 => v.into_iter().map(|e| e as f32).collect(),
+            DType::F16 => v
+                .into_iter()
+                .map(|e| half::f16::from_f64(e).to_f32())
+                .collect(),
+        }
+    }
+
     /// `(weight, bias)` per channel in `f64`; `(1, 0)` without affine.
     fn affine(&self) -> (Vec<f64>, Vec<f64>) {
         self.state.affine(self.config.num_features)
     }
 
-    fn batch_forward(
-        &mut self,
-        x: ArrayViewD<'_, f32>,
-        update_running_stats: bool,
-    ) -> Result<ArrayD<f32>> {
-        let walk = validate::input(&self.config, x.shape(), true)?;
-        let xs = &self.stored(&x)[..];
-        // One slice per channel: the two-pass sum over the whole channel.
-        let moments = stats_partial(xs, &walk, walk.per_channel());
-        let running = update_running_stats.then(|| walk.per_channel());
-        let y = self.apply_batch_stats(xs, Some(&walk), &walk.dims, &moments, running);
-        self.sync_count = None;
-        Ok(self.output(&walk, y))
-    }
-
     /// Normalizes `xs` (walked by `walk`, `None` for an empty part of shape
-    /// `dims`) with the batch statistics `moments` (one per channel), keeps
-    /// them for backward, and with `running = Some(m)` moves the running
-    /// statistics for `m` values per channel. The local training forward and
-    /// the synchronized one (merged moments, global count) share it.
+    /// `dims`) with the batch statistics `moments` (one per channel), then
+    /// adds the residual and applies the activation of `post`, unrounded;
+    /// keeps the statistics for backward, and with `running = Some(m)` moves
+    /// the running statistics for `m` values per channel. The local training
+    /// forward and the synchronized one (merged moments, global count) share it.
     fn apply_batch_stats(
         &mut self,
         xs: &[f32],
@@ -321,10 +359,13 @@ impl CpuReference {
         dims: &[usize],
         moments: &[Moments],
         running: Option<usize>,
-    ) -> Vec<f32> {
+        (z, activation): (Option<&[f32]>, Activation),
+    ) -> Vec<f64> {
         let (weight, bias) = self.affine();
         let stats = stats_finalize(moments, self.config.eps, &weight, &bias);
-        let y = walk.map_or_else(Vec::new, |w| normalize(xs, w, &stats.coef));
+        let y = walk.map_or_else(Vec::new, |w| {
+            normalize_fused(xs, z, w, &stats.coef, activation)
+        });
         if let Some(m) = running {
             update_running(&mut self.state, &self.config, &stats.mean, &stats.var, m);
         }
@@ -374,95 +415,6 @@ impl CpuReference {
             dweight: affine.then_some(dweight),
             dbias: affine.then_some(dbias),
         }
-    }
-}
-
-impl BatchNormBackend for CpuReference {
-    fn backend_name(&self) -> String {
-        "cpu-reference".into()
-    }
-
-    fn config(&self) -> &BatchNormConfig {
-        &self.config
-    }
-
-    fn forward_train(&mut self, x: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>> {
-        self.batch_forward(x, true)
-    }
-
-    fn forward_eval(&mut self, x: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>> {
-        if !self.config.track_running_stats {
-            return self.batch_forward(x, false);
-        }
-        let walk = validate::input(&self.config, x.shape(), false)?;
-        let xs = &self.stored(&x)[..];
-        let rm = self.state.running_mean.as_ref().expect("tracked");
-        let rv = self.state.running_var.as_ref().expect("tracked");
-        let (weight, bias) = self.affine();
-        let coef = eval_coeffs(rm, rv, &weight, &bias, self.config.eps);
-        let y = normalize(xs, &walk, &coef);
-        Ok(self.output(&walk, y))
-    }
-
-    fn backward(
-        &mut self,
-        x: ArrayViewD<'_, f32>,
-        dy: ArrayViewD<'_, f32>,
-        mode: Mode,
-    ) -> Result<Gradients> {
-        let batch = validate::uses_batch_stats(&self.config, mode);
-        let walk = validate::backward_input(&self.config, x.shape(), dy.shape())?;
-        let (center, invstd) = backward_stats(
-            &self.config,
-            &self.state,
-            self.saved.as_ref(),
-            &walk.dims,
-            batch,
-        )?;
-        if batch && self.sync_count.is_some() {
-            return Err(Error::NoSavedStatistics {
-                detail: SYNCED_FORWARD.into(),
-            });
-        }
-        let xs = &self.stored(&x)[..];
-        let dys = &self.stored(&dy)[..];
-        let sums = backward_partial(xs, dys, &walk, &center);
-        let m = walk.per_channel();
-        Ok(self.apply_grad_sums_to(
-            xs,
-            dys,
-            Some(&walk),
-            &walk.dims,
-            (&center, &invstd),
-            &sums,
-            m,
-            batch,
-        ))
-    }
-
-    fn saved_stats(&self) -> Result<Option<SavedStats>> {
-        Ok(self.saved.as_ref().map(SavedBatchStats::to_f32))
-    }
-
-    fn state(&self) -> Result<BatchNormState> {
-        Ok(self.state.clone())
-    }
-
-    fn set_state(&mut self, state: &BatchNormState) -> Result<()> {
-        state.validate(&self.config)?;
-        self.state = state.clone();
-        Ok(())
-    }
-
-    fn storage_dtype(&self) -> DType {
-        self.storage
-    }
-
-    /// The reference emulates f16 storage: inputs and the big outputs are
-    /// rounded to f16, the arithmetic stays f64.
-    fn set_storage_dtype(&mut self, dtype: DType) -> Result<()> {
-        self.storage = dtype;
-        Ok(())
     }
 }
 

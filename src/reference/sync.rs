@@ -3,6 +3,7 @@
 
 use super::{CpuReference, backward_partial, stats_partial};
 use crate::error::Result;
+use crate::fused::Activation;
 use crate::stats::Moments;
 use crate::sync::{SyncPhases, SyncedBackward, global_count, part_walk, synced_backward};
 use crate::validate;
@@ -35,12 +36,10 @@ impl SyncPhases for CpuReference {
         let walk = part_walk(&self.config, x.shape())?;
         let m = global_count(global, self.config.num_features)?;
         let xs = self.stored(x);
-        let y = self.apply_batch_stats(&xs, walk.as_ref(), x.shape(), global, Some(m));
+        let post = (None, Activation::Identity);
+        let y = self.apply_batch_stats(&xs, walk.as_ref(), x.shape(), global, Some(m), post);
         self.sync_count = Some(m);
-        Ok(match walk {
-            Some(w) => self.output(&w, y),
-            None => ArrayD::from_shape_vec(IxDyn(x.shape()), y).expect("an empty shape"),
-        })
+        Ok(ArrayD::from_shape_vec(IxDyn(x.shape()), self.rounded(y)).expect("shape of x"))
     }
 
     fn local_grad_sums(
