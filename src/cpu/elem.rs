@@ -66,6 +66,13 @@ pub trait CpuElement: Copy + Send + Sync + std::fmt::Debug + sealed::Sealed + 's
     #[doc(hidden)]
     fn map(inputs: &[&[Self]], out: &mut [Self], f: impl FnMut(usize, &[&[f32]], &mut [f32]));
 
+    /// As [`CpuElement::map`], in place: `f` gets `out`'s current values as
+    /// one more input after `inputs`, a block at a time, each block read
+    /// before `f` writes it (`f32` copies the block into the per-thread
+    /// buffer; `f16` widens it there like the inputs).
+    #[doc(hidden)]
+    fn update(inputs: &[&[Self]], out: &mut [Self], f: impl FnMut(usize, &[&[f32]], &mut [f32]));
+
     /// `x` as a slice of this type, when this type is `f32` (no copy).
     #[doc(hidden)]
     fn from_f32_slice(x: &[f32]) -> Option<&[Self]>;
@@ -105,6 +112,25 @@ impl CpuElement for f32 {
         f(0, inputs, out);
     }
 
+    fn update(inputs: &[&[f32]], out: &mut [f32], mut f: impl FnMut(usize, &[&[f32]], &mut [f32])) {
+        SCRATCH.with_borrow_mut(|buf| {
+            let k = inputs.len();
+            let (ins, _) = scratch(buf, k + 1);
+            let n = out.len();
+            for s in (0..n).step_by(BLOCK) {
+                let len = BLOCK.min(n - s);
+                let old = &mut ins[..len];
+                old.copy_from_slice(&out[s..s + len]);
+                let mut views = [&[][..]; MAX_INPUTS];
+                for (v, x) in views.iter_mut().zip(inputs) {
+                    *v = &x[s..s + len];
+                }
+                views[k] = old;
+                f(s, &views[..=k], &mut out[s..s + len]);
+            }
+        });
+    }
+
     fn from_f32_slice(x: &[f32]) -> Option<&[f32]> {
         Some(x)
     }
@@ -141,23 +167,18 @@ impl CpuElement for f16 {
             let n = inputs.first().map_or(0, |x| x.len());
             for s in (0..n).step_by(BLOCK) {
                 let len = BLOCK.min(n - s);
-                let views = widen_block(ins, inputs, s, len);
+                let views = widen_block(ins, inputs, None, s, len);
                 f(s, &views[..inputs.len()]);
             }
         });
     }
 
-    fn map(inputs: &[&[f16]], out: &mut [f16], mut f: impl FnMut(usize, &[&[f32]], &mut [f32])) {
-        SCRATCH.with_borrow_mut(|buf| {
-            let (ins, o) = scratch(buf, inputs.len());
-            let n = out.len();
-            for s in (0..n).step_by(BLOCK) {
-                let len = BLOCK.min(n - s);
-                let views = widen_block(ins, inputs, s, len);
-                f(s, &views[..inputs.len()], &mut o[..len]);
-                narrow(&o[..len], &mut out[s..s + len]);
-            }
-        });
+    fn map(inputs: &[&[f16]], out: &mut [f16], f: impl FnMut(usize, &[&[f32]], &mut [f32])) {
+        map_f16(inputs, out, false, f);
+    }
+
+    fn update(inputs: &[&[f16]], out: &mut [f16], f: impl FnMut(usize, &[&[f32]], &mut [f32])) {
+        map_f16(inputs, out, true, f);
     }
 
     fn from_f32_slice(_: &[f32]) -> Option<&[f16]> {
@@ -192,14 +213,40 @@ fn scratch(buf: &mut Vec<f32>, k: usize) -> (&mut [f32], &mut [f32]) {
     buf.split_at_mut(MAX_INPUTS * BLOCK)
 }
 
-/// Elements `s..s + len` of each input, widened into the input blocks.
+/// [`CpuElement::map`] (`read_out` false) and [`CpuElement::update`]
+/// (`read_out`: `out`'s block widened as the last input) of f16.
+fn map_f16(
+    inputs: &[&[f16]],
+    out: &mut [f16],
+    read_out: bool,
+    mut f: impl FnMut(usize, &[&[f32]], &mut [f32]),
+) {
+    SCRATCH.with_borrow_mut(|buf| {
+        let k = inputs.len() + usize::from(read_out);
+        let (ins, o) = scratch(buf, k);
+        let n = out.len();
+        for s in (0..n).step_by(BLOCK) {
+            let len = BLOCK.min(n - s);
+            let views = widen_block(ins, inputs, read_out.then_some(&out[..]), s, len);
+            f(s, &views[..k], &mut o[..len]);
+            narrow(&o[..len], &mut out[s..s + len]);
+        }
+    });
+}
+
+/// Elements `s..s + len` of each input (and of `last`, when given, after
+/// them), widened into the input blocks.
 fn widen_block<'a>(
     ins: &'a mut [f32],
     inputs: &[&[f16]],
+    last: Option<&[f16]>,
     s: usize,
     len: usize,
 ) -> [&'a [f32]; MAX_INPUTS] {
-    for (b, x) in ins.chunks_mut(BLOCK).zip(inputs) {
+    for (b, x) in ins
+        .chunks_mut(BLOCK)
+        .zip(inputs.iter().copied().chain(last))
+    {
         widen(&x[s..s + len], &mut b[..len]);
     }
     let ins: &'a [f32] = ins;

@@ -1,4 +1,4 @@
-//! The elementwise passes of the fast CPU backend, `y = (x - c) * s + b`
+//! The elementwise passes of the fast CPU backend, `y = act((x - c) * s + b + z)`
 //! and `dx = a dy + b (x - m) + c`, in parallel over contiguous segments
 //! that share their coefficients, loading and storing any [`CpuElement`];
 //! and the CPU's copy roofline.
@@ -6,6 +6,7 @@
 use super::elem::{CpuElement, MAX_INPUTS};
 use super::plan::{ROW_WALK_BELOW, TASK};
 use crate::error::{Error, Result};
+use crate::fused::Activation;
 use crate::shape::ChannelWalk;
 use rayon::prelude::*;
 
@@ -44,10 +45,12 @@ impl Coefs {
 /// coefficients (per-channel) or lies in one row (per-position), with the
 /// same segment of each input (tensors as long as `out`) and `out` as `f32`:
 /// each task's part converted once, a block at a time
-/// ([`CpuElement::map`]; `f32` in place).
+/// ([`CpuElement::map`]; `f32` in place). With `in_place`, `out`'s own
+/// values come as one more input after `inputs` ([`CpuElement::update`]).
 pub(super) fn for_each_segment<E: CpuElement>(
     out: &mut [E],
     inputs: &[&[E]],
+    in_place: bool,
     walk: &ChannelWalk,
     coefs: &Coefs,
     f: impl Fn(&mut [f32], &[&[f32]], Seg<'_>) + Sync,
@@ -58,7 +61,7 @@ pub(super) fn for_each_segment<E: CpuElement>(
     out.par_chunks_mut(chunk).enumerate().for_each(|(t, o)| {
         let base = t * chunk;
         let ins: Vec<&[E]> = inputs.iter().map(|x| &x[base..base + o.len()]).collect();
-        E::map(&ins, o, |off, v, o| {
+        let pass = |off: usize, v: &[&[f32]], o: &mut [f32]| {
             let base = base + off;
             // Run and channel of the segment, advanced without a division per run
             // (two divisions per 7x7 run cost as much as the run itself).
@@ -93,7 +96,12 @@ pub(super) fn for_each_segment<E: CpuElement>(
                 f(&mut o[i..i + n], &parts[..v.len()], seg);
                 i += n;
             }
-        });
+        };
+        if in_place {
+            E::update(&ins, o, pass);
+        } else {
+            E::map(&ins, o, pass);
+        }
     });
 }
 
@@ -104,14 +112,85 @@ pub(super) enum Seg<'a> {
     Slices([&'a [f32]; 4]),
 }
 
-/// `y = (x - c) * s + b`, per position.
+/// What the forward's elementwise pass does after normalizing: add the
+/// residual `z` (when given), then the activation.
+#[derive(Clone, Copy)]
+pub(super) struct Epilogue<'a, E> {
+    /// The residual, as long as `x`.
+    pub(super) z: Option<&'a [E]>,
+    /// The activation after the add.
+    pub(super) activation: Activation,
+}
+
+impl<E> Epilogue<'_, E> {
+    /// The plain BatchNorm: no residual, the identity.
+    pub(super) const NONE: Self = Epilogue {
+        z: None,
+        activation: Activation::Identity,
+    };
+}
+
+/// A second operand of the normalize loops that may be absent: the
+/// residual `z`, added to the normalized value, or `()`, which adds nothing
+/// (not even `0.0`, which would turn `-0.0` into `0.0`).
+trait Residual: Copy {
+    /// The operand cut to `n` elements (so the loops index without checks).
+    fn cut(self, n: usize) -> Self;
+    /// `v` plus element `j`.
+    fn add(self, v: f32, j: usize) -> f32;
+}
+
+impl Residual for () {
+    #[inline(always)]
+    fn cut(self, _: usize) -> Self {}
+    #[inline(always)]
+    fn add(self, v: f32, _: usize) -> f32 {
+        v
+    }
+}
+
+impl Residual for &[f32] {
+    #[inline(always)]
+    fn cut(self, n: usize) -> Self {
+        &self[..n]
+    }
+    #[inline(always)]
+    fn add(self, v: f32, j: usize) -> f32 {
+        v + self[j]
+    }
+}
+
+/// `y = act((x - c) * s + b + z)`, per position.
 #[inline]
 #[allow(clippy::needless_range_loop)]
-pub(super) fn normalize_row(y: &mut [f32], x: &[f32], c: &[f32], s: &[f32], b: &[f32]) {
+fn normalize_row(
+    y: &mut [f32],
+    x: &[f32],
+    z: impl Residual,
+    [c, s, b]: [&[f32]; 3],
+    act: impl Fn(f32) -> f32,
+) {
     let n = y.len();
-    let (x, c, s, b) = (&x[..n], &c[..n], &s[..n], &b[..n]);
+    let (x, z, c, s, b) = (&x[..n], z.cut(n), &c[..n], &s[..n], &b[..n]);
     for j in 0..n {
-        y[j] = (x[j] - c[j]) * s[j] + b[j];
+        y[j] = act(z.add((x[j] - c[j]) * s[j] + b[j], j));
+    }
+}
+
+/// `y = act((x - c) * s + b + z)` with one `c`, `s`, `b`.
+#[inline]
+#[allow(clippy::needless_range_loop)]
+fn normalize_run(
+    y: &mut [f32],
+    x: &[f32],
+    z: impl Residual,
+    [c, s, b]: [f32; 3],
+    act: impl Fn(f32) -> f32,
+) {
+    let n = y.len();
+    let (x, z) = (&x[..n], z.cut(n));
+    for j in 0..n {
+        y[j] = act(z.add((x[j] - c) * s + b, j));
     }
 }
 
@@ -132,30 +211,63 @@ pub(super) fn backward_dx_row(dx: &mut [f32], x: &[f32], dy: &[f32], [m, a, b, c
     }
 }
 
-/// `y = (x - center) * scale + shift`, coefficients `[center, scale, shift, _]`.
-pub(super) fn normalize<E: CpuElement>(x: &[E], y: &mut [E], walk: &ChannelWalk, coefs: &Coefs) {
-    for_each_segment(y, &[x], walk, coefs, |y, v, seg| {
-        let x = v[0];
-        match seg {
-            Seg::Scalar([c, s, b, _]) => {
-                for (o, &v) in y.iter_mut().zip(x) {
-                    *o = (v - c) * s + b;
-                }
-            }
-            Seg::Slices([c, s, b, _]) => normalize_row(y, x, c, s, b),
+/// `y = act((x - center) * scale + shift + z)`, coefficients
+/// `[center, scale, shift, _]`; the residual and the activation of `epi`
+/// ride on the same pass, each fusion a loop of its own.
+pub(super) fn normalize<E: CpuElement>(
+    x: &[E],
+    y: &mut [E],
+    walk: &ChannelWalk,
+    coefs: &Coefs,
+    epi: Epilogue<'_, E>,
+) {
+    let relu = |v| Activation::Relu.apply(v);
+    match (epi.z, epi.activation) {
+        (None, Activation::Identity) => normalize_with(x, None, y, walk, coefs, |v| v),
+        (None, Activation::Relu) => normalize_with(x, None, y, walk, coefs, relu),
+        (Some(z), Activation::Identity) => normalize_with(x, Some(z), y, walk, coefs, |v| v),
+        (Some(z), Activation::Relu) => normalize_with(x, Some(z), y, walk, coefs, relu),
+    }
+}
+
+/// [`normalize`] with the activation `act`.
+fn normalize_with<E: CpuElement>(
+    x: &[E],
+    z: Option<&[E]>,
+    y: &mut [E],
+    walk: &ChannelWalk,
+    coefs: &Coefs,
+    act: impl Fn(f32) -> f32 + Copy + Sync,
+) {
+    let inputs: &[&[E]] = match z {
+        Some(z) => &[x, z],
+        None => &[x],
+    };
+    for_each_segment(y, inputs, false, walk, coefs, |y, v, seg| {
+        match (seg, v.get(1).copied()) {
+            (Seg::Scalar([c, s, b, _]), None) => normalize_run(y, v[0], (), [c, s, b], act),
+            (Seg::Scalar([c, s, b, _]), Some(z)) => normalize_run(y, v[0], z, [c, s, b], act),
+            (Seg::Slices([c, s, b, _]), None) => normalize_row(y, v[0], (), [c, s, b], act),
+            (Seg::Slices([c, s, b, _]), Some(z)) => normalize_row(y, v[0], z, [c, s, b], act),
         }
     });
 }
 
-/// `dx = a * dy + b * (x - center) + c`, coefficients `[center, a, b, c]`.
+/// `dx = a * dy + b * (x - center) + c`, coefficients `[center, a, b, c]`;
+/// with `dy = None`, in place: `dx` holds the upstream gradient (the gated
+/// `dy` a fused backward's reductions wrote there) and is overwritten.
 pub(super) fn backward_dx<E: CpuElement>(
     x: &[E],
-    dy: &[E],
+    dy: Option<&[E]>,
     dx: &mut [E],
     walk: &ChannelWalk,
     coefs: &Coefs,
 ) {
-    for_each_segment(dx, &[x, dy], walk, coefs, |dx, v, seg| {
+    let (inputs, in_place): (&[&[E]], bool) = match dy {
+        Some(dy) => (&[x, dy], false),
+        None => (&[x], true),
+    };
+    for_each_segment(dx, inputs, in_place, walk, coefs, |dx, v, seg| {
         let (x, dy) = (v[0], v[1]);
         match seg {
             // b = 0 (running statistics): x does not enter dx, so a NaN in x

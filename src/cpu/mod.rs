@@ -36,6 +36,8 @@ mod backend;
 mod convert;
 mod elem;
 mod elementwise;
+mod fused;
+mod grad;
 mod lanes;
 mod plan;
 mod reduce;
@@ -47,6 +49,7 @@ pub use elementwise::parallel_copy;
 
 use crate::config::{BatchNormConfig, Mode};
 use crate::error::{Error, Result};
+use crate::fused::Activation;
 use crate::layout::DType;
 use crate::reference;
 use crate::shape::ChannelWalk;
@@ -54,8 +57,9 @@ use crate::state::{BatchNormState, SavedBatchStats, SavedStats};
 use crate::stats::{Moments, backward_stats, update_running};
 use crate::sync::SYNCED_FORWARD;
 use crate::validate;
-use elementwise::{Coefs, backward_dx, normalize};
-use reduce::{channel_grad_sums, channel_moments};
+use elementwise::{Coefs, Epilogue, backward_dx, normalize};
+use grad::GradIn;
+use reduce::{grad_sums, local_moments};
 
 /// BatchNorm on the CPU in `f32` arithmetic with rayon, storing `f32` or `f16`: the fast CPU backend.
 ///
@@ -157,29 +161,51 @@ impl CpuBatchNorm {
         self.saved.as_ref().map(SavedBatchStats::to_f32)
     }
 
-    /// Normalizes with batch statistics; with `update`, moves the running ones.
-    fn batch_forward<E: CpuElement>(
+    /// The forward in `mode` of `x` into `y`, followed by the residual and
+    /// activation of `epi` in the same pass: batch statistics (kept for
+    /// backward; the running ones moved in training) or the running ones.
+    /// Every slice is checked before anything changes.
+    fn forward_with<E: CpuElement>(
         &mut self,
         x: &[E],
         dims: &[usize],
+        mode: Mode,
+        epi: Epilogue<'_, E>,
         y: &mut [E],
-        update: bool,
     ) -> Result<()> {
-        let walk = validate::input(&self.config, dims, true)?;
+        let batch = validate::uses_batch_stats(&self.config, mode);
+        let walk = validate::input(&self.config, dims, batch)?;
         validate::slice_len("x", x.len(), &walk)?;
+        if let Some(z) = epi.z {
+            validate::slice_len("z", z.len(), &walk)?;
+        }
         validate::slice_len("y", y.len(), &walk)?;
-        let moments = local_moments(x, &walk);
-        let running = update.then(|| walk.per_channel());
-        self.apply_batch_stats(x, Some(&walk), dims, &moments, running, y);
-        self.sync_count = None;
+        if batch {
+            let moments = local_moments(x, &walk);
+            let running = (mode == Mode::Train).then(|| walk.per_channel());
+            self.apply_batch_stats(x, Some(&walk), dims, &moments, running, epi, y);
+            self.sync_count = None;
+            return Ok(());
+        }
+        let rm = self.state.running_mean.as_ref().expect("tracked");
+        let rv = self.state.running_var.as_ref().expect("tracked");
+        let (weight, bias) = self.state.affine(walk.channels);
+        let coef = reference::eval_coeffs(rm, rv, &weight, &bias, self.config.eps);
+        let c = walk.channels;
+        let k1: Vec<f32> = coef.iter().map(|k| k.scale as f32).collect();
+        let k2: Vec<f32> = coef.iter().map(|k| k.shift as f32).collect();
+        let coefs = Coefs::new(&walk, [rm.clone(), k1, k2, vec![0.0; c]]);
+        normalize(x, y, &walk, &coefs, epi);
         Ok(())
     }
 
     /// Normalizes `x` into `y` with the batch statistics `moments` (one per
-    /// channel), keeps them for backward, and with `running = Some(m)` moves
-    /// the running statistics for `m` values per channel; `walk` is `None`
-    /// for an empty part of shape `dims`. The local training forward and the
-    /// synchronized one (merged moments, global count) share it.
+    /// channel) and the epilogue `epi`, keeps them for backward, and with
+    /// `running = Some(m)` moves the running statistics for `m` values per
+    /// channel; `walk` is `None` for an empty part of shape `dims`. The local
+    /// training forward and the synchronized one (merged moments, global
+    /// count) share it.
+    #[allow(clippy::too_many_arguments)]
     fn apply_batch_stats<E: CpuElement>(
         &mut self,
         x: &[E],
@@ -187,6 +213,7 @@ impl CpuBatchNorm {
         dims: &[usize],
         moments: &[Moments],
         running: Option<usize>,
+        epi: Epilogue<'_, E>,
         y: &mut [E],
     ) {
         let c = self.config.num_features;
@@ -208,7 +235,7 @@ impl CpuBatchNorm {
         }
         if let Some(walk) = walk {
             let coefs = Coefs::new(walk, [k0, k1, k2, vec![0.0; c]]);
-            normalize(x, y, walk, &coefs);
+            normalize(x, y, walk, &coefs, epi);
         }
         if let Some(m) = running {
             update_running(&mut self.state, &self.config, &stats.mean, &stats.var, m);
@@ -242,7 +269,7 @@ impl CpuBatchNorm {
         dims: &[usize],
         y: &mut [E],
     ) -> Result<()> {
-        self.batch_forward(x, dims, y, true)
+        self.forward_with(x, dims, Mode::Train, Epilogue::NONE, y)
     }
 
     /// Evaluation forward into `y`: running statistics, or batch statistics
@@ -261,26 +288,7 @@ impl CpuBatchNorm {
         dims: &[usize],
         y: &mut [E],
     ) -> Result<()> {
-        if !self.config.track_running_stats {
-            return self.batch_forward(x, dims, y, false);
-        }
-        let walk = validate::input(&self.config, dims, false)?;
-        validate::slice_len("x", x.len(), &walk)?;
-        validate::slice_len("y", y.len(), &walk)?;
-        let rm = self.state.running_mean.as_ref().expect("tracked");
-        let rv = self.state.running_var.as_ref().expect("tracked");
-        let (weight, bias) = self.state.affine(walk.channels);
-        let coef = reference::eval_coeffs(rm, rv, &weight, &bias, self.config.eps);
-        let c = walk.channels;
-        let k1: Vec<f32> = coef.iter().map(|k| k.scale as f32).collect();
-        let k2: Vec<f32> = coef.iter().map(|k| k.shift as f32).collect();
-        normalize(
-            x,
-            y,
-            &walk,
-            &Coefs::new(&walk, [rm.clone(), k1, k2, vec![0.0; c]]),
-        );
-        Ok(())
+        self.forward_with(x, dims, Mode::Eval, Epilogue::NONE, y)
     }
 
     /// Backward of the forward in `mode` at input `x` with upstream gradient
@@ -311,10 +319,36 @@ impl CpuBatchNorm {
         dweight: &mut [f32],
         dbias: &mut [f32],
     ) -> Result<()> {
+        self.backward_with(x, dy, dims, mode, None, (dx, None, dweight, dbias))
+    }
+
+    /// The backward in `mode` at `x` of the upstream gradient `dy`, or with
+    /// `gate = Some((y, activation))` of `dy` gated by the fused forward's
+    /// output `y`, into `(dx, dz, dweight, dbias)`. The reductions' pass
+    /// writes the gated `dy` as it reads it: into `dz` when given (a
+    /// residual: also for the identity, as a copy), else into `dx`, which
+    /// the `dx` pass then overwrites in place. Every slice is checked before
+    /// anything is written.
+    #[allow(clippy::type_complexity)]
+    fn backward_with<E: CpuElement>(
+        &mut self,
+        x: &[E],
+        dy: &[E],
+        dims: &[usize],
+        mode: Mode,
+        gate: Option<(&[E], Activation)>,
+        (dx, dz, dweight, dbias): (&mut [E], Option<&mut [E]>, &mut [f32], &mut [f32]),
+    ) -> Result<()> {
         let walk = validate::input(&self.config, dims, false)?;
         validate::slice_len("x", x.len(), &walk)?;
+        if let Some((y, _)) = gate {
+            validate::slice_len("y", y.len(), &walk)?;
+        }
         validate::slice_len("dy", dy.len(), &walk)?;
         validate::slice_len("dx", dx.len(), &walk)?;
+        if let Some(dz) = &dz {
+            validate::slice_len("dz", dz.len(), &walk)?;
+        }
         let c = walk.channels;
         validate::channel_len("dweight", dweight.len(), c)?;
         validate::channel_len("dbias", dbias.len(), c)?;
@@ -331,22 +365,43 @@ impl CpuBatchNorm {
                 detail: SYNCED_FORWARD.into(),
             });
         }
-        let sums = grad_sums(x, dy, &walk, &center);
         let m = walk.per_channel();
+        let stats = (&center[..], &invstd[..]);
+        let (y, activation) = gate.unwrap_or((dy, Activation::Identity));
+        // Where the dx pass reads the gradient: dy itself, dz, or dx (in place).
+        let (sums, g) = match dz {
+            None if activation == Activation::Identity => {
+                (grad_sums(x, &GradIn::plain(dy), &walk, &center), Some(dy))
+            }
+            None => {
+                let grad = GradIn::gated(dy, y, activation, &mut *dx);
+                (grad_sums(x, &grad, &walk, &center), None)
+            }
+            Some(dz) => {
+                let sums = grad_sums(
+                    x,
+                    &GradIn::gated(dy, y, activation, &mut *dz),
+                    &walk,
+                    &center,
+                );
+                (sums, Some(&*dz))
+            }
+        };
         let out = (dx, dweight, dbias);
-        self.apply_grad_sums_to(x, dy, Some(&walk), (&center, &invstd), &sums, m, batch, out);
+        self.apply_grad_sums_to(x, g, Some(&walk), stats, &sums, m, batch, out);
         Ok(())
     }
 
     /// Writes `dx`, `dweight` and `dbias` from the per-channel sums
     /// `(sum_dy, sum_dy_xmu)` of `m` values per channel around `center` with
-    /// `invstd`; `walk` is `None` for an empty part. The local backward and
+    /// `invstd`, the upstream gradient read from `dy`, or from `dx` itself
+    /// when `None`; `walk` is `None` for an empty part. The local backward and
     /// the synchronized one (sums of all ranks, global count) share it.
     #[allow(clippy::too_many_arguments)]
     fn apply_grad_sums_to<E: CpuElement>(
         &self,
         x: &[E],
-        dy: &[E],
+        dy: Option<&[E]>,
         walk: Option<&ChannelWalk>,
         (center, invstd): (&[f64], &[f64]),
         sums: &[(f64, f64)],
@@ -384,47 +439,6 @@ impl CpuBatchNorm {
         if let Some(walk) = walk {
             backward_dx(x, dy, dx, walk, &Coefs::new(walk, k));
         }
-    }
-}
-
-/// Per-channel moments of `x`, with PyTorch's statistics for channels
-/// holding `±inf` or NaN.
-fn local_moments<E: CpuElement>(x: &[E], walk: &ChannelWalk) -> Vec<Moments> {
-    let mut moments = channel_moments(x, walk);
-    non_finite_moments(x, walk, &mut moments);
-    moments
-}
-
-/// Per-channel `(sum(dy), sum(dy * (x - center)))`, taken around the `f32`
-/// centre and moved to the exact one.
-fn grad_sums<E: CpuElement>(
-    x: &[E],
-    dy: &[E],
-    walk: &ChannelWalk,
-    center: &[f64],
-) -> Vec<(f64, f64)> {
-    let center32: Vec<f32> = center.iter().map(|&v| v as f32).collect();
-    let mut sums = channel_grad_sums(x, dy, walk, &center32);
-    for ((s1, s2), (&c32, &c)) in sums.iter_mut().zip(center32.iter().zip(center)) {
-        *s2 += (f64::from(c32) - c) * *s1;
-    }
-    sums
-}
-
-/// Channels whose mean came out infinite or NaN held `±inf` or NaN, which the
-/// centred sums of the fast passes meet as `inf - inf`. Their statistics
-/// become PyTorch's, those of a plain sum: the mean is `+inf` or `-inf` when
-/// one kind of infinity sits among finite values, else NaN; `M2` is NaN.
-fn non_finite_moments<E: CpuElement>(x: &[E], walk: &ChannelWalk, moments: &mut [Moments]) {
-    for (c, m) in moments.iter_mut().enumerate() {
-        if m.mean.is_finite() {
-            continue;
-        }
-        let sum: f64 = (0..walk.per_channel())
-            .map(|i| f64::from(x[walk.index(c, i)].load()))
-            .sum();
-        m.mean = sum / m.n;
-        m.m2 = f64::NAN;
     }
 }
 

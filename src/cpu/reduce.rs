@@ -1,12 +1,14 @@
 //! The reductions of the fast CPU backend: per-channel moments of `x`
 //! (training statistics) and per-channel sums of `dy` and `dy * (x - mean)`
-//! (backward), for every walk plan.
+//! (backward; `dy` gated and written out on the way for a fused backward,
+//! [`GradIn`]), for every walk plan.
 //!
 //! Each piece of at most [`PIECE`] elements is reduced by the corrected
 //! two-pass algorithm while it sits in cache, in `f32` lanes, and pieces and
 //! tasks merge in `f64` (Chan's formula for moments), in a fixed order.
 
 use super::elem::CpuElement;
+use super::grad::GradIn;
 use super::lanes::{Lanes, SAMPLE, add_centered, add_grad, add_sum, fits_one_pass, prefix_mean};
 use super::plan::{PIECE, Plan, ROW_COLS, for_each_group, part_range, plan};
 use super::rows::{block_moments, row_task_grad_sums, row_task_moments};
@@ -140,10 +142,11 @@ pub(super) fn channel_moments<E: CpuElement>(x: &[E], walk: &ChannelWalk) -> Vec
     }
 }
 
-/// Per-channel `(sum(dy), sum(dy * (x - center32[c])))`.
+/// Per-channel `(sum(dy), sum(dy * (x - center32[c])))`, the spans of `dy`
+/// taken from `grad` (each once: gated and written out where it gates).
 pub(super) fn channel_grad_sums<E: CpuElement>(
     x: &[E],
-    dy: &[E],
+    grad: &GradIn<'_, E>,
     walk: &ChannelWalk,
     center32: &[f32],
 ) -> Vec<(f64, f64)> {
@@ -159,13 +162,10 @@ pub(super) fn channel_grad_sums<E: CpuElement>(
                     for_each_group(walk, c, part_range(m, parts, k), &mut pieces, |g| {
                         let (mut s1, mut s2) = (Lanes::new(), Lanes::new());
                         for &(s, len) in g {
-                            add_grad(
-                                &mut s1,
-                                &mut s2,
-                                &x[s..s + len],
-                                &dy[s..s + len],
-                                center32[c],
-                            );
+                            // SAFETY: the parts of the tasks tile each channel
+                            // once (`for_each_group`), so no span is asked twice.
+                            let dy = unsafe { grad.span(s, len) };
+                            add_grad(&mut s1, &mut s2, &x[s..s + len], dy, center32[c]);
                         }
                         acc = (acc.0 + s1.total(), acc.1 + s2.total());
                     });
@@ -192,15 +192,12 @@ pub(super) fn channel_grad_sums<E: CpuElement>(
                     for o in r0..r1 {
                         for (j, ch) in (c0..c1).enumerate() {
                             let start = (o * c + ch) * walk.inner;
-                            let span = start..start + walk.inner;
                             let l = &mut lanes[j];
-                            add_grad(
-                                &mut l.0,
-                                &mut l.1,
-                                &x[span.clone()],
-                                &dy[span],
-                                center32[ch],
-                            );
+                            // SAFETY: the tasks' channel blocks and ranges of
+                            // runs tile the tensor, each run visited once.
+                            let dy = unsafe { grad.span(start, walk.inner) };
+                            let x = &x[start..start + walk.inner];
+                            add_grad(&mut l.0, &mut l.1, x, dy, center32[ch]);
                             l.2 += walk.inner;
                             if l.2 >= PIECE {
                                 acc[j].0 += l.0.total();
@@ -236,7 +233,7 @@ pub(super) fn channel_grad_sums<E: CpuElement>(
                     let (rt, cb) = (t / col_blocks, t % col_blocks);
                     let (r0, r1) = part_range(walk.outer, row_tasks, rt);
                     let (p0, p1) = (cb * ROW_COLS, ((cb + 1) * ROW_COLS).min(cols));
-                    row_task_grad_sums(x, dy, cols, &center_col[p0..p1], r0, r1, p0)
+                    row_task_grad_sums(x, grad, cols, &center_col[p0..p1], r0, r1, p0)
                 })
                 .collect();
             let mut col = vec![(0.0f64, 0.0f64); cols];
@@ -251,6 +248,47 @@ pub(super) fn channel_grad_sums<E: CpuElement>(
                 .map(|p| p.iter().fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1)))
                 .collect()
         }
+    }
+}
+
+/// Per-channel moments of `x`, with PyTorch's statistics for channels
+/// holding `±inf` or NaN.
+pub(super) fn local_moments<E: CpuElement>(x: &[E], walk: &ChannelWalk) -> Vec<Moments> {
+    let mut moments = channel_moments(x, walk);
+    non_finite_moments(x, walk, &mut moments);
+    moments
+}
+
+/// Per-channel `(sum(dy), sum(dy * (x - center)))` of the gradient `grad`
+/// hands out, taken around the `f32` centre and moved to the exact one.
+pub(super) fn grad_sums<E: CpuElement>(
+    x: &[E],
+    grad: &GradIn<'_, E>,
+    walk: &ChannelWalk,
+    center: &[f64],
+) -> Vec<(f64, f64)> {
+    let center32: Vec<f32> = center.iter().map(|&v| v as f32).collect();
+    let mut sums = channel_grad_sums(x, grad, walk, &center32);
+    for ((s1, s2), (&c32, &c)) in sums.iter_mut().zip(center32.iter().zip(center)) {
+        *s2 += (f64::from(c32) - c) * *s1;
+    }
+    sums
+}
+
+/// Channels whose mean came out infinite or NaN held `±inf` or NaN, which the
+/// centred sums of the fast passes meet as `inf - inf`. Their statistics
+/// become PyTorch's, those of a plain sum: the mean is `+inf` or `-inf` when
+/// one kind of infinity sits among finite values, else NaN; `M2` is NaN.
+fn non_finite_moments<E: CpuElement>(x: &[E], walk: &ChannelWalk, moments: &mut [Moments]) {
+    for (c, m) in moments.iter_mut().enumerate() {
+        if m.mean.is_finite() {
+            continue;
+        }
+        let sum: f64 = (0..walk.per_channel())
+            .map(|i| f64::from(x[walk.index(c, i)].load()))
+            .sum();
+        m.mean = sum / m.n;
+        m.m2 = f64::NAN;
     }
 }
 

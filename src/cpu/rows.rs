@@ -4,6 +4,7 @@
 //! within a cache-sized block of rows and in `f64` across blocks.
 
 use super::elem::CpuElement;
+use super::grad::GradIn;
 use super::lanes::{
     ROWS, SAMPLE, add_rows, add_rows_centered, add_rows_grad, fits_one_pass, prefix_mean,
 };
@@ -174,10 +175,11 @@ pub(super) fn block_moments<E: CpuElement>(
 }
 
 /// Column sums of `dy` and `dy * (x - center)` over rows `r0..r1`, columns
-/// `p0..p0 + center.len()`: `f32` within a block of rows, `f64` across blocks.
+/// `p0..p0 + center.len()`: `f32` within a block of rows, `f64` across
+/// blocks; each row's span of `dy` taken from `grad` once.
 pub(super) fn row_task_grad_sums<E: CpuElement>(
     x: &[E],
-    dy: &[E],
+    grad: &GradIn<'_, E>,
     cols: usize,
     center: &[f32],
     r0: usize,
@@ -191,13 +193,16 @@ pub(super) fn row_task_grad_sums<E: CpuElement>(
         s1.fill(0.0);
         s2.fill(0.0);
         let span = |r: usize| r * cols + p0..r * cols + p0 + w;
+        // SAFETY: the tasks' row ranges and column blocks tile the tensor,
+        // and `row_groups` visits each row of the block once.
+        let dy = |r: usize| unsafe { grad.span(r * cols + p0, w) };
         for (r, step) in row_groups(b0, b1) {
             if let Some(q) = step {
                 let xs = std::array::from_fn(|k| &x[span(r + k * q)]);
-                let gs = std::array::from_fn(|k| &dy[span(r + k * q)]);
+                let gs = std::array::from_fn(|k| dy(r + k * q));
                 add_rows_grad::<_, ROWS>(&mut s1, &mut s2, center, xs, gs);
             } else {
-                add_rows_grad::<_, 1>(&mut s1, &mut s2, center, [&x[span(r)]], [&dy[span(r)]]);
+                add_rows_grad::<_, 1>(&mut s1, &mut s2, center, [&x[span(r)]], [dy(r)]);
             }
         }
         for j in 0..w {

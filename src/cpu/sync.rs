@@ -2,7 +2,10 @@
 //! ([`crate::sync`]): its own reductions and elementwise passes as the local
 //! phases.
 
-use super::{CpuBatchNorm, grad_sums, local_moments};
+use super::CpuBatchNorm;
+use super::elementwise::Epilogue;
+use super::grad::GradIn;
+use super::reduce::{grad_sums, local_moments};
 use crate::error::Result;
 use crate::layout::DType;
 use crate::state::Gradients;
@@ -57,7 +60,8 @@ impl SyncPhases for CpuBatchNorm {
         let m = global_count(global, self.config.num_features)?;
         let xs = contiguous(x, self.storage);
         let mut y = vec![0.0f32; xs.len()];
-        self.apply_batch_stats(&xs, walk.as_ref(), x.shape(), global, Some(m), &mut y);
+        let (dims, epi) = (x.shape(), Epilogue::NONE);
+        self.apply_batch_stats(&xs, walk.as_ref(), dims, global, Some(m), epi, &mut y);
         self.sync_count = Some(m);
         Ok(output(x.shape(), y, self.storage))
     }
@@ -69,12 +73,15 @@ impl SyncPhases for CpuBatchNorm {
     ) -> Result<Vec<(f64, f64)>> {
         let (walk, center, _, _) = self.synced_backward(x, dy)?;
         Ok(match walk {
-            Some(w) => grad_sums(
-                &contiguous(x, self.storage),
-                &contiguous(dy, self.storage),
-                &w,
-                &center,
-            ),
+            Some(w) => {
+                let dy = contiguous(dy, self.storage);
+                grad_sums(
+                    &contiguous(x, self.storage),
+                    &GradIn::plain(&dy),
+                    &w,
+                    &center,
+                )
+            }
             None => vec![(0.0, 0.0); self.config.num_features],
         })
     }
@@ -92,7 +99,7 @@ impl SyncPhases for CpuBatchNorm {
         let (mut dx, mut dw, mut db) = (vec![0.0f32; xs.len()], vec![0.0f32; c], vec![0.0f32; c]);
         let out = (&mut dx[..], &mut dw[..], &mut db[..]);
         let stats = (&center[..], &invstd[..]);
-        self.apply_grad_sums_to(&xs, &dys, walk.as_ref(), stats, global, m, true, out);
+        self.apply_grad_sums_to(&xs, Some(&dys), walk.as_ref(), stats, global, m, true, out);
         let affine = self.config.affine;
         Ok(Gradients {
             dx: output(x.shape(), dx, self.storage),
