@@ -62,7 +62,7 @@ EPS_DEFAULT = 1e-5
 torch.use_deterministic_algorithms(True)
 torch.set_num_threads(1)
 
-ST_DTYPES = {torch.float32: "F32", torch.int64: "I64", torch.float64: "F64"}
+ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.int64: "I64", torch.float64: "F64"}
 
 
 def gen(name: str) -> torch.Generator:
@@ -103,7 +103,8 @@ def save_safetensors(path: Path, tensors: dict, metadata: dict) -> None:
     assert set(back) == set(tensors), path
     for k, v in tensors.items():
         assert back[k].dtype == v.dtype and back[k].shape == v.shape, (path, k)
-        assert torch.equal(back[k], v), (path, k)
+        same = torch.equal(back[k], v) or (v.is_floating_point() and torch.allclose(back[k], v, rtol=0, atol=0, equal_nan=True))
+        assert same, (path, k)
 
 
 def load_safetensors(path: Path) -> dict:
