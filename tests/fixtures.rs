@@ -1,5 +1,6 @@
-//! PyTorch parity fixtures (tests/fixtures, format shared/FIXTURES.md) on the
-//! CPU reference and every GPU adapter, and the fixture reader's errors.
+//! PyTorch parity fixtures (tests/fixtures, format shared/FIXTURES.md; the
+//! fused BatchNorm's in tests/fixtures/fused) on the CPU reference, the fast
+//! CPU backend and every GPU adapter, and the fixture reader's errors.
 
 mod common;
 
@@ -10,8 +11,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use wgpu_batchnorm::fixture::{CpuFastTarget, CpuTarget, Fixture, FixtureTarget, run_fixture};
 use wgpu_batchnorm::{
-    BatchNormBackend, BatchNormConfig, BatchNormState, CpuReference, DType, Error, Gradients, Mode,
-    SavedStats,
+    Activation, BatchNormBackend, BatchNormConfig, BatchNormState, CpuReference, DType, Error,
+    FusedGradients, Fusion, Gradients, Mode, SavedStats,
 };
 
 fn fixture_dir() -> PathBuf {
@@ -22,14 +23,25 @@ fn fixture_path(case: &str) -> PathBuf {
     fixture_dir().join(format!("{case}.safetensors"))
 }
 
-/// The committed fixture files, in name order.
-fn fixture_files() -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(fixture_dir())
+fn fused_path(case: &str) -> PathBuf {
+    fixture_dir().join(format!("fused/{case}.safetensors"))
+}
+
+/// The committed fixture files of `dir`, in name order.
+fn files_in(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|f| f.extension().is_some_and(|e| e == "safetensors"))
         .collect();
     files.sort();
+    files
+}
+
+/// The committed fixture files: the plain ones, then the fused ones.
+fn fixture_files() -> Vec<PathBuf> {
+    let mut files = files_in(&fixture_dir());
+    files.extend(files_in(&fixture_dir().join("fused")));
     files
 }
 
@@ -52,8 +64,8 @@ fn stores_f16(target: &dyn FixtureTarget) -> bool {
 fn every_fixture_on_every_backend() {
     let files = fixture_files();
     assert!(
-        files.len() >= 33,
-        "expected the 33 committed fixtures in {}, found {}",
+        files.len() >= 33 + 15,
+        "expected the 33 committed fixtures in {} and the 15 in fused/, found {}",
         fixture_dir().display(),
         files.len()
     );
@@ -120,6 +132,46 @@ fn cpu_reference_passes_the_f16_fixtures_at_f16_tolerance() {
 }
 
 #[test]
+fn fused_fixtures_pass_on_both_cpu_backends() {
+    let files = files_in(&fixture_dir().join("fused"));
+    assert_eq!(files.len(), 15, "the committed fused fixtures");
+    let mut fusions = std::collections::BTreeSet::new();
+    for file in &files {
+        let f = Fixture::load(file).unwrap_or_else(|e| panic!("{e}"));
+        let fusion = f
+            .fusion
+            .expect("a fused fixture has `activation` and `residual`");
+        fusions.insert(fusion.name());
+        for target in [&CpuTarget as &dyn FixtureTarget, &CpuFastTarget] {
+            let r = run_fixture(&f, target);
+            println!("{r}");
+            assert!(r.passed(), "{r}");
+            let names: Vec<&str> = r.checks.iter().map(|c| c.name.as_str()).collect();
+            for want in ["y", "dx", "save_mean"] {
+                assert!(names.contains(&want), "{}: {want} not compared", r.case);
+            }
+            assert_eq!(
+                names.contains(&"dz"),
+                fusion.residual,
+                "{}: dz compared exactly with a residual",
+                r.case
+            );
+            if f.config.track_running_stats {
+                assert!(names.contains(&"y_eval") && names.contains(&"dx_eval"));
+                assert_eq!(names.contains(&"dz_eval"), fusion.residual, "{}", r.case);
+            }
+            let dx = r.checks.iter().find(|c| c.name == "dx").unwrap();
+            assert_eq!(dx.tolerance, f.tolerance("dx"));
+        }
+    }
+    assert_eq!(
+        fusions.len(),
+        Fusion::ALL.len(),
+        "every fusion: {fusions:?}"
+    );
+}
+
+#[test]
 fn error_fixture_passes_when_training_is_refused_and_eval_matches() {
     let f = Fixture::load(fixture_path("error_m1")).unwrap();
     assert!(f.expect_error);
@@ -145,6 +197,14 @@ enum Lie {
     FrozenCounter,
     /// Returns NaN in dweight.
     NanDweight,
+    /// Fused ops: ignores the activation of the forward.
+    ForwardWithoutRelu,
+    /// Fused ops: the backward ignores the ReLU's mask.
+    BackwardWithoutMask,
+    /// Fused ops: returns no dz.
+    NoDz,
+    /// Fused ops: refused, as the trait's default does.
+    Unfused,
 }
 
 impl BatchNormBackend for Liar {
@@ -200,6 +260,42 @@ impl BatchNormBackend for Liar {
             dw[0] = f32::NAN;
         }
         Ok(g)
+    }
+    fn forward_fused(
+        &mut self,
+        x: ndarray::ArrayViewD<'_, f32>,
+        z: Option<ndarray::ArrayViewD<'_, f32>>,
+        activation: Activation,
+        mode: Mode,
+    ) -> wgpu_batchnorm::Result<ArrayD<f32>> {
+        match self.lie {
+            Lie::Unfused => Err(Error::Unsupported {
+                adapter: "liar".into(),
+                what: "fused BatchNorm".into(),
+            }),
+            Lie::ForwardWithoutRelu => self.inner.forward_fused(x, z, Activation::Identity, mode),
+            _ => self.inner.forward_fused(x, z, activation, mode),
+        }
+    }
+    fn backward_fused(
+        &mut self,
+        x: ndarray::ArrayViewD<'_, f32>,
+        y: ndarray::ArrayViewD<'_, f32>,
+        dy: ndarray::ArrayViewD<'_, f32>,
+        fusion: Fusion,
+        mode: Mode,
+    ) -> wgpu_batchnorm::Result<FusedGradients> {
+        match self.lie {
+            Lie::BackwardWithoutMask => {
+                let f = Fusion::new(fusion.residual, Activation::Identity);
+                self.inner.backward_fused(x, y, dy, f, mode)
+            }
+            Lie::NoDz => {
+                let g = self.inner.backward_fused(x, y, dy, fusion, mode)?;
+                Ok(FusedGradients { dz: None, ..g })
+            }
+            _ => self.inner.backward_fused(x, y, dy, fusion, mode),
+        }
     }
     fn saved_stats(&self) -> wgpu_batchnorm::Result<Option<SavedStats>> {
         self.inner.saved_stats()
@@ -281,6 +377,79 @@ fn runner_catches_wrong_outputs() {
     );
 }
 
+#[test]
+fn runner_catches_wrong_fused_outputs() {
+    let f = Fixture::load(fused_path("add_relu_nchw")).unwrap();
+    assert_eq!(f.fusion, Some(Fusion::new(true, Activation::Relu)));
+    assert!(run_fixture(&f, &LiarTarget(Lie::NudgeY)).passed());
+
+    // A backend without the fused ops fails every phase, saying why: what a
+    // GPU backend reports until it implements them.
+    let r = run_fixture(&f, &LiarTarget(Lie::Unfused));
+    assert_eq!(
+        r.failures,
+        [
+            "forward_fused (train) failed: unsupported on adapter \"liar\": fused BatchNorm",
+            "forward_fused (eval) failed: unsupported on adapter \"liar\": fused BatchNorm",
+        ]
+    );
+
+    let r = run_fixture(&f, &LiarTarget(Lie::ForwardWithoutRelu));
+    let reason = r.reason().unwrap();
+    assert!(reason.starts_with("y: "), "{reason}");
+    assert!(reason.contains("y_eval: "), "{reason}");
+    // The backward takes the fixture's y, so only the forward is wrong.
+    assert!(!reason.contains("dx"), "{reason}");
+
+    let r = run_fixture(&f, &LiarTarget(Lie::BackwardWithoutMask));
+    let failed: Vec<&str> = r
+        .failures
+        .iter()
+        .map(|s| s.split(':').next().unwrap())
+        .collect();
+    assert_eq!(
+        failed,
+        [
+            "dx",
+            "dz",
+            "dweight",
+            "dbias",
+            "dx_eval",
+            "dz_eval",
+            "dweight_eval",
+            "dbias_eval"
+        ],
+        "{r}"
+    );
+
+    let r = run_fixture(&f, &LiarTarget(Lie::NoDz));
+    assert_eq!(
+        r.failures,
+        [
+            "dz: the backend returned none, but the fixture expects it",
+            "dz_eval: the backend returned none, but the fixture expects it",
+        ]
+    );
+}
+
+#[test]
+fn nan_fixture_keeps_the_nan_in_its_channel() {
+    let f = Fixture::load(fused_path("add_relu_nan_channel")).unwrap();
+    let y = f.tensor("y").unwrap();
+    // (2, 3, 4, 5): channel 1 is NaN, the others are not.
+    for (i, v) in y.data.iter().enumerate() {
+        assert_eq!(v.is_nan(), (i / 20) % 3 == 1, "y[{i}] = {v}");
+    }
+    // The ReLU lets the gradient through where y is NaN: dz = dy there.
+    let (dz, dy) = (f.tensor("dz").unwrap(), f.tensor("dy").unwrap());
+    for i in (0..120).filter(|i| (i / 20) % 3 == 1) {
+        assert_eq!(dz.data[i], dy.data[i]);
+    }
+    for target in [&CpuTarget as &dyn FixtureTarget, &CpuFastTarget] {
+        assert!(run_fixture(&f, target).passed());
+    }
+}
+
 // ---- malformed files -------------------------------------------------------
 
 /// The tensors and metadata of a fixture, to edit and write back.
@@ -290,7 +459,11 @@ struct Parts {
 }
 
 fn parts(case: &str) -> Parts {
-    let bytes = std::fs::read(fixture_path(case)).unwrap();
+    parts_of(&fixture_path(case))
+}
+
+fn parts_of(path: &Path) -> Parts {
+    let bytes = std::fs::read(path).unwrap();
     let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     Parts {
@@ -496,6 +669,67 @@ fn missing_tensors_wrong_dtypes_and_shapes() {
         "{}",
         p.error()
     );
+}
+
+#[test]
+fn wrong_fused_metadata_and_tensors() {
+    let fused = || parts_of(&fused_path("add_relu_nchw"));
+    let f = Fixture::from_bytes(&fused().bytes(), "copy").unwrap();
+    assert_eq!(f.fusion, Some(Fusion::new(true, Activation::Relu)));
+
+    let mut p = fused();
+    p.meta.insert("activation".into(), "gelu".into());
+    assert!(
+        p.error()
+            .ends_with("metadata `activation` is \"gelu\", expected \"identity\" or \"relu\""),
+        "{}",
+        p.error()
+    );
+
+    let mut p = fused();
+    p.meta.insert("residual".into(), "maybe".into());
+    assert!(
+        p.error()
+            .ends_with("metadata `residual` is \"maybe\", expected \"true\" or \"false\"")
+    );
+
+    let mut p = fused();
+    p.tensors.remove("z");
+    assert!(
+        p.error()
+            .ends_with("input tensor `z` is missing but metadata says residual = true")
+    );
+
+    let mut p = fused();
+    p.meta.insert("residual".into(), "false".into());
+    assert!(
+        p.error()
+            .ends_with("tensor `z` is present but metadata says residual = false")
+    );
+
+    let mut p = fused();
+    p.meta.insert("residual".into(), "false".into());
+    p.tensors.remove("z");
+    assert!(p.error().ends_with(
+        "tensor `dz` is present but the fixture has no residual (metadata `residual` is not true)"
+    ));
+
+    // z in another dtype or shape than x.
+    let mut p = fused();
+    let z = p.tensors.get_mut("z").unwrap();
+    z.1 = vec![2, 3, 5, 4];
+    assert!(
+        p.error()
+            .ends_with("tensor `z` has shape [2, 3, 5, 4], expected the shape of `x` [2, 3, 4, 5]")
+    );
+
+    // One key alone: the other takes its default.
+    let mut p = parts("bn2d");
+    p.meta.insert("activation".into(), "relu".into());
+    let f = Fixture::from_bytes(&p.bytes(), "relu only").unwrap();
+    assert_eq!(f.fusion, Some(Fusion::new(false, Activation::Relu)));
+    // Run as fused, a plain fixture's expected values are wrong.
+    assert!(!run_fixture(&f, &CpuTarget).passed());
 }
 
 #[test]
