@@ -2,10 +2,14 @@
 // S1 = sum(dy) and S2 = sum(dy * (x - K)) on the grid of reduce.wgsl, centred
 // on the K the forward saved (the channel's first element, or the running
 // mean of an evaluation forward); backward_finalize subtracts d * S1 for the
-// mean K + d. Each thread takes four of its positions per step.
+// mean K + d. Each thread takes four of its positions per step. `dy` is
+// read through `upstream` (upstream.wgsl, or upstream_gated.wgsl in the
+// fused backward's variant, backward_partial_gated).
+alias Item = Elem;
+alias ItemF = f32;
+alias ItemU = u32;
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<Elem>;
-@group(0) @binding(2) var<storage, read> dy: array<Elem>;
 @group(0) @binding(3) var<storage, read> saved: array<vec4<f32>>;   // (K, d, invstd, 0)
 @group(0) @binding(4) var<storage, read_write> partials: array<vec2<f32>>;   // (S1, S2)
 
@@ -26,7 +30,12 @@ fn main(
         var pos = w.begin;
         while pos < w.end {
             let q = quad(p, &pos, &at, w, dq, dr);
-            let g = vec4(f32(dy[q.idx.x]), f32(dy[q.idx.y]), f32(dy[q.idx.z]), f32(dy[q.idx.w]));
+            let g = vec4(
+                upstream(q.idx.x, q.live.x),
+                upstream(q.idx.y, q.live.y),
+                upstream(q.idx.z, q.live.z),
+                upstream(q.idx.w, q.live.w),
+            );
             let v = vec4(f32(x[q.idx.x]), f32(x[q.idx.y]), f32(x[q.idx.z]), f32(x[q.idx.w]));
             // past the slice's end a lane adds nothing (selected, not
             // multiplied by 0, which would turn an infinity into NaN)

@@ -1,9 +1,12 @@
 // Backward, stage 1, for columns of vec4 items (four values of one channel,
 // or of four adjacent channels with FLAG_LANE_CHANNELS): S1 = sum(dy) and
-// S2 = sum(dy * (x - K)) per (channel, slice), as backward_partial.
+// S2 = sum(dy * (x - K)) per (channel, slice), as backward_partial; `dy`
+// read through `upstream` as there.
+alias Item = Elem4;
+alias ItemF = vec4<f32>;
+alias ItemU = vec4<u32>;
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<Elem4>;
-@group(0) @binding(2) var<storage, read> dy: array<Elem4>;
 @group(0) @binding(3) var<storage, read> saved: array<vec4<f32>>;   // (K, d, invstd, 0)
 @group(0) @binding(4) var<storage, read_write> partials: array<vec2<f32>>;   // (S1, S2)
 
@@ -28,7 +31,7 @@ fn main(
         var at = cursor(p, w.begin);
         for (var pos = w.begin; pos < w.end; pos = next_pos(pos, w.end, w.step)) {
             let idx = item_index(p, at, w.col);
-            let g = vec4<f32>(dy[idx]);
+            let g = upstream(idx, true);
             s1 += g;
             s2 += g * (vec4<f32>(x[idx]) - center);
             at = advance(p, at, dq, dr);

@@ -6,8 +6,9 @@
 //
 // src/shaders.rs also prepends the constants WG (threads per workgroup of the
 // kernels that walk the big tensors), WG_CHANNEL (of the per-channel kernels),
-// FLAG_UPDATE_RUNNING, FLAG_BATCH_STATS, FLAG_CUMULATIVE and FLAG_LANE_CHANNELS (bits of
-// Params.flags), so that Rust and WGSL share one definition of each.
+// FLAG_UPDATE_RUNNING, FLAG_BATCH_STATS, FLAG_CUMULATIVE, FLAG_LANE_CHANNELS,
+// FLAG_RESIDUAL, FLAG_RELU and FLAG_DY_IN_DX (bits of Params.flags), so that
+// Rust and WGSL share one definition of each.
 //
 // A layer keeps everything per channel that outlives a call in one `state`
 // buffer of sections, each `state_stride` elements apart (a stride that keeps
@@ -26,7 +27,7 @@ struct Params {
     slices: u32,       // partial reductions per channel
     slice_len: u32,    // elements of a channel per slice
     per_channel: u32,  // M = outer * inner
-    flags: u32,        // FLAG_UPDATE_RUNNING | FLAG_BATCH_STATS | FLAG_CUMULATIVE
+    flags: u32,        // FLAG_* bits
     eps: f32,
     momentum: f32,     // the configured factor (PyTorch convention); unused with FLAG_CUMULATIVE
     unbias: f32,       // M / (M - 1)
@@ -94,4 +95,17 @@ fn slice_count(p: Params, s: u32) -> u32 {
     let m = min(p.chunk_m, p.per_channel - chunk * p.chunk_m);
     let begin = (s - chunk * per_chunk) * p.slice_len;
     return min(p.slice_len, m - begin);
+}
+
+// PyTorch's ReLU, max(v, 0) with NaN kept, told apart by the bits of v (a
+// negative non-NaN value lies in 0x80000000..=0xff800000, -0 to -inf): WGSL
+// lets a driver assume comparisons never meet NaN (see reduce.wgsl).
+fn relu(v: f32) -> f32 {
+    let b = bitcast<u32>(v);
+    return select(v, 0.0, b >= 0x80000000u && b <= 0xff800000u);
+}
+
+fn relu4(v: vec4<f32>) -> vec4<f32> {
+    let b = bitcast<vec4<u32>>(v);
+    return select(v, vec4(0.0), (b >= vec4(0x80000000u)) & (b <= vec4(0xff800000u)));
 }

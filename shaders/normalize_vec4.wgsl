@@ -3,11 +3,13 @@
 // a row (`C * inner` elements) is a multiple of 4. The four lanes share a
 // channel when `inner % 4 == 0` (channels-first), else each has its own
 // (channels-last: four adjacent channels); either way a thread loads its
-// coefficients once.
+// coefficients once. Fused (FLAG_RESIDUAL, FLAG_RELU): `y = act(that + z)`;
+// otherwise `z` is not read (an unfused call binds `x` there).
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<Elem4>;
 @group(0) @binding(2) var<storage, read> coef: array<vec4<f32>>;   // (center, scale, shift, 0)
 @group(0) @binding(3) var<storage, read_write> y: array<Elem4>;
+@group(0) @binding(4) var<storage, read> z: array<Elem4>;
 
 @compute @workgroup_size(WG)
 fn main(
@@ -39,11 +41,30 @@ fn main(
         shift = vec4<f32>(k0.z, k1.z, k2.z, k3.z);
     }
     var j = t.first;
+    if (p.flags & (FLAG_RESIDUAL | FLAG_RELU)) == 0u {
+        for (var s = 0u; s < p.steps; s++) {
+            if j >= items {
+                break;
+            }
+            y[j] = Elem4((vec4<f32>(x[j]) - center) * scale + shift);
+            j += p.band;
+        }
+        return;
+    }
+    let residual = (p.flags & FLAG_RESIDUAL) != 0u;
+    let act = (p.flags & FLAG_RELU) != 0u;
     for (var s = 0u; s < p.steps; s++) {
         if j >= items {
             break;
         }
-        y[j] = Elem4((vec4<f32>(x[j]) - center) * scale + shift);
+        var v = (vec4<f32>(x[j]) - center) * scale + shift;
+        if residual {
+            v += vec4<f32>(z[j]);
+        }
+        if act {
+            v = relu4(v);
+        }
+        y[j] = Elem4(v);
         j += p.band;
     }
 }

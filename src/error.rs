@@ -198,6 +198,15 @@ pub enum Error {
         /// Which config flag rules it out.
         why: String,
     },
+    /// A fused backward's residual gradient `dz` does not fit its fusion:
+    /// missing with a residual, or given without one.
+    #[error("fused backward of {fusion}: {why}")]
+    FusedGradient {
+        /// The fusion's name (`add`, `add_relu`, `relu`, `none`).
+        fusion: String,
+        /// What is missing or extra.
+        why: String,
+    },
     /// Backward in training mode needs the statistics of a training forward.
     #[error(
         "no saved batch statistics for backward: run forward_train (or forward_eval without tracked statistics) on this input first{detail}"

@@ -94,6 +94,7 @@ pub use error::{Error, Result};
 #[cfg(feature = "safetensors")]
 pub use fixture::{Fixture, FixtureReport, run_fixture};
 pub use fused::{Activation, FusedGradients, FusedOp, Fusion};
+pub use gpu::GpuFusedGradients;
 pub use gpu::{
     AdapterSelection, GpuBatchNorm, GpuContext, GpuDispatch, GpuForward, GpuGradients,
     GpuResourceCounts, GpuSavedStats, GpuTensor,

@@ -2,8 +2,12 @@
 //!
 //! Each file under `shaders/` holds one compute entry point, `main`, except
 //! the shared parts `common.wgsl` (every shader), `reduce.wgsl` (the
-//! reduction passes: their grid, Welford lanes and workgroup merges) and
-//! `stats_io.wgsl` (the bindings of the statistics passes). Before
+//! reduction passes: their grid, Welford lanes and workgroup merges),
+//! `stats_io.wgsl` (the bindings of the statistics passes) and
+//! `upstream.wgsl` / `upstream_gated.wgsl` (how the backward reductions read
+//! `dy`: as it is, or gated by the fused output and written out; the gated
+//! variants of those files, named `_gated`, are the same file after the
+//! other part). Before
 //! its text come a storage prelude that makes the element type of the big
 //! tensors f32 or f16 (the kernels that touch those tensors exist in both
 //! variants from the same file), the constants of [`CONSTANTS`] (workgroup
@@ -11,16 +15,20 @@
 //! shared `Params` struct and helpers of `shaders/common.wgsl`, then the
 //! shared parts it uses.
 
-/// A compute shader: its file name (without `.wgsl`) and full source text.
+/// A compute shader: its name, its file and full source text.
 #[derive(Debug, Clone, Copy)]
 pub struct Shader {
-    /// File name under `shaders/`, without extension; also the pipeline label suffix.
+    /// File name under `shaders/`, without extension, then `_gated` for a
+    /// variant with other parts and `_f16` for f16 storage; also the
+    /// pipeline label suffix.
     pub name: &'static str,
     /// Storage prelude ([`PRELUDE_F32`] or [`PRELUDE_F16`]), [`CONSTANTS`],
     /// `common.wgsl`, then the file's text.
     pub source: &'static str,
     /// The file's own text.
     pub file: &'static str,
+    /// The file's name under `shaders/`, without extension.
+    pub stem: &'static str,
 }
 
 impl Shader {
@@ -66,6 +74,21 @@ macro_rules! flag_lane_channels {
         8
     };
 }
+macro_rules! flag_residual {
+    () => {
+        16
+    };
+}
+macro_rules! flag_relu {
+    () => {
+        32
+    };
+}
+macro_rules! flag_dy_in_dx {
+    () => {
+        64
+    };
+}
 macro_rules! prelude_f32 {
     () => {
         "alias Elem = f32;\nalias Elem4 = vec4<f32>;\n"
@@ -91,6 +114,12 @@ macro_rules! constants {
             flag_cumulative!(),
             "u;\nconst FLAG_LANE_CHANNELS: u32 = ",
             flag_lane_channels!(),
+            "u;\nconst FLAG_RESIDUAL: u32 = ",
+            flag_residual!(),
+            "u;\nconst FLAG_RELU: u32 = ",
+            flag_relu!(),
+            "u;\nconst FLAG_DY_IN_DX: u32 = ",
+            flag_dy_in_dx!(),
             "u;\n"
         )
     };
@@ -110,17 +139,33 @@ pub const FLAG_CUMULATIVE: u32 = flag_cumulative!();
 /// `Params::flags` bit: the lanes of a reduction's vec4 items are four
 /// adjacent channels (channels-last), not four values of one channel.
 pub const FLAG_LANE_CHANNELS: u32 = flag_lane_channels!();
+/// `Params::flags` bit: the normalize pass adds the residual `z` (fused forward).
+pub const FLAG_RESIDUAL: u32 = flag_residual!();
+/// `Params::flags` bit: the normalize pass applies the ReLU (fused forward);
+/// the gated backward reduction stops `dy` where the fused output `y <= 0`.
+pub const FLAG_RELU: u32 = flag_relu!();
+/// `Params::flags` bit: the dx pass reads its upstream gradient from `dx`,
+/// where the gated backward reduction left the gated `dy` (a fused backward
+/// without a residual, whose `dz` would otherwise hold it).
+pub const FLAG_DY_IN_DX: u32 = flag_dy_in_dx!();
 
 /// The shared prefix, `shaders/common.wgsl`.
 pub const COMMON: &str = include_str!("../shaders/common.wgsl");
 
 /// The shared parts of the shaders, by file name (without `.wgsl`):
 /// `common` before every shader, `reduce` before the reduction passes,
-/// `stats_io` before the statistics passes.
+/// `stats_io` before the statistics passes, `upstream` (the plain
+/// backward reductions) or `upstream_gated` (their gated variants) before the
+/// backward reductions: how they read `dy`.
 pub const PARTS: &[(&str, &str)] = &[
     ("common", COMMON),
     ("reduce", include_str!("../shaders/reduce.wgsl")),
     ("stats_io", include_str!("../shaders/stats_io.wgsl")),
+    ("upstream", include_str!("../shaders/upstream.wgsl")),
+    (
+        "upstream_gated",
+        include_str!("../shaders/upstream_gated.wgsl"),
+    ),
 ];
 
 /// Element type of the big tensors for f32 storage.
@@ -131,12 +176,20 @@ pub const PRELUDE_F16: &str = prelude_f16!();
 /// has them after its storage prelude.
 pub const CONSTANTS: &str = constants!();
 
+// `shader!("file", uses "part", ...)`; `, f16` after the file for the f16
+// variant; `"file" as "label"` for a variant of a file with other parts.
 macro_rules! shader {
     ($name:literal $(, uses $inc:literal)*) => {
         shader!(@ $name, $name, prelude_f32!(); $($inc),*)
     };
     ($name:literal, f16 $(, uses $inc:literal)*) => {
         shader!(@ concat!($name, "_f16"), $name, prelude_f16!(); $($inc),*)
+    };
+    ($name:literal as $label:literal $(, uses $inc:literal)*) => {
+        shader!(@ $label, $name, prelude_f32!(); $($inc),*)
+    };
+    ($name:literal as $label:literal, f16 $(, uses $inc:literal)*) => {
+        shader!(@ concat!($label, "_f16"), $name, prelude_f16!(); $($inc),*)
     };
     (@ $label:expr, $name:literal, $prelude:expr; $($inc:literal),*) => {
         Shader {
@@ -149,6 +202,7 @@ macro_rules! shader {
                 include_str!(concat!("../shaders/", $name, ".wgsl"))
             ),
             file: include_str!(concat!("../shaders/", $name, ".wgsl")),
+            stem: $name,
         }
     };
 }
@@ -167,9 +221,20 @@ pub const NORMALIZE: Shader = shader!("normalize");
 /// Elementwise normalize, vec4.
 pub const NORMALIZE_VEC4: Shader = shader!("normalize_vec4");
 /// Backward stage 1 (partial S1, S2).
-pub const BACKWARD_PARTIAL: Shader = shader!("backward_partial", uses "reduce");
+pub const BACKWARD_PARTIAL: Shader = shader!("backward_partial", uses "reduce", uses "upstream");
 /// Backward stage 1, vec4 items.
-pub const BACKWARD_PARTIAL_VEC4: Shader = shader!("backward_partial_vec4", uses "reduce");
+pub const BACKWARD_PARTIAL_VEC4: Shader =
+    shader!("backward_partial_vec4", uses "reduce", uses "upstream");
+/// Backward stage 1 of a fused backward: the sums of the gated `dy`, which
+/// it also writes out (six storage buffers: built where the device has them).
+pub const BACKWARD_PARTIAL_GATED: Shader =
+    shader!("backward_partial" as "backward_partial_gated", uses "reduce", uses "upstream_gated");
+/// Backward stage 1 of a fused backward, vec4 items.
+pub const BACKWARD_PARTIAL_VEC4_GATED: Shader = shader!(
+    "backward_partial_vec4" as "backward_partial_vec4_gated",
+    uses "reduce",
+    uses "upstream_gated"
+);
 /// Backward stage 2 (dweight, dbias, dx coefficients).
 pub const BACKWARD_FINALIZE: Shader = shader!("backward_finalize");
 /// Backward stage 3, scalar.
@@ -190,9 +255,25 @@ pub const NORMALIZE_F16: Shader = shader!("normalize", f16);
 /// Elementwise normalize, vec4, f16 storage.
 pub const NORMALIZE_VEC4_F16: Shader = shader!("normalize_vec4", f16);
 /// Backward stage 1, f16 storage.
-pub const BACKWARD_PARTIAL_F16: Shader = shader!("backward_partial", f16, uses "reduce");
+pub const BACKWARD_PARTIAL_F16: Shader =
+    shader!("backward_partial", f16, uses "reduce", uses "upstream");
 /// Backward stage 1, vec4 items, f16 storage.
-pub const BACKWARD_PARTIAL_VEC4_F16: Shader = shader!("backward_partial_vec4", f16, uses "reduce");
+pub const BACKWARD_PARTIAL_VEC4_F16: Shader =
+    shader!("backward_partial_vec4", f16, uses "reduce", uses "upstream");
+/// Backward stage 1 of a fused backward, f16 storage.
+pub const BACKWARD_PARTIAL_GATED_F16: Shader = shader!(
+    "backward_partial" as "backward_partial_gated",
+    f16,
+    uses "reduce",
+    uses "upstream_gated"
+);
+/// Backward stage 1 of a fused backward, vec4 items, f16 storage.
+pub const BACKWARD_PARTIAL_VEC4_GATED_F16: Shader = shader!(
+    "backward_partial_vec4" as "backward_partial_vec4_gated",
+    f16,
+    uses "reduce",
+    uses "upstream_gated"
+);
 /// Backward stage 3, scalar, f16 storage.
 pub const BACKWARD_DX_F16: Shader = shader!("backward_dx", f16);
 /// Backward stage 3, vec4, f16 storage.
@@ -208,6 +289,8 @@ pub const ALL: &[Shader] = &[
     NORMALIZE_VEC4,
     BACKWARD_PARTIAL,
     BACKWARD_PARTIAL_VEC4,
+    BACKWARD_PARTIAL_GATED,
+    BACKWARD_PARTIAL_VEC4_GATED,
     BACKWARD_FINALIZE,
     BACKWARD_DX,
     BACKWARD_DX_VEC4,
@@ -218,6 +301,8 @@ pub const ALL: &[Shader] = &[
     NORMALIZE_VEC4_F16,
     BACKWARD_PARTIAL_F16,
     BACKWARD_PARTIAL_VEC4_F16,
+    BACKWARD_PARTIAL_GATED_F16,
+    BACKWARD_PARTIAL_VEC4_GATED_F16,
     BACKWARD_DX_F16,
     BACKWARD_DX_VEC4_F16,
 ];

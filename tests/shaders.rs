@@ -15,12 +15,9 @@ fn every_shader_parses_and_validates() {
                     .map_or(0, |l| l.line_number as usize);
                 let prefix = shader.prefix_lines();
                 let (file, line) = if line > prefix {
-                    (format!("shaders/{}.wgsl", shader.name), line - prefix)
+                    (format!("shaders/{}.wgsl", shader.stem), line - prefix)
                 } else {
-                    (
-                        format!("prelude and shaders/common.wgsl of {}", shader.name),
-                        line,
-                    )
+                    (format!("prelude and shared parts of {}", shader.name), line)
                 };
                 failures.push(format!(
                     "{file}:{line}: {}",
@@ -35,8 +32,9 @@ fn every_shader_parses_and_validates() {
         );
         if let Err(e) = validator.validate(&module) {
             failures.push(format!(
-                "shaders/{}.wgsl: {}",
+                "{} (shaders/{}.wgsl): {}",
                 shader.name,
+                shader.stem,
                 e.emit_to_string(shader.source)
             ));
             continue;
@@ -93,6 +91,48 @@ fn every_shader_file_is_embedded() {
         {
             assert_eq!(f16.file, on_disk);
             assert!(f16.source.starts_with(shaders::PRELUDE_F16));
+        }
+    }
+}
+
+/// Every shader, variants included, ends with the text of the file it names.
+#[test]
+fn every_variant_is_its_file_after_its_parts() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
+    for shader in shaders::ALL {
+        let path = dir.join(format!("{}.wgsl", shader.stem));
+        let on_disk = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {}: {e}", shader.name, path.display()));
+        assert_eq!(shader.file, on_disk, "{}", shader.name);
+        assert!(shader.source.ends_with(&on_disk), "{}", shader.name);
+        assert!(
+            shader.name.starts_with(shader.stem),
+            "{} is named after {}",
+            shader.name,
+            shader.stem
+        );
+    }
+    // the gated reductions are the plain files after upstream_gated.wgsl
+    let gated = shaders::ALL
+        .iter()
+        .filter(|s| s.name.contains("_gated"))
+        .count();
+    assert_eq!(gated, 4);
+    for s in shaders::ALL {
+        let part = |name: &str| shaders::PARTS.iter().find(|(n, _)| *n == name).unwrap().1;
+        let (plain, gated) = (part("upstream"), part("upstream_gated"));
+        if s.name.contains("_gated") {
+            assert!(
+                s.source.contains(gated) && !s.source.contains(plain),
+                "{}",
+                s.name
+            );
+        } else if s.stem.starts_with("backward_partial") {
+            assert!(
+                s.source.contains(plain) && !s.source.contains(gated),
+                "{}",
+                s.name
+            );
         }
     }
 }

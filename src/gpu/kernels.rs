@@ -153,12 +153,41 @@ pub(crate) struct ElementKernels {
     pub backward_partial_vec4: Kernel,
     pub backward_dx: Kernel,
     pub backward_dx_vec4: Kernel,
+    /// The backward reductions of a fused backward (scalar, vec4), which
+    /// gate `dy` and write it out: six storage buffers, more than
+    /// [`crate::GpuContext::required_limits`] asks for, so present only where
+    /// the device has [`GATED_STORAGE_BUFFERS`].
+    pub backward_partial_gated: Option<[Kernel; 2]>,
+}
+
+/// Storage buffers per stage (and bindings per group, one more) the gated
+/// backward reductions use: `x`, `dy`, the saved statistics, the partials,
+/// `y` and the gated `dy` they write.
+pub(crate) const GATED_STORAGE_BUFFERS: u32 = 6;
+
+/// Whether `device` can bind the gated backward reductions.
+pub(crate) fn binds_gated(limits: &wgpu::Limits) -> bool {
+    limits.max_storage_buffers_per_shader_stage >= GATED_STORAGE_BUFFERS
+        && limits.max_bindings_per_bind_group > GATED_STORAGE_BUFFERS
 }
 
 impl ElementKernels {
     fn new(device: &wgpu::Device, f16: bool) -> Self {
         use Slot::{Read as R, Uniform as U, Write as W};
         let pick = |a: Shader, b: Shader| if f16 { b } else { a };
+        let gated = binds_gated(&device.limits()).then(|| {
+            [
+                pick(
+                    shaders::BACKWARD_PARTIAL_GATED,
+                    shaders::BACKWARD_PARTIAL_GATED_F16,
+                ),
+                pick(
+                    shaders::BACKWARD_PARTIAL_VEC4_GATED,
+                    shaders::BACKWARD_PARTIAL_VEC4_GATED_F16,
+                ),
+            ]
+            .map(|s| Kernel::new(device, s, &[U, R, R, R, W, R, W]))
+        });
         Self {
             stats_partial: Kernel::new(
                 device,
@@ -173,12 +202,12 @@ impl ElementKernels {
             normalize: Kernel::new(
                 device,
                 pick(shaders::NORMALIZE, shaders::NORMALIZE_F16),
-                &[U, R, R, W],
+                &[U, R, R, W, R],
             ),
             normalize_vec4: Kernel::new(
                 device,
                 pick(shaders::NORMALIZE_VEC4, shaders::NORMALIZE_VEC4_F16),
-                &[U, R, R, W],
+                &[U, R, R, W, R],
             ),
             backward_partial: Kernel::new(
                 device,
@@ -203,6 +232,7 @@ impl ElementKernels {
                 pick(shaders::BACKWARD_DX_VEC4, shaders::BACKWARD_DX_VEC4_F16),
                 &[U, R, R, R, W],
             ),
+            backward_partial_gated: gated,
         }
     }
 }
@@ -235,6 +265,15 @@ impl ElementKernels {
         }
     }
 
+    /// The gated backward reduction of a fused backward (vec4 as
+    /// [`ElementKernels::backward_partial`]); `None` where the device cannot
+    /// bind it.
+    pub fn backward_partial_gated(&self, vec4: bool) -> Option<&Kernel> {
+        self.backward_partial_gated
+            .as_ref()
+            .map(|k| &k[usize::from(vec4)])
+    }
+
     /// The dx pass: vec4 when a row (`C * inner` elements) is a multiple of 4.
     pub fn backward_dx(&self, vec4: bool) -> &Kernel {
         if vec4 {
@@ -249,7 +288,8 @@ impl ElementKernels {
 #[derive(Debug)]
 pub(crate) struct Kernels {
     // Keep STORAGE_BUFFERS_PER_STAGE in context.rs at the most storage
-    // bindings of one kernel below (4).
+    // bindings of one kernel below (4), the optional gated reductions of
+    // `ElementKernels` (GATED_STORAGE_BUFFERS) aside.
     pub stats_finalize: Kernel,
     pub eval_coeffs: Kernel,
     pub backward_finalize: Kernel,
@@ -420,5 +460,8 @@ mod tests {
         assert_eq!(value("FLAG_BATCH_STATS"), shaders::FLAG_BATCH_STATS);
         assert_eq!(value("FLAG_CUMULATIVE"), shaders::FLAG_CUMULATIVE);
         assert_eq!(value("FLAG_LANE_CHANNELS"), shaders::FLAG_LANE_CHANNELS);
+        assert_eq!(value("FLAG_RESIDUAL"), shaders::FLAG_RESIDUAL);
+        assert_eq!(value("FLAG_RELU"), shaders::FLAG_RELU);
+        assert_eq!(value("FLAG_DY_IN_DX"), shaders::FLAG_DY_IN_DX);
     }
 }

@@ -20,7 +20,8 @@ mod timing;
 
 pub use adapter::{AdapterSelection, enumerate_adapters, parse_backend};
 pub use batchnorm::{
-    GpuBatchNorm, GpuDispatch, GpuForward, GpuGradients, GpuResourceCounts, GpuSavedStats,
+    GpuBatchNorm, GpuDispatch, GpuForward, GpuFusedGradients, GpuGradients, GpuResourceCounts,
+    GpuSavedStats,
 };
 pub use context::GpuContext;
 pub use tensor::GpuTensor;

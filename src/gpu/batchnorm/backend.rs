@@ -8,6 +8,7 @@ use super::{GpuBatchNorm, GpuSavedStats};
 use crate::backend::BatchNormBackend;
 use crate::config::{BatchNormConfig, Mode};
 use crate::error::Result;
+use crate::fused::{Activation, FusedGradients, Fusion};
 use crate::gpu::GpuTensor;
 use crate::layout::DType;
 use crate::state::{BatchNormState, Gradients, SavedStats};
@@ -15,11 +16,26 @@ use crate::validate;
 use ndarray::{ArrayD, ArrayViewD};
 
 impl GpuBatchNorm {
-    /// Runs a forward of the ndarray `x`; `batch` forwards keep their
-    /// statistics in `last_saved` for [`BatchNormBackend::backward`].
-    fn array_forward(&mut self, x: ArrayViewD<'_, f32>, mode: Mode) -> Result<ArrayD<f32>> {
-        let x = GpuTensor::from_array_as(&self.ctx, x, self.config.layout, self.storage)?;
+    /// Runs a forward of the ndarray `x`, fused with `z` and `activation`;
+    /// `batch` forwards keep their statistics in `last_saved` for
+    /// [`BatchNormBackend::backward`].
+    fn array_forward(
+        &mut self,
+        x: ArrayViewD<'_, f32>,
+        z: Option<ArrayViewD<'_, f32>>,
+        activation: Activation,
+        mode: Mode,
+    ) -> Result<ArrayD<f32>> {
         let batch = validate::uses_batch_stats(&self.config, mode);
+        validate::input(&self.config, x.shape(), batch)?;
+        if let Some(z) = &z {
+            validate::same_shape("z", x.shape(), z.shape())?;
+        }
+        let (layout, storage) = (self.config.layout, self.storage);
+        let x = GpuTensor::from_array_as(&self.ctx, x, layout, storage)?;
+        let z = z
+            .map(|z| GpuTensor::from_array_as(&self.ctx, z, layout, storage))
+            .transpose()?;
         let y = self.output_like(&x, batch)?;
         let mut saved = match self.last_saved.take() {
             Some(s) => s,
@@ -29,9 +45,10 @@ impl GpuBatchNorm {
         let ctx = self.ctx.clone();
         let result = ctx.run("BatchNorm forward", |enc| {
             let keep = batch.then_some(&mut saved);
+            let z = z.as_ref();
             match mode {
-                Mode::Train => self.record_forward_train(enc, &x, &y, keep),
-                Mode::Eval => self.record_forward_eval(enc, &x, &y, keep),
+                Mode::Train => self.record_forward_train_fused(enc, &x, z, activation, &y, keep),
+                Mode::Eval => self.record_forward_eval_fused(enc, &x, z, activation, &y, keep),
             }
         });
         if result.is_err() {
@@ -40,6 +57,46 @@ impl GpuBatchNorm {
         self.last_saved = Some(saved);
         result?;
         y.to_array()
+    }
+
+    /// Runs a backward of the ndarray `x`, `dy` in `mode`, of a fused
+    /// forward with output `y` when `fused` is `Some((y, fusion))`.
+    fn array_backward(
+        &mut self,
+        (x, dy): (ArrayViewD<'_, f32>, ArrayViewD<'_, f32>),
+        fused: Option<(ArrayViewD<'_, f32>, Fusion)>,
+        mode: Mode,
+    ) -> Result<FusedGradients> {
+        validate::backward_input(&self.config, x.shape(), dy.shape())?;
+        if let Some((y, _)) = &fused {
+            validate::same_shape("y", x.shape(), y.shape())?;
+        }
+        let batch = validate::uses_batch_stats(&self.config, mode);
+        let saved = self.last_saved.take();
+        let result = (|| {
+            if batch {
+                let dims = saved.as_ref().and_then(|s| s.dims()).filter(|_| {
+                    saved.as_ref().and_then(GpuSavedStats::is_batch_stats) == Some(true)
+                });
+                validate::saved_shape(dims, x.shape())?;
+            }
+            let (layout, storage) = (self.config.layout, self.storage);
+            let x = GpuTensor::from_array_as(&self.ctx, x, layout, storage)?;
+            let dy = GpuTensor::from_array_as(&self.ctx, dy, layout, storage)?;
+            let fused = fused
+                .map(|(y, f)| Ok((GpuTensor::from_array_as(&self.ctx, y, layout, storage)?, f)))
+                .transpose()?;
+            let fused = fused.as_ref().map(|(y, f)| (y, *f));
+            self.run_backward_of(&x, &dy, fused, saved.as_ref().filter(|_| batch))
+        })();
+        self.last_saved = saved;
+        let g = result?;
+        Ok(FusedGradients {
+            dx: g.grads.dx.to_array()?,
+            dz: g.dz.map(|t| t.to_array()).transpose()?,
+            dweight: g.grads.dweight.map(|t| t.to_vec()).transpose()?,
+            dbias: g.grads.dbias.map(|t| t.to_vec()).transpose()?,
+        })
     }
 }
 
@@ -53,11 +110,11 @@ impl BatchNormBackend for GpuBatchNorm {
     }
 
     fn forward_train(&mut self, x: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>> {
-        self.array_forward(x, Mode::Train)
+        self.array_forward(x, None, Activation::Identity, Mode::Train)
     }
 
     fn forward_eval(&mut self, x: ArrayViewD<'_, f32>) -> Result<ArrayD<f32>> {
-        self.array_forward(x, Mode::Eval)
+        self.array_forward(x, None, Activation::Identity, Mode::Eval)
     }
 
     fn backward(
@@ -66,27 +123,33 @@ impl BatchNormBackend for GpuBatchNorm {
         dy: ArrayViewD<'_, f32>,
         mode: Mode,
     ) -> Result<Gradients> {
-        validate::backward_input(&self.config, x.shape(), dy.shape())?;
-        let batch = validate::uses_batch_stats(&self.config, mode);
-        let saved = self.last_saved.take();
-        let result = (|| {
-            if batch {
-                let dims = saved.as_ref().and_then(|s| s.dims()).filter(|_| {
-                    saved.as_ref().and_then(GpuSavedStats::is_batch_stats) == Some(true)
-                });
-                validate::saved_shape(dims, x.shape())?;
-            }
-            let x = GpuTensor::from_array_as(&self.ctx, x, self.config.layout, self.storage)?;
-            let dy = GpuTensor::from_array_as(&self.ctx, dy, self.config.layout, self.storage)?;
-            self.run_backward_of(&x, &dy, saved.as_ref().filter(|_| batch))
-        })();
-        self.last_saved = saved;
-        let g = result?;
+        let g = self.array_backward((x, dy), None, mode)?;
         Ok(Gradients {
-            dx: g.dx.to_array()?,
-            dweight: g.dweight.map(|t| t.to_vec()).transpose()?,
-            dbias: g.dbias.map(|t| t.to_vec()).transpose()?,
+            dx: g.dx,
+            dweight: g.dweight,
+            dbias: g.dbias,
         })
+    }
+
+    fn forward_fused(
+        &mut self,
+        x: ArrayViewD<'_, f32>,
+        z: Option<ArrayViewD<'_, f32>>,
+        activation: Activation,
+        mode: Mode,
+    ) -> Result<ArrayD<f32>> {
+        self.array_forward(x, z, activation, mode)
+    }
+
+    fn backward_fused(
+        &mut self,
+        x: ArrayViewD<'_, f32>,
+        y: ArrayViewD<'_, f32>,
+        dy: ArrayViewD<'_, f32>,
+        fusion: Fusion,
+        mode: Mode,
+    ) -> Result<FusedGradients> {
+        self.array_backward((x, dy), Some((y, fusion)), mode)
     }
 
     fn saved_stats(&self) -> Result<Option<SavedStats>> {

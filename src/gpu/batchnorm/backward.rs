@@ -1,38 +1,101 @@
-//! Backward: the passes `backward_partial`, `backward_finalize` and
-//! `backward_dx`, and the recorded operation built from them.
+//! Backward, plain or of a fused forward: the passes `backward_partial`,
+//! `backward_finalize` and `backward_dx`, and the recorded operation built
+//! from them.
+//!
+//! A fused backward rides on the same passes: its reductions (the gated
+//! variants of `backward_partial`) gate `dy` by the fused output `y` and
+//! write the gated `dy` out, into `dz` with a residual or into `dx` as
+//! scratch, and the `dx` pass reads it back from there (from `dx` itself
+//! with `FLAG_DY_IN_DX`): one pass reading `x`, `dy` and `y`, one reading `x`
+//! and the gated `dy`.
 
 use super::plan::Chunk;
 use super::{GpuBatchNorm, GpuSavedStats, Pass, elements};
-use crate::error::Result;
-use crate::gpu::kernels::{ElementKernels, Kernel, Params};
+use crate::error::{Error, Result};
+use crate::fused::{Activation, Fusion};
+use crate::gpu::kernels::{self, ElementKernels, Kernel, Params};
 use crate::gpu::tensor::GpuTensor;
-use crate::shaders::{FLAG_BATCH_STATS, WG_CHANNEL};
+use crate::shaders::{FLAG_BATCH_STATS, FLAG_DY_IN_DX, FLAG_RELU, WG_CHANNEL};
 use crate::shape::ChannelWalk;
 use crate::validate;
+
+/// What a backward of a fused forward adds to the plain one.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Gate<'a> {
+    /// The fused forward's output (the ReLU's mask).
+    pub y: &'a GpuTensor,
+    /// What the forward fused.
+    pub fusion: Fusion,
+    /// Where the residual's gradient goes (with `fusion.residual`).
+    pub dz: Option<&'a GpuTensor>,
+}
+
+impl Gate<'_> {
+    /// Whether the backward differs from the plain one.
+    fn fused(&self) -> bool {
+        self.fusion != Fusion::default()
+    }
+}
 
 impl GpuBatchNorm {
     /// Backward, stage 1 (`shaders/backward_partial.wgsl`, or
     /// `backward_partial_vec4.wgsl` when the reduction reads vec4s; on the
     /// grid of [`super::grid::ReduceGrid`]; [`crate::reference::backward_partial`]): `S1 = sum(dy)` and
     /// `S2 = sum(dy * (x - mean))` of each slice of each channel into the
-    /// partials buffer, with the mean the forward saved.
+    /// partials buffer, with the mean the forward saved. With `gated =
+    /// Some((y, out))` the gated variant (`backward_partial_gated`,
+    /// `shaders/upstream_gated.wgsl`) sums the `dy` gated by `y` (with
+    /// `FLAG_RELU`) instead, and writes it into `out`.
     pub(super) fn backward_partial<'k>(
         &mut self,
         e: &'k ElementKernels,
         chunk: &Chunk,
         (x, dy, saved): (&GpuTensor, &GpuTensor, &wgpu::Buffer),
+        gated: Option<(&GpuTensor, &GpuTensor)>,
     ) -> Result<Pass<'k>> {
         let (vec4, wgs) = chunk.reduce;
         let params = self.cache.params(&self.ctx, &chunk.p)?;
         let scratch = self.scratch.clone();
-        let bindings = [
+        let (first, len) = (chunk.first, chunk.len);
+        let [a, b, c, d, f] = [
             Self::whole(&params),
-            x.range_binding(chunk.first, chunk.len),
-            dy.range_binding(chunk.first, chunk.len),
+            x.range_binding(first, len),
+            dy.range_binding(first, len),
             Self::whole(saved),
             Self::whole(&scratch),
         ];
-        self.group(e.backward_partial(vec4), &bindings, wgs)
+        match gated {
+            None => self.group(e.backward_partial(vec4), &[a, b, c, d, f], wgs),
+            Some((y, out)) => {
+                let k = e
+                    .backward_partial_gated(vec4)
+                    .ok_or_else(|| self.no_gated_kernels())?;
+                let bindings = [
+                    a,
+                    b,
+                    c,
+                    d,
+                    f,
+                    y.range_binding(first, len),
+                    out.range_binding(first, len),
+                ];
+                self.group(k, &bindings, wgs)
+            }
+        }
+    }
+
+    /// The error of a fused backward on a device that cannot bind its reductions.
+    fn no_gated_kernels(&self) -> Error {
+        Error::Unsupported {
+            adapter: self.ctx.label(),
+            what: format!(
+                "a fused backward needs {} storage buffers per shader stage (max_storage_buffers_per_shader_stage) and {} bindings per bind group; the device was opened with {} and {}",
+                kernels::GATED_STORAGE_BUFFERS,
+                kernels::GATED_STORAGE_BUFFERS + 1,
+                self.ctx.limits().max_storage_buffers_per_shader_stage,
+                self.ctx.limits().max_bindings_per_bind_group,
+            ),
+        }
     }
 
     /// Backward, stage 2 (`shaders/backward_finalize.wgsl`,
@@ -60,7 +123,9 @@ impl GpuBatchNorm {
     /// `backward_dx_vec4.wgsl` when a row of `C * inner` elements is a
     /// multiple of 4; on the grid of [`super::grid::ElementGrid`];
     /// [`crate::reference::backward_dx`]): `dx = a*dy + b*(x - mean) + c`;
-    /// threads whose channels all have `b = 0` (running statistics) leave `x` unread.
+    /// threads whose channels all have `b = 0` (running statistics) leave `x`
+    /// unread. With `FLAG_DY_IN_DX` the upstream gradient is read from `dx`
+    /// instead of `dy`.
     pub(super) fn backward_dx<'k>(
         &mut self,
         e: &'k ElementKernels,
@@ -81,23 +146,45 @@ impl GpuBatchNorm {
         self.group(e.backward_dx(vec4), &bindings, wgs)
     }
 
-    /// Checks the tensors of a backward; the walk of `x`.
+    /// Checks the tensors of a backward, of a fused forward with `gate`;
+    /// the walk of `x`.
     fn check_backward(
         &self,
         (x, dy, dx): (&GpuTensor, &GpuTensor, &GpuTensor),
         saved: &wgpu::Buffer,
+        gate: Option<&Gate<'_>>,
     ) -> Result<ChannelWalk> {
         self.check_tensor("x", x)?;
         self.check_tensor("dy", dy)?;
         let walk = validate::backward_input(&self.config, x.shape(), dy.shape())?;
         validate::dtype("dy", x.dtype(), dy.dtype())?;
+        if let Some(g) = gate {
+            self.check_input_like("y", g.y, x)?;
+        }
         self.check_output("dx", dx, &walk.dims, x.dtype())?;
-        elements(&self.ctx, x.dtype())?;
-        self.check_buffers(("dx", dx), &[("x", x), ("dy", dy)], saved)?;
+        let dz = match gate {
+            Some(g) => check_dz(g)?,
+            None => None,
+        };
+        if let Some(dz) = dz {
+            self.check_output("dz", dz, &walk.dims, x.dtype())?;
+        }
+        let e = elements(&self.ctx, x.dtype())?;
+        if gate.is_some_and(Gate::fused) && e.backward_partial_gated(false).is_none() {
+            return Err(self.no_gated_kernels());
+        }
+        let mut inputs = vec![("x", x), ("dy", dy)];
+        inputs.extend(gate.map(|g| ("y", g.y)));
+        self.check_buffers(("dx", dx), &inputs, saved)?;
+        if let Some(dz) = dz {
+            inputs.push(("dx", dx));
+            self.check_buffers(("dz", dz), &inputs, saved)?;
+        }
         Ok(walk)
     }
 
-    /// Records the passes of a backward whose forward saved `saved`.
+    /// Records the passes of a backward whose forward saved `saved`, of a
+    /// fused forward with `gate`.
     fn record_backward_passes(
         &mut self,
         enc: &mut wgpu::CommandEncoder,
@@ -105,18 +192,33 @@ impl GpuBatchNorm {
         (x, dy, dx): (&GpuTensor, &GpuTensor, &GpuTensor),
         (saved, batch): (&wgpu::Buffer, bool),
         before: Option<Pass<'_>>,
+        gate: Option<Gate<'_>>,
     ) -> Result<()> {
         let ctx = self.ctx.clone();
         let e = elements(&ctx, x.dtype())?;
-        let flags = if batch { FLAG_BATCH_STATS } else { 0 };
+        let mut flags = if batch { FLAG_BATCH_STATS } else { 0 };
+        // The fused backward's reductions write the gated dy into dz, which
+        // the dx pass then reads as its dy, or into dx, which it reads back
+        // in place (FLAG_DY_IN_DX; dy stays bound, unread).
+        let (mut gated, mut upstream) = (None, dy);
+        if let Some(g) = gate.filter(Gate::fused) {
+            if g.fusion.activation == Activation::Relu {
+                flags |= FLAG_RELU;
+            }
+            match g.dz {
+                Some(dz) => upstream = dz,
+                None => flags |= FLAG_DY_IN_DX,
+            }
+            gated = Some((g.y, g.dz.unwrap_or(dx)));
+        }
         let plan = self.plan(walk, x.dtype(), flags)?;
         let p = plan.whole;
         let params = self.prepare(&p)?;
         let k = &ctx.kernels().backward_finalize;
         let mut passes: Vec<Pass<'_>> = before.into_iter().collect();
-        if batch || self.config.affine {
+        if batch || self.config.affine || gated.is_some() {
             for chunk in &plan.chunks {
-                passes.push(self.backward_partial(e, chunk, (x, dy, saved))?);
+                passes.push(self.backward_partial(e, chunk, (x, dy, saved), gated)?);
             }
             passes.push(self.backward_finalize(k, (&params, &p), saved)?);
         } else {
@@ -127,7 +229,7 @@ impl GpuBatchNorm {
             passes.push(self.backward_finalize(k, (&params0, &p0), saved)?);
         }
         for chunk in &plan.chunks {
-            passes.push(self.backward_dx(e, chunk, (x, dy, dx))?);
+            passes.push(self.backward_dx(e, chunk, (x, upstream, dx))?);
         }
         self.record(enc, "batchnorm.backward", &passes);
         Ok(())
@@ -161,26 +263,103 @@ impl GpuBatchNorm {
         saved: &GpuSavedStats,
         dx: &GpuTensor,
     ) -> Result<()> {
-        let walk = self.check_backward((x, dy, dx), &saved.buffer)?;
-        let batch = saved.check_backward(self.id, &walk.dims)?.batch;
-        self.record_backward_passes(enc, &walk, (x, dy, dx), (&saved.buffer, batch), None)
+        self.record_backward_of(enc, (x, dy, dx), saved, None)
     }
 
-    /// Records the backward of an evaluation forward with tracked statistics
-    /// from the running statistics as they are when the commands run.
-    pub(super) fn record_backward_running(
+    /// Records the backward of a fused forward
+    /// ([`GpuBatchNorm::record_forward_train_fused`] or
+    /// [`GpuBatchNorm::record_forward_eval_fused`]) that wrote `saved` and
+    /// output `y`: the upstream gradient `dy` gated by the activation (for
+    /// the ReLU zero where `y <= 0`, a NaN `y` letting `dy` through, as
+    /// PyTorch's `threshold_backward`), written into `dz` when
+    /// `fusion.residual`, then the backward of
+    /// [`GpuBatchNorm::record_backward`] of the gated `dy`: `dx` into `dx`,
+    /// `dweight` and `dbias` into the layer's gradient tensors. Nothing is
+    /// submitted. With `Fusion::default()` it is the plain backward.
+    ///
+    /// ```text
+    /// g  = dy where y > 0 or y is NaN, else 0     (ReLU; g = dy for the identity)
+    /// dz = g                                      (with a residual)
+    /// dx, dweight, dbias = the plain backward of g
+    /// ```
+    ///
+    /// The gated `dy` is written as the reduction reads it: into `dz`, or
+    /// into `dx` as scratch that the `dx` pass reads back, so that the
+    /// backward reads `x`, `dy` and `y` once and `x` and the gated `dy`
+    /// once ([`crate::FusedOp::ideal_bytes_per_element`]).
+    ///
+    /// # Errors
+    /// Checked before anything is recorded, leaving encoder and layer as
+    /// they were: as [`GpuBatchNorm::record_backward`], and for `y` and `dz`
+    /// [`crate::Error::DeviceMismatch`], [`crate::Error::LayoutMismatch`],
+    /// [`crate::Error::ShapeMismatch`] or [`crate::Error::DTypeMismatch`]
+    /// when they differ from `x`, [`crate::Error::BufferAlias`] when `dz`
+    /// shares a buffer with another tensor of the call,
+    /// [`crate::Error::FusedGradient`] for a missing `dz` with
+    /// `fusion.residual` or a `dz` without it, and
+    /// [`crate::Error::Unsupported`] for a fused backward on a device opened
+    /// with fewer than 6 storage buffers per shader stage (its reductions
+    /// bind `x`, `dy`, `y`, the gated `dy`, the saved statistics and the partial sums).
+    #[allow(clippy::too_many_arguments)]
+    pub fn record_backward_fused(
         &mut self,
         enc: &mut wgpu::CommandEncoder,
         x: &GpuTensor,
+        y: &GpuTensor,
         dy: &GpuTensor,
+        fusion: Fusion,
+        saved: &GpuSavedStats,
         dx: &GpuTensor,
+        dz: Option<&GpuTensor>,
+    ) -> Result<()> {
+        let gate = Gate { y, fusion, dz };
+        self.record_backward_of(enc, (x, dy, dx), saved, Some(gate))
+    }
+
+    /// Records the backward of the forward that wrote `saved`, of a fused
+    /// forward with `gate`.
+    pub(super) fn record_backward_of(
+        &mut self,
+        enc: &mut wgpu::CommandEncoder,
+        (x, dy, dx): (&GpuTensor, &GpuTensor, &GpuTensor),
+        saved: &GpuSavedStats,
+        gate: Option<Gate<'_>>,
+    ) -> Result<()> {
+        let walk = self.check_backward((x, dy, dx), &saved.buffer, gate.as_ref())?;
+        let batch = saved.check_backward(self.id, &walk.dims)?.batch;
+        let tensors = (x, dy, dx);
+        self.record_backward_passes(enc, &walk, tensors, (&saved.buffer, batch), None, gate)
+    }
+
+    /// Records the backward of an evaluation forward with tracked statistics
+    /// from the running statistics as they are when the commands run, of a
+    /// fused forward with `gate`.
+    pub(super) fn record_backward_running(
+        &mut self,
+        enc: &mut wgpu::CommandEncoder,
+        (x, dy, dx): (&GpuTensor, &GpuTensor, &GpuTensor),
+        gate: Option<Gate<'_>>,
     ) -> Result<()> {
         let own = self.own_buffer();
-        let walk = self.check_backward((x, dy, dx), &own)?;
+        let walk = self.check_backward((x, dy, dx), &own, gate.as_ref())?;
         let ctx = self.ctx.clone();
         let p = self.plan(&walk, x.dtype(), 0)?.whole;
         let params = self.prepare(&p)?;
         let coeffs = self.eval_coeffs(&ctx.kernels().eval_coeffs, (&params, &p), &own)?;
-        self.record_backward_passes(enc, &walk, (x, dy, dx), (&own, false), Some(coeffs))
+        let tensors = (x, dy, dx);
+        self.record_backward_passes(enc, &walk, tensors, (&own, false), Some(coeffs), gate)
     }
+}
+
+/// The `dz` of a fused backward, which a residual needs and only a residual takes.
+fn check_dz<'a>(g: &Gate<'a>) -> Result<Option<&'a GpuTensor>> {
+    let why = match (g.fusion.residual, g.dz) {
+        (true, None) => "the fusion adds a residual, whose gradient needs a dz tensor",
+        (false, Some(_)) => "a dz tensor was given, but the fusion adds no residual",
+        _ => return Ok(g.dz),
+    };
+    Err(Error::FusedGradient {
+        fusion: g.fusion.name().into(),
+        why: why.into(),
+    })
 }

@@ -1,14 +1,15 @@
-//! Training and evaluation forward: the passes `stats_partial`,
-//! `stats_finalize`, `eval_coeffs` and `normalize`, and the recorded
-//! operations built from them.
+//! Training and evaluation forward, plain or fused with the residual add
+//! and ReLU after them: the passes `stats_partial`, `stats_finalize`,
+//! `eval_coeffs` and `normalize`, and the recorded operations built from them.
 
 use super::plan::{Chunk, Plan};
 use super::{GpuBatchNorm, GpuSavedStats, Pass, elements, saved::Written};
 use crate::config::Mode;
 use crate::error::Result;
+use crate::fused::Activation;
 use crate::gpu::kernels::{ElementKernels, Params};
 use crate::gpu::tensor::GpuTensor;
-use crate::shaders::{FLAG_UPDATE_RUNNING, WG_CHANNEL};
+use crate::shaders::{FLAG_RELU, FLAG_RESIDUAL, FLAG_UPDATE_RUNNING, WG_CHANNEL};
 use crate::shape::ChannelWalk;
 use crate::validate;
 
@@ -82,57 +83,65 @@ impl GpuBatchNorm {
     /// `normalize_vec4.wgsl` when a row of `C * inner` elements is a multiple
     /// of 4; on the grid of [`super::grid::ElementGrid`];
     /// [`crate::reference::normalize`]): `y = (x - center) * scale + shift`
-    /// with the per-channel coefficients of the pass before.
+    /// with the per-channel coefficients of the pass before; fused
+    /// (`FLAG_RESIDUAL`, `FLAG_RELU` in the chunk's flags), `y = act(that + z)`.
+    /// Without `z` the pass binds `x` in its place and does not read it.
     fn normalize<'k>(
         &mut self,
         e: &'k ElementKernels,
         chunk: &Chunk,
-        (x, y): (&GpuTensor, &GpuTensor),
+        (x, z, y): (&GpuTensor, Option<&GpuTensor>, &GpuTensor),
     ) -> Result<Pass<'k>> {
         let (vec4, wgs) = chunk.elements;
         let params = self.cache.params(&self.ctx, &chunk.p)?;
         let coef = self.coef.clone();
+        let (first, len) = (chunk.first, chunk.len);
         let bindings = [
             Self::whole(&params),
-            x.range_binding(chunk.first, chunk.len),
+            x.range_binding(first, len),
             Self::whole(&coef),
-            y.range_binding(chunk.first, chunk.len),
+            y.range_binding(first, len),
+            z.unwrap_or(x).range_binding(first, len),
         ];
         self.group(e.normalize(vec4), &bindings, wgs)
     }
 
-    /// The normalize passes of every chunk of `plan`.
+    /// The normalize passes of every chunk of `plan`, adding `z` when given.
     pub(super) fn normalize_all<'k>(
         &mut self,
         e: &'k ElementKernels,
         plan: &Plan,
-        (x, y): (&GpuTensor, &GpuTensor),
+        (x, z, y): (&GpuTensor, Option<&GpuTensor>, &GpuTensor),
         passes: &mut Vec<Pass<'k>>,
     ) -> Result<()> {
         for chunk in &plan.chunks {
-            passes.push(self.normalize(e, chunk, (x, y))?);
+            passes.push(self.normalize(e, chunk, (x, z, y))?);
         }
         Ok(())
     }
 
-    /// Checks a forward of `x` into `y` with `saved`; the walk of `x` and
-    /// the buffer the statistics go to (`saved`'s, or the layer's own).
+    /// Checks a forward of `x` (plus `z`) into `y` with `saved`; the walk
+    /// of `x` and the buffer the statistics go to (`saved`'s, or the layer's own).
     fn check_forward(
         &self,
-        x: &GpuTensor,
-        y: &GpuTensor,
+        (x, z, y): (&GpuTensor, Option<&GpuTensor>, &GpuTensor),
         saved: Option<&GpuSavedStats>,
         batch: bool,
     ) -> Result<(ChannelWalk, wgpu::Buffer)> {
         self.check_tensor("x", x)?;
         let walk = validate::input(&self.config, x.shape(), batch)?;
+        if let Some(z) = z {
+            self.check_input_like("z", z, x)?;
+        }
         self.check_output("y", y, &walk.dims, x.dtype())?;
         elements(&self.ctx, x.dtype())?;
         if let Some(s) = saved {
             s.check_layer(self.id)?;
         }
         let saved_buffer = saved.map_or_else(|| self.own_buffer(), |s| s.buffer.clone());
-        self.check_buffers(("y", y), &[("x", x)], &saved_buffer)?;
+        let inputs: Vec<(&str, &GpuTensor)> =
+            [("x", x)].into_iter().chain(z.map(|z| ("z", z))).collect();
+        self.check_buffers(("y", y), &inputs, &saved_buffer)?;
         Ok((walk, saved_buffer))
     }
 
@@ -145,20 +154,22 @@ impl GpuBatchNorm {
             .clone()
     }
 
-    /// Records a forward with batch statistics; `update` moves the running statistics.
+    /// Records a forward with batch statistics, fused with `z` and
+    /// `activation`; `update` moves the running statistics.
     fn record_batch_forward(
         &mut self,
         enc: &mut wgpu::CommandEncoder,
-        (x, y): (&GpuTensor, &GpuTensor),
+        (x, z, y): (&GpuTensor, Option<&GpuTensor>, &GpuTensor),
+        activation: Activation,
         saved: Option<&mut GpuSavedStats>,
         update: bool,
     ) -> Result<()> {
-        let (walk, saved_buffer) = self.check_forward(x, y, saved.as_deref(), true)?;
+        let (walk, saved_buffer) = self.check_forward((x, z, y), saved.as_deref(), true)?;
         // a backward of this forward is the layer's own, not a synchronized one
         self.sync = None;
         let ctx = self.ctx.clone();
         let e = elements(&ctx, x.dtype())?;
-        let flags = if update { FLAG_UPDATE_RUNNING } else { 0 };
+        let flags = if update { FLAG_UPDATE_RUNNING } else { 0 } | fused_flags(z, activation);
         let plan = self.plan(&walk, x.dtype(), flags)?;
         let p = plan.whole;
         let params = self.prepare(&p)?;
@@ -171,7 +182,7 @@ impl GpuBatchNorm {
             (&params, &p),
             &saved_buffer,
         )?);
-        self.normalize_all(e, &plan, (x, y), &mut passes)?;
+        self.normalize_all(e, &plan, (x, z, y), &mut passes)?;
         let label = if update {
             "batchnorm.forward_train"
         } else {
@@ -211,8 +222,38 @@ impl GpuBatchNorm {
         y: &GpuTensor,
         saved: Option<&mut GpuSavedStats>,
     ) -> Result<()> {
+        self.record_forward_train_fused(enc, x, None, Activation::Identity, y, saved)
+    }
+
+    /// Records a fused training forward `y = act(BN(x) + z)`: the BatchNorm
+    /// exactly as [`GpuBatchNorm::record_forward_train`] (batch statistics
+    /// saved, running statistics moved), then the residual `z` added when
+    /// given, then `activation`, all in the normalize pass. Nothing is
+    /// submitted. Without `z` and with [`Activation::Identity`] it is the
+    /// plain training forward.
+    ///
+    /// ```text
+    /// y = act((x - mean) / sqrt(var + eps) * weight + bias + z)
+    /// ```
+    ///
+    /// # Errors
+    /// Checked before anything is recorded, leaving encoder and layer as
+    /// they were: as [`GpuBatchNorm::record_forward_train`], and for `z`
+    /// [`crate::Error::DeviceMismatch`], [`crate::Error::LayoutMismatch`],
+    /// [`crate::Error::ShapeMismatch`] or [`crate::Error::DTypeMismatch`]
+    /// when it differs from `x`, [`crate::Error::BufferAlias`] when it shares
+    /// `y`'s buffer.
+    pub fn record_forward_train_fused(
+        &mut self,
+        enc: &mut wgpu::CommandEncoder,
+        x: &GpuTensor,
+        z: Option<&GpuTensor>,
+        activation: Activation,
+        y: &GpuTensor,
+        saved: Option<&mut GpuSavedStats>,
+    ) -> Result<()> {
         let update = self.config.track_running_stats;
-        self.record_batch_forward(enc, (x, y), saved, update)
+        self.record_batch_forward(enc, (x, z, y), activation, saved, update)
     }
 
     /// Records an evaluation forward of `x` into `y`: normalizes with the
@@ -234,21 +275,54 @@ impl GpuBatchNorm {
         y: &GpuTensor,
         saved: Option<&mut GpuSavedStats>,
     ) -> Result<()> {
+        self.record_forward_eval_fused(enc, x, None, Activation::Identity, y, saved)
+    }
+
+    /// Records a fused evaluation forward `y = act(BN(x) + z)`: the
+    /// BatchNorm exactly as [`GpuBatchNorm::record_forward_eval`], then the
+    /// residual `z` added when given, then `activation`, all in the
+    /// normalize pass. Nothing is submitted.
+    ///
+    /// ```text
+    /// y = act((x - running_mean) / sqrt(running_var + eps) * weight + bias + z)
+    /// ```
+    ///
+    /// # Errors
+    /// As [`GpuBatchNorm::record_forward_train_fused`]; one value per channel
+    /// is an error only without tracked statistics.
+    pub fn record_forward_eval_fused(
+        &mut self,
+        enc: &mut wgpu::CommandEncoder,
+        x: &GpuTensor,
+        z: Option<&GpuTensor>,
+        activation: Activation,
+        y: &GpuTensor,
+        saved: Option<&mut GpuSavedStats>,
+    ) -> Result<()> {
         if validate::uses_batch_stats(&self.config, Mode::Eval) {
-            return self.record_batch_forward(enc, (x, y), saved, false);
+            return self.record_batch_forward(enc, (x, z, y), activation, saved, false);
         }
-        let (walk, saved_buffer) = self.check_forward(x, y, saved.as_deref(), false)?;
+        let (walk, saved_buffer) = self.check_forward((x, z, y), saved.as_deref(), false)?;
         let ctx = self.ctx.clone();
         let e = elements(&ctx, x.dtype())?;
-        let plan = self.plan(&walk, x.dtype(), 0)?;
+        let plan = self.plan(&walk, x.dtype(), fused_flags(z, activation))?;
         let p = plan.whole;
         let params = self.prepare(&p)?;
         let mut passes =
             vec![self.eval_coeffs(&ctx.kernels().eval_coeffs, (&params, &p), &saved_buffer)?];
-        self.normalize_all(e, &plan, (x, y), &mut passes)?;
+        self.normalize_all(e, &plan, (x, z, y), &mut passes)?;
         self.record(enc, "batchnorm.forward_eval", &passes);
         mark_written(saved, walk.dims, false);
         Ok(())
+    }
+}
+
+/// The flags of the normalize pass of a forward fused with `z` and `activation`.
+fn fused_flags(z: Option<&GpuTensor>, activation: Activation) -> u32 {
+    let residual = if z.is_some() { FLAG_RESIDUAL } else { 0 };
+    match activation {
+        Activation::Identity => residual,
+        Activation::Relu => residual | FLAG_RELU,
     }
 }
 

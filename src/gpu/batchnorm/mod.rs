@@ -67,6 +67,17 @@ pub struct GpuGradients {
     pub dbias: Option<GpuTensor>,
 }
 
+/// Gradients of a fused GPU backward
+/// ([`GpuBatchNorm::run_backward_fused`]), left on the device.
+#[derive(Debug, Clone)]
+pub struct GpuFusedGradients {
+    /// The BatchNorm's gradients: `dx`, `dweight`, `dbias`.
+    pub grads: GpuGradients,
+    /// Gradient with respect to the residual `z` (the gated `dy`), when the
+    /// fusion has one.
+    pub dz: Option<GpuTensor>,
+}
+
 /// The per-channel tensors of a layer, views of its state buffer.
 #[derive(Debug)]
 struct Views {
@@ -307,6 +318,13 @@ impl GpuBatchNorm {
     fn check_tensor(&self, what: &str, t: &GpuTensor) -> Result<()> {
         t.check_device(what, &self.ctx)?;
         validate::layout(what, self.config.layout, t.layout())
+    }
+
+    /// Errors unless the input `t` is like `x`: device, layout, shape and dtype.
+    fn check_input_like(&self, what: &str, t: &GpuTensor, x: &GpuTensor) -> Result<()> {
+        self.check_tensor(what, t)?;
+        validate::same_shape(what, x.shape(), t.shape())?;
+        validate::dtype(what, x.dtype(), t.dtype())
     }
 
     /// Errors unless the output `out` fits: device, layout, `dtype` and shape `dims`.

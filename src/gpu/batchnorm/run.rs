@@ -1,9 +1,11 @@
 //! The blocking operations: a recording run through [`crate::GpuContext::run`]
 //! (one submit, a wait) into outputs allocated for the call.
 
-use super::{GpuBatchNorm, GpuForward, GpuGradients, GpuSavedStats};
+use super::backward::Gate;
+use super::{GpuBatchNorm, GpuForward, GpuFusedGradients, GpuGradients, GpuSavedStats};
 use crate::config::Mode;
 use crate::error::Result;
+use crate::fused::{Activation, Fusion};
 use crate::gpu::tensor::GpuTensor;
 use crate::layout::{DType, Layout};
 use crate::validate;
@@ -31,11 +33,27 @@ impl GpuBatchNorm {
     /// As `record_forward_train`, and [`crate::Error::Wgpu`],
     /// [`crate::Error::DeviceLost`]. On error the layer is unchanged.
     pub fn run_forward_train(&mut self, x: &GpuTensor) -> Result<GpuForward> {
+        self.run_forward_train_fused(x, None, Activation::Identity)
+    }
+
+    /// Fused training forward, blocking:
+    /// [`GpuBatchNorm::record_forward_train_fused`] into a new output and a
+    /// new [`GpuSavedStats`], submitted and waited for.
+    ///
+    /// # Errors
+    /// As `record_forward_train_fused`, and [`crate::Error::Wgpu`],
+    /// [`crate::Error::DeviceLost`]. On error the layer is unchanged.
+    pub fn run_forward_train_fused(
+        &mut self,
+        x: &GpuTensor,
+        z: Option<&GpuTensor>,
+        activation: Activation,
+    ) -> Result<GpuForward> {
         let y = self.output_like(x, true)?;
         let mut saved = self.new_saved()?;
         let ctx = self.ctx.clone();
         ctx.run("BatchNorm training forward", |enc| {
-            self.record_forward_train(enc, x, &y, Some(&mut saved))
+            self.record_forward_train_fused(enc, x, z, activation, &y, Some(&mut saved))
         })?;
         Ok(GpuForward { y, saved })
     }
@@ -47,12 +65,28 @@ impl GpuBatchNorm {
     /// As `record_forward_eval`, and [`crate::Error::Wgpu`],
     /// [`crate::Error::DeviceLost`]. On error the layer is unchanged.
     pub fn run_forward_eval(&mut self, x: &GpuTensor) -> Result<GpuForward> {
+        self.run_forward_eval_fused(x, None, Activation::Identity)
+    }
+
+    /// Fused evaluation forward, blocking:
+    /// [`GpuBatchNorm::record_forward_eval_fused`] into a new output and a
+    /// new [`GpuSavedStats`], submitted and waited for.
+    ///
+    /// # Errors
+    /// As `record_forward_eval_fused`, and [`crate::Error::Wgpu`],
+    /// [`crate::Error::DeviceLost`]. On error the layer is unchanged.
+    pub fn run_forward_eval_fused(
+        &mut self,
+        x: &GpuTensor,
+        z: Option<&GpuTensor>,
+        activation: Activation,
+    ) -> Result<GpuForward> {
         let batch = validate::uses_batch_stats(&self.config, Mode::Eval);
         let y = self.output_like(x, batch)?;
         let mut saved = self.new_saved()?;
         let ctx = self.ctx.clone();
         ctx.run("BatchNorm evaluation forward", |enc| {
-            self.record_forward_eval(enc, x, &y, Some(&mut saved))
+            self.record_forward_eval_fused(enc, x, z, activation, &y, Some(&mut saved))
         })?;
         Ok(GpuForward { y, saved })
     }
@@ -70,18 +104,47 @@ impl GpuBatchNorm {
         dy: &GpuTensor,
         saved: &GpuSavedStats,
     ) -> Result<GpuGradients> {
-        self.run_backward_of(x, dy, Some(saved))
+        Ok(self.run_backward_of(x, dy, None, Some(saved))?.grads)
+    }
+
+    /// Fused backward, blocking: [`GpuBatchNorm::record_backward_fused`]
+    /// into a new `dx` and (with `fusion.residual`) a new `dz`, and copies of
+    /// the layer's `dweight`, `dbias` (affine only), submitted and waited for.
+    ///
+    /// # Errors
+    /// As `record_backward_fused`, and [`crate::Error::Wgpu`],
+    /// [`crate::Error::DeviceLost`].
+    pub fn run_backward_fused(
+        &mut self,
+        x: &GpuTensor,
+        y: &GpuTensor,
+        dy: &GpuTensor,
+        fusion: Fusion,
+        saved: &GpuSavedStats,
+    ) -> Result<GpuFusedGradients> {
+        self.run_backward_of(x, dy, Some((y, fusion)), Some(saved))
     }
 
     /// Backward of the forward that saved `saved`, or with `None` of an
-    /// evaluation forward on the running statistics.
+    /// evaluation forward on the running statistics; of a fused forward with
+    /// output `y` when `fused` is `Some((y, fusion))`.
     pub(super) fn run_backward_of(
         &mut self,
         x: &GpuTensor,
         dy: &GpuTensor,
+        fused: Option<(&GpuTensor, Fusion)>,
         saved: Option<&GpuSavedStats>,
-    ) -> Result<GpuGradients> {
+    ) -> Result<GpuFusedGradients> {
         let dx = self.output_like(x, false)?;
+        let dz = fused
+            .filter(|(_, f)| f.residual)
+            .map(|_| self.output_like(x, false))
+            .transpose()?;
+        let gate = fused.map(|(y, fusion)| Gate {
+            y,
+            fusion,
+            dz: dz.as_ref(),
+        });
         let grads = self
             .config
             .affine
@@ -96,8 +159,8 @@ impl GpuBatchNorm {
         let ctx = self.ctx.clone();
         ctx.run("BatchNorm backward", |enc| {
             match saved {
-                Some(s) => self.record_backward(enc, x, dy, s, &dx)?,
-                None => self.record_backward_running(enc, x, dy, &dx)?,
+                Some(s) => self.record_backward_of(enc, (x, dy, &dx), s, gate)?,
+                None => self.record_backward_running(enc, (x, dy, &dx), gate)?,
             }
             if let Some((dw, db)) = &grads {
                 copy(enc, &self.views.dweight, dw);
@@ -106,7 +169,10 @@ impl GpuBatchNorm {
             Ok(())
         })?;
         let (dweight, dbias) = grads.unzip();
-        Ok(GpuGradients { dx, dweight, dbias })
+        Ok(GpuFusedGradients {
+            grads: GpuGradients { dx, dweight, dbias },
+            dz,
+        })
     }
 }
 

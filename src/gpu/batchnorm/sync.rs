@@ -76,7 +76,7 @@ impl GpuBatchNorm {
             for chunk in &plan.chunks {
                 passes.push(match dy {
                     None => self.stats_partial(e, chunk, x)?,
-                    Some(dy) => self.backward_partial(e, chunk, (x, dy, &saved))?,
+                    Some(dy) => self.backward_partial(e, chunk, (x, dy, &saved), None)?,
                 });
             }
             self.record(enc, "batchnorm.sync.reduce", &passes);
@@ -210,7 +210,7 @@ impl SyncPhases for GpuBatchNorm {
             self.prepare(&plan.whole)?;
             ctx.run("batchnorm.sync.normalize", |enc| {
                 let mut passes = Vec::with_capacity(plan.chunks.len());
-                self.normalize_all(e, &plan, (x, &y), &mut passes)?;
+                self.normalize_all(e, &plan, (x, None, &y), &mut passes)?;
                 self.record(enc, "batchnorm.sync.normalize", &passes);
                 Ok(())
             })?;
