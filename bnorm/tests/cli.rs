@@ -366,3 +366,61 @@ fn bench_hot_path_measures_every_adapter() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--hot-path"), "{}", stderr(&o));
 }
+
+#[test]
+fn bench_fused_sets_each_fused_op_against_its_unfused_twin() {
+    let json = std::env::temp_dir().join(format!("bnorm-fused-{}.json", std::process::id()));
+    let o = bnorm(&[
+        "bench",
+        "--op",
+        "fused",
+        "--fusion",
+        "add_relu",
+        "--shape",
+        "4x8x4x4",
+        "--repeat",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+    assert!(out.contains("vs unfused"), "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    std::fs::remove_file(&json).ok();
+    let records = v.as_array().unwrap();
+    // the CPU (one time source) and every adapter (timestamps where it has them, wall)
+    let sources: usize = 1 + gpu_contexts()
+        .iter()
+        .map(|c| 1 + usize::from(c.has_timestamps()))
+        .sum::<usize>();
+    assert_eq!(records.len(), 2 * 3 * sources, "{v}");
+    for op in ["train_forward", "eval_forward", "backward"] {
+        let fused: Vec<_> = records
+            .iter()
+            .filter(|r| r["op"] == format!("fused_{op}"))
+            .collect();
+        assert_eq!(fused.len(), sources, "{op}: {v}");
+        for r in fused {
+            assert_eq!(r["fusion"], "add_relu", "{r}");
+            assert!(r["fused_speedup"].as_f64().unwrap() > 0.0, "{r}");
+        }
+    }
+    // floors: training forward with the residual 16 B per f32 element, backward with ReLU 28 B
+    let r = records
+        .iter()
+        .find(|r| r["op"] == "unfused_backward")
+        .unwrap();
+    let want = 4.0 * 8.0 * 16.0 * 28.0 / r["median_s"].as_f64().unwrap() / 1e9;
+    assert!(
+        (r["gbps"].as_f64().unwrap() / want - 1.0).abs() < 1e-9,
+        "{r}"
+    );
+
+    let o = bnorm(&["bench", "--op", "fused", "--fusion", "none"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("not a fusion"), "{}", stderr(&o));
+}

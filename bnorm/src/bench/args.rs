@@ -2,7 +2,7 @@
 
 use clap::ValueEnum;
 use std::path::PathBuf;
-use wgpu_batchnorm::{ChannelWalk, DType, Layout, Operation};
+use wgpu_batchnorm::{ChannelWalk, DType, Fusion, Layout, Operation};
 
 /// Shapes of the default run (logical `N x C x spatial`): ResNet-50's
 /// BatchNorm2d inputs at batch 32, a BatchNorm1d and a small one.
@@ -87,6 +87,19 @@ pub fn parse_shape(s: &str) -> Result<BenchShape, String> {
     Ok(BenchShape(dims))
 }
 
+/// Parses `--fusion` (for clap).
+///
+/// # Errors
+/// A message naming the choices.
+pub fn parse_fusion(s: &str) -> Result<Fusion, String> {
+    match Fusion::parse(s) {
+        Some(f) if f != Fusion::default() => Ok(f),
+        _ => Err(format!(
+            "{s:?} is not a fusion; choose add_relu, add or relu"
+        )),
+    }
+}
+
 /// `--op`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OpArg {
@@ -98,6 +111,9 @@ pub enum OpArg {
     Backward,
     /// All three.
     All,
+    /// All three fused with `--fusion` (`y = relu(BN(x) + z)` by default),
+    /// each against the plain op followed by separate add and ReLU passes.
+    Fused,
 }
 
 impl OpArg {
@@ -107,7 +123,7 @@ impl OpArg {
             OpArg::Train => vec![Operation::TrainForward],
             OpArg::Eval => vec![Operation::EvalForward],
             OpArg::Backward => vec![Operation::Backward],
-            OpArg::All => Operation::ALL.to_vec(),
+            OpArg::All | OpArg::Fused => Operation::ALL.to_vec(),
         }
     }
 }
@@ -170,6 +186,10 @@ pub struct BenchArgs {
     /// forward and backward).
     #[arg(long, value_enum, default_value = "all")]
     pub op: OpArg,
+    /// With `--op fused`: what follows the BatchNorm, `add_relu` (the
+    /// residual add, then ReLU), `add` or `relu`.
+    #[arg(long, value_name = "FUSION", default_value = "add_relu", value_parser = parse_fusion)]
+    pub fusion: Fusion,
     /// The CPU backend, GPU adapters, or both (`--hot-path`: GPU adapters only).
     #[arg(long, value_enum, default_value = "all")]
     pub backend: BackendArg,

@@ -56,7 +56,7 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Median wall-clock seconds of `f` over `repeat` runs after `warmup`.
-fn time_wall(warmup: u32, repeat: u32, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+pub fn time_wall(warmup: u32, repeat: u32, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     for _ in 0..warmup {
         f()?;
     }
@@ -111,7 +111,7 @@ pub fn data(len: usize, seed: u64) -> Vec<f32> {
 }
 
 /// CPU model (from /proc/cpuinfo where there is one) and rayon's thread count.
-fn cpu_name() -> String {
+pub fn cpu_name() -> String {
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -148,10 +148,25 @@ impl Case<'_> {
         seconds: f64,
         copy_gbps: f64,
     ) -> Record {
+        let bytes = op.ideal_bytes_per_element(self.dtype);
+        self.record_named(op.name(), bytes, backend, device, seconds, copy_gbps)
+    }
+
+    /// The record of an operation named `op` with `bytes` of ideal traffic
+    /// per element, taking `seconds`, set against a copy at `copy_gbps`.
+    pub fn record_named(
+        &self,
+        op: &'static str,
+        bytes: f64,
+        backend: &str,
+        device: &str,
+        seconds: f64,
+        copy_gbps: f64,
+    ) -> Record {
         let n = self.shape.len();
-        let gbps = n as f64 * op.ideal_bytes_per_element(self.dtype) / seconds / 1e9;
+        let gbps = n as f64 * bytes / seconds / 1e9;
         Record {
-            op: op.name(),
+            op,
             backend: backend.to_string(),
             device: device.to_string(),
             shape: self.shape.name(),
@@ -165,6 +180,8 @@ impl Case<'_> {
             fraction_of_copy: gbps / copy_gbps,
             gpu_time_source: None,
             gpu_over_cpu: None,
+            fusion: None,
+            fused_speedup: None,
         }
     }
 }
@@ -265,7 +282,7 @@ impl GpuData {
 }
 
 /// Times `f` on `ctx` by each available source: `(source, seconds or error)`.
-fn time_sources(
+pub fn time_sources(
     ctx: &GpuContext,
     case: &Case<'_>,
     mut f: impl FnMut() -> Result<()>,

@@ -27,17 +27,19 @@
 //! and submission path ([`hot_path`]).
 
 mod args;
+mod fused;
 mod hot_path;
 mod hot_report;
 mod measure;
 mod record;
 mod svg;
 mod table;
+mod unfused;
 
 pub use args::BenchArgs;
 
 use crate::gpus::open_adapters;
-use args::BackendArg;
+use args::{BackendArg, OpArg};
 use indicatif::{ProgressBar, ProgressStyle};
 use measure::{Case, Run, Skip, bench_cpu, bench_gpu};
 use std::fmt;
@@ -123,6 +125,15 @@ pub fn run(args: &BenchArgs) -> Result<u8, OutputError> {
             repeat,
             warmup,
         };
+        if args.op == OpArg::Fused {
+            if cpu {
+                fused::bench_cpu(&case, args.fusion, &mut run, &pb);
+            }
+            for ctx in &gpus {
+                fused::bench_gpu(ctx, &case, args.fusion, &mut run, &pb);
+            }
+            continue;
+        }
         if cpu {
             bench_cpu(&case, &ops, &mut run, &pb);
         }
@@ -132,7 +143,18 @@ pub fn run(args: &BenchArgs) -> Result<u8, OutputError> {
     }
     pb.finish_and_clear();
     record::fill_ratios(&mut run.records);
+    record::fill_speedups(&mut run.records);
 
+    if args.op == OpArg::Fused {
+        println!(
+            "--op fused: fused_* = BatchNorm fused with {}, unfused_* = the plain BatchNorm, then \
+             the add and the ReLU as separate passes in place (backward: the ReLU's backward pass, \
+             then the plain backward); both counted against the fused op's floor (f32 per element: \
+             training forward 12 B + 4 with the residual, evaluation 8 + 4, backward 28 with ReLU, \
+             20 + 4 without); \"vs unfused\": unfused time / fused time.",
+            args.fusion.name()
+        );
+    }
     println!(
         "bnorm bench: median of {repeat} runs after {warmup} warm-up; GB/s of ideal traffic \
          (per element, f32: train 12 B, eval 8 B, backward 20 B; f16 half); \"of copy\": against a copy \

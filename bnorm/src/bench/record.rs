@@ -7,7 +7,8 @@ use serde::Serialize;
 /// One measurement, as `--json` writes it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Record {
-    /// `train_forward`, `eval_forward` or `backward`.
+    /// `train_forward`, `eval_forward` or `backward`; with `--op fused`
+    /// `fused_*` and `unfused_*` of those.
     pub op: &'static str,
     /// `cpu`, or the adapter's backend (`vulkan`, `gl`, `metal`, `dx12`).
     pub backend: String,
@@ -38,6 +39,14 @@ pub struct Record {
     /// GPU records: CPU time over GPU time for the same op, shape, layout and dtype.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu_over_cpu: Option<f64>,
+    /// `--op fused` records: what follows the BatchNorm (`relu`, `add`,
+    /// `add_relu`); both variants count the fused op's traffic floor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fusion: Option<&'static str>,
+    /// `fused_*` records: the unfused variant's time over the fused one's,
+    /// same device, case and time source.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fused_speedup: Option<f64>,
 }
 
 /// Fills `gpu_over_cpu` of GPU records from the CPU record of the same case.
@@ -54,6 +63,30 @@ pub fn fill_ratios(records: &mut [Record]) {
                 c.op == r.op && c.shape == r.shape && c.layout == r.layout && c.dtype == r.dtype
             })
             .map(|c| c.median_s / r.median_s);
+    }
+}
+
+/// Fills `fused_speedup` of `fused_*` records from the `unfused_*` record of
+/// the same case, backend, device and time source.
+pub fn fill_speedups(records: &mut [Record]) {
+    let unfused: Vec<Record> = records
+        .iter()
+        .filter(|r| r.op.starts_with("unfused_"))
+        .cloned()
+        .collect();
+    for r in records.iter_mut() {
+        let Some(op) = r.op.strip_prefix("fused_") else {
+            continue;
+        };
+        r.fused_speedup = unfused
+            .iter()
+            .find(|u| {
+                u.op.strip_prefix("unfused_") == Some(op)
+                    && (&u.backend, &u.device, &u.shape) == (&r.backend, &r.device, &r.shape)
+                    && (u.layout, u.dtype, u.gpu_time_source, u.fusion)
+                        == (r.layout, r.dtype, r.gpu_time_source, r.fusion)
+            })
+            .map(|u| u.median_s / r.median_s);
     }
 }
 
@@ -93,6 +126,8 @@ pub fn sample(
         fraction_of_copy: 0.5,
         gpu_time_source: source,
         gpu_over_cpu: None,
+        fusion: None,
+        fused_speedup: None,
     }
 }
 
@@ -111,6 +146,30 @@ mod tests {
         assert_eq!(r[0].gpu_over_cpu, None);
         assert_eq!(r[1].gpu_over_cpu, Some(4.0));
         assert_eq!(r[2].gpu_over_cpu, None, "no CPU backward measured");
+    }
+
+    #[test]
+    fn speedups_pair_fused_records_with_their_unfused_twin() {
+        let mut r = vec![
+            sample("fused_backward", "vulkan", Some("wall"), 1.0),
+            sample("unfused_backward", "vulkan", Some("wall"), 1.5),
+            sample("fused_backward", "vulkan", Some("timestamp"), 1.0),
+            sample("unfused_train_forward", "vulkan", Some("timestamp"), 3.0),
+        ];
+        for x in &mut r {
+            x.fusion = Some("add_relu");
+        }
+        fill_speedups(&mut r);
+        assert_eq!(r[0].fused_speedup, Some(1.5));
+        assert_eq!(r[1].fused_speedup, None);
+        assert_eq!(
+            r[2].fused_speedup, None,
+            "no unfused backward timed by timestamps"
+        );
+        let v: serde_json::Value = serde_json::from_str(&to_json(&r).unwrap()).unwrap();
+        assert_eq!(v[0]["fusion"], "add_relu");
+        assert_eq!(v[0]["fused_speedup"], 1.5);
+        assert!(v[1].get("fused_speedup").is_none());
     }
 
     #[test]

@@ -14,9 +14,11 @@ pub fn human_time(s: f64) -> String {
     }
 }
 
-/// The table printed on screen: a header, a rule, a row per record.
+/// The table printed on screen: a header, a rule, a row per record; with
+/// `--op fused` records, also the fusion and the fused speedup.
 pub fn table(records: &[Record]) -> String {
-    let head = [
+    let fused = records.iter().any(|r| r.fusion.is_some());
+    let mut head = vec![
         "op",
         "shape",
         "layout",
@@ -30,10 +32,14 @@ pub fn table(records: &[Record]) -> String {
         "of copy",
         "GPU/CPU",
     ];
+    if fused {
+        head.insert(1, "fusion");
+        head.push("vs unfused");
+    }
     let rows: Vec<Vec<String>> = records
         .iter()
         .map(|r| {
-            vec![
+            let mut row = vec![
                 r.op.to_string(),
                 r.shape.clone(),
                 r.layout.to_string(),
@@ -46,10 +52,15 @@ pub fn table(records: &[Record]) -> String {
                 format!("{:.2}", r.copy_gbps),
                 format!("{:.0}%", r.fraction_of_copy * 100.0),
                 r.gpu_over_cpu.map_or("-".into(), |g| format!("{g:.2}x")),
-            ]
+            ];
+            if fused {
+                row.insert(1, r.fusion.unwrap_or("-").to_string());
+                row.push(r.fused_speedup.map_or("-".into(), |g| format!("{g:.2}x")));
+            }
+            row
         })
         .collect();
-    render(&head, &rows, 7)
+    render(&head, &rows, if fused { 8 } else { 7 })
 }
 
 /// A header, a rule and the rows, in columns two spaces apart: the first
