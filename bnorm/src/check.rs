@@ -16,7 +16,8 @@ use wgpu_batchnorm::{Error, Result};
 /// Arguments of `bnorm check`.
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// Fixture files, or folders whose *.safetensors files are checked in name order.
+    /// Fixture files, or folders whose *.safetensors files (subfolders included;
+    /// there, files of another `format` are left out) are checked in path order.
     #[arg(value_name = "FIXTURE", required = true)]
     fixtures: Vec<PathBuf>,
     #[command(flatten)]
@@ -36,33 +37,76 @@ pub struct CheckArgs {
 }
 
 /// Expands `paths` into fixture files: files as given, folders scanned
-/// (not recursively) for `*.safetensors`, sorted by name within each folder.
+/// recursively for `*.safetensors`, sorted by path. In the subfolders of a
+/// folder given, a file whose `format` metadata names another format (the
+/// folding fixtures, a PyTorch `state_dict`) is not a fixture and is left
+/// out, counted in the second value; every other file is checked, so a
+/// malformed fixture is a FAIL row, not a skip.
 ///
 /// # Errors
 /// [`Error::Io`] for a path that does not exist or a folder that cannot be read.
-fn collect_fixture_files<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<PathBuf>> {
+fn collect_fixture_files<P: AsRef<Path>>(paths: &[P]) -> Result<(Vec<PathBuf>, usize)> {
     let mut out = Vec::new();
+    let mut other = 0;
     for p in paths {
         let p = p.as_ref();
-        let io = |source| Error::Io {
+        let meta = std::fs::metadata(p).map_err(|source| Error::Io {
             action: "read",
             path: p.display().to_string(),
             source,
-        };
-        let meta = std::fs::metadata(p).map_err(io)?;
+        })?;
         if meta.is_dir() {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(p)
-                .map_err(io)?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| f.is_file() && f.extension().is_some_and(|e| e == "safetensors"))
-                .collect();
+            let mut files = Vec::new();
+            scan(p, 0, &mut files, &mut other)?;
             files.sort();
             out.extend(files);
         } else {
             out.push(p.to_path_buf());
         }
     }
-    Ok(out)
+    Ok((out, other))
+}
+
+/// The `*.safetensors` files under `dir` (`depth` folders below the one
+/// given) into `files`; below the top, files of another format only counted.
+fn scan(dir: &Path, depth: usize, files: &mut Vec<PathBuf>, other: &mut usize) -> Result<()> {
+    let io = |source| Error::Io {
+        action: "read",
+        path: dir.display().to_string(),
+        source,
+    };
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let path = entry.map_err(io)?.path();
+        if path.is_dir() {
+            scan(&path, depth + 1, files, other)?;
+        } else if path.extension().is_some_and(|e| e == "safetensors") {
+            match format_of(&path) {
+                Some(f) if depth > 0 && f != wgpu_batchnorm::fixture::FORMAT => *other += 1,
+                _ => files.push(path),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The `format` metadata value of a safetensors file, when its header can
+/// be read and has one.
+fn format_of(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    let len = usize::try_from(u64::from_le_bytes(len)).ok()?;
+    if len > 100_000_000 {
+        return None;
+    }
+    let mut header = vec![0u8; len];
+    f.read_exact(&mut header).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&header).ok()?;
+    v.get("__metadata__")?
+        .get("format")?
+        .as_str()
+        .map(str::to_string)
 }
 
 /// A device that matched but could not be opened: every fixture FAILs on it.
@@ -206,7 +250,13 @@ fn gpu_targets(args: &CheckArgs) -> (Vec<Box<dyn FixtureTarget>>, Vec<Broken>) {
 /// I/O errors.
 pub fn check(args: &CheckArgs) -> ExitCode {
     let files = match collect_fixture_files(&args.fixtures) {
-        Ok(f) => f,
+        Ok((f, 0)) => f,
+        Ok((f, other)) => {
+            eprintln!(
+                "bnorm check: {other} safetensors file(s) of another format in subfolders left out"
+            );
+            f
+        }
         Err(e) => {
             eprintln!("bnorm check: error: {e}");
             return ExitCode::from(EXIT_USAGE);
@@ -368,15 +418,29 @@ mod tests {
 
     #[test]
     fn collect_scans_folders_sorted_and_errors_on_missing_paths() {
-        let files = collect_fixture_files(&[fixture_dir()]).unwrap();
-        let names: Vec<String> = files
-            .iter()
-            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
-            .collect();
-        let mut sorted = names.clone();
+        let (files, other) = collect_fixture_files(&[fixture_dir()]).unwrap();
+        let mut sorted = files.clone();
         sorted.sort();
-        assert_eq!(names, sorted);
-        assert!(names.iter().all(|n| n.ends_with(".safetensors")));
+        assert_eq!(files, sorted);
+        assert!(
+            files
+                .iter()
+                .all(|f| f.extension().unwrap() == "safetensors")
+        );
+        // the fused fixtures in their subfolder are in, the folding files are not
+        assert!(
+            files
+                .iter()
+                .any(|f| f.ends_with("fused/add_relu_nchw.safetensors"))
+        );
+        assert!(files.iter().all(|f| !f.to_string_lossy().contains("fold")));
+        assert_eq!(other, 3);
+        // a file given by name is taken whatever it holds
+        let model = fixture_dir().join("fold/model.safetensors");
+        assert_eq!(
+            collect_fixture_files(&[&model]).unwrap(),
+            (vec![model.clone()], 0)
+        );
         let e = collect_fixture_files(&["tests/no_such_folder"]).unwrap_err();
         assert!(e.to_string().contains("tests/no_such_folder"), "{e}");
     }
