@@ -1,11 +1,13 @@
 // Backward, stage 3: dx = a*dy + b*(x - center) + c, one element per item, on
 // the band grid of `band_walk` (rows of `C * inner` elements): used when a row
-// is not a whole number of vec4s. With FLAG_DY_IN_DX (a fused backward
-// without a residual) the upstream gradient is the gated dy that
-// backward_partial_gated left in dx, read back in place; `dy` is not read.
+// is not a whole number of vec4s. `dy` is read through `upstream`
+// (upstream.wgsl; in a fused backward without a residual upstream_in_place.wgsl,
+// which reads the gated dy that the reduction left in dx: the variant
+// backward_dx_in_place).
+alias Item = Elem;
+alias ItemF = f32;
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<Elem>;
-@group(0) @binding(2) var<storage, read> dy: array<Elem>;
 @group(0) @binding(3) var<storage, read> coef: array<vec4<f32>>;   // (center, a, b, c)
 @group(0) @binding(4) var<storage, read_write> dx: array<Elem>;
 
@@ -20,7 +22,6 @@ fn main(
         return;
     }
     let k = coef[t.pos / p.inner];
-    let in_dx = (p.flags & FLAG_DY_IN_DX) != 0u;
     var i = t.first;
     // b = 0 (running statistics) drops the x term, so a NaN in x stays out of dx,
     // as in PyTorch, whose evaluation backward never reads x; nor does this one.
@@ -29,7 +30,7 @@ fn main(
             if i >= p.total {
                 break;
             }
-            dx[i] = Elem(k.y * upstream_at(i, in_dx) + k.z * (f32(x[i]) - k.x) + k.w);
+            dx[i] = Elem(k.y * upstream(i, true) + k.z * (f32(x[i]) - k.x) + k.w);
             i += p.band;
         }
     } else {
@@ -37,16 +38,8 @@ fn main(
             if i >= p.total {
                 break;
             }
-            dx[i] = Elem(k.y * upstream_at(i, in_dx) + k.w);
+            dx[i] = Elem(k.y * upstream(i, true) + k.w);
             i += p.band;
         }
     }
-}
-
-// The upstream gradient of element `i`: dy, or with FLAG_DY_IN_DX dx.
-fn upstream_at(i: u32, in_dx: bool) -> f32 {
-    if in_dx {
-        return f32(dx[i]);
-    }
-    return f32(dy[i]);
 }

@@ -2,11 +2,11 @@
 // band grid of `band_walk` (rows of `C * inner / 4` vec4s): used when a row
 // (`C * inner` elements) is a multiple of 4. The four lanes share a channel
 // when `inner % 4 == 0`, else each has its own; either way a thread loads its
-// coefficients once. With FLAG_DY_IN_DX the upstream gradient is read from
-// dx, as in backward_dx.
+// coefficients once. `dy` is read through `upstream`, as in backward_dx.
+alias Item = Elem4;
+alias ItemF = vec4<f32>;
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<Elem4>;
-@group(0) @binding(2) var<storage, read> dy: array<Elem4>;
 @group(0) @binding(3) var<storage, read> coef: array<vec4<f32>>;   // (center, a, b, c)
 @group(0) @binding(4) var<storage, read_write> dx: array<Elem4>;
 
@@ -45,7 +45,6 @@ fn main(
     // b = 0 (running statistics) drops the x term: a NaN in x stays out of dx,
     // and where every lane has b = 0 (an evaluation-mode backward) x is not read.
     let keep = b != vec4<f32>(0.0);
-    let in_dx = (p.flags & FLAG_DY_IN_DX) != 0u;
     var j = t.first;
     if any(keep) {
         for (var s = 0u; s < p.steps; s++) {
@@ -53,7 +52,7 @@ fn main(
                 break;
             }
             let xt = select(vec4<f32>(0.0), b * (vec4<f32>(x[j]) - center), keep);
-            dx[j] = Elem4(a * upstream_at(j, in_dx) + xt + c);
+            dx[j] = Elem4(a * upstream(j, true) + xt + c);
             j += p.band;
         }
     } else {
@@ -61,16 +60,8 @@ fn main(
             if j >= items {
                 break;
             }
-            dx[j] = Elem4(a * upstream_at(j, in_dx) + c);
+            dx[j] = Elem4(a * upstream(j, true) + c);
             j += p.band;
         }
     }
-}
-
-// The upstream gradient of item `j`: dy, or with FLAG_DY_IN_DX dx.
-fn upstream_at(j: u32, in_dx: bool) -> vec4<f32> {
-    if in_dx {
-        return vec4<f32>(dx[j]);
-    }
-    return vec4<f32>(dy[j]);
 }

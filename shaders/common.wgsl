@@ -7,8 +7,8 @@
 // src/shaders.rs also prepends the constants WG (threads per workgroup of the
 // kernels that walk the big tensors), WG_CHANNEL (of the per-channel kernels),
 // FLAG_UPDATE_RUNNING, FLAG_BATCH_STATS, FLAG_CUMULATIVE, FLAG_LANE_CHANNELS,
-// FLAG_RESIDUAL, FLAG_RELU and FLAG_DY_IN_DX (bits of Params.flags), so that
-// Rust and WGSL share one definition of each.
+// FLAG_RESIDUAL and FLAG_RELU (bits of Params.flags), so that Rust and WGSL
+// share one definition of each.
 //
 // A layer keeps everything per channel that outlives a call in one `state`
 // buffer of sections, each `state_stride` elements apart (a stride that keeps

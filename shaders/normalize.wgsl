@@ -21,30 +21,30 @@ fn main(
     }
     let k = coef[t.pos / p.inner];
     var i = t.first;
-    if (p.flags & (FLAG_RESIDUAL | FLAG_RELU)) == 0u {
+    if (p.flags & (FLAG_RESIDUAL | FLAG_RELU)) != 0u {
+        let residual = (p.flags & FLAG_RESIDUAL) != 0u;
+        let act = (p.flags & FLAG_RELU) != 0u;
         for (var s = 0u; s < p.steps; s++) {
             if i >= p.total {
                 break;
             }
-            y[i] = Elem((f32(x[i]) - k.x) * k.y + k.z);
+            var v = (f32(x[i]) - k.x) * k.y + k.z;
+            if residual {
+                v += f32(z[i]);
+            }
+            if act {
+                v = relu(v);
+            }
+            y[i] = Elem(v);
             i += p.band;
         }
         return;
     }
-    let residual = (p.flags & FLAG_RESIDUAL) != 0u;
-    let act = (p.flags & FLAG_RELU) != 0u;
     for (var s = 0u; s < p.steps; s++) {
         if i >= p.total {
             break;
         }
-        var v = (f32(x[i]) - k.x) * k.y + k.z;
-        if residual {
-            v += f32(z[i]);
-        }
-        if act {
-            v = relu(v);
-        }
-        y[i] = Elem(v);
+        y[i] = Elem((f32(x[i]) - k.x) * k.y + k.z);
         i += p.band;
     }
 }

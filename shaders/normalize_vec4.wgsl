@@ -41,30 +41,30 @@ fn main(
         shift = vec4<f32>(k0.z, k1.z, k2.z, k3.z);
     }
     var j = t.first;
-    if (p.flags & (FLAG_RESIDUAL | FLAG_RELU)) == 0u {
+    if (p.flags & (FLAG_RESIDUAL | FLAG_RELU)) != 0u {
+        let residual = (p.flags & FLAG_RESIDUAL) != 0u;
+        let act = (p.flags & FLAG_RELU) != 0u;
         for (var s = 0u; s < p.steps; s++) {
             if j >= items {
                 break;
             }
-            y[j] = Elem4((vec4<f32>(x[j]) - center) * scale + shift);
+            var v = (vec4<f32>(x[j]) - center) * scale + shift;
+            if residual {
+                v += vec4<f32>(z[j]);
+            }
+            if act {
+                v = relu4(v);
+            }
+            y[j] = Elem4(v);
             j += p.band;
         }
         return;
     }
-    let residual = (p.flags & FLAG_RESIDUAL) != 0u;
-    let act = (p.flags & FLAG_RELU) != 0u;
     for (var s = 0u; s < p.steps; s++) {
         if j >= items {
             break;
         }
-        var v = (vec4<f32>(x[j]) - center) * scale + shift;
-        if residual {
-            v += vec4<f32>(z[j]);
-        }
-        if act {
-            v = relu4(v);
-        }
-        y[j] = Elem4(v);
+        y[j] = Elem4((vec4<f32>(x[j]) - center) * scale + shift);
         j += p.band;
     }
 }

@@ -1,7 +1,8 @@
-// How the plain backward reductions (backward_partial, backward_partial_vec4)
-// read their upstream gradient: `dy` as it is. Put before the file, which
-// defines the item types `Item` (Elem or Elem4) and `ItemF` (f32 or
-// vec4<f32>); upstream_gated.wgsl is the fused backward's counterpart.
+// How the plain backward passes (backward_partial, backward_partial_vec4,
+// backward_dx, backward_dx_vec4) read their upstream gradient: `dy` as it
+// is. Put before the file, which defines the item types `Item` (Elem or
+// Elem4) and `ItemF` (f32 or vec4<f32>); upstream_gated.wgsl and
+// upstream_in_place.wgsl are the fused backward's counterparts.
 @group(0) @binding(2) var<storage, read> dy: array<Item>;
 
 // The upstream gradient of item `i`, widened to f32 (`live`: the item is

@@ -3,7 +3,7 @@
 // FLAG_RELU gated by the fused forward's output `y` (zero where `y <= 0`, a
 // NaN `y` letting `dy` through: PyTorch's threshold_backward), written to
 // `gated` as it is read: the residual's gradient `dz`, or `dx` as scratch
-// that the dx pass reads back (FLAG_DY_IN_DX). Put before the file, which
+// that the dx pass reads back (upstream_in_place.wgsl). Put before the file, which
 // defines the item types `Item` (Elem or Elem4), `ItemF` (f32 or vec4<f32>)
 // and `ItemU` (u32 or vec4<u32>); upstream.wgsl is the plain counterpart.
 @group(0) @binding(2) var<storage, read> dy: array<Item>;

@@ -4,10 +4,11 @@
 //! the shared parts `common.wgsl` (every shader), `reduce.wgsl` (the
 //! reduction passes: their grid, Welford lanes and workgroup merges),
 //! `stats_io.wgsl` (the bindings of the statistics passes) and
-//! `upstream.wgsl` / `upstream_gated.wgsl` (how the backward reductions read
-//! `dy`: as it is, or gated by the fused output and written out; the gated
-//! variants of those files, named `_gated`, are the same file after the
-//! other part). Before
+//! `upstream.wgsl`, `upstream_gated.wgsl` and `upstream_in_place.wgsl` (how
+//! the backward passes read `dy`: as it is; gated by the fused output and
+//! written out, in the reductions' `_gated` variants; read back from `dx`,
+//! in the dx pass's `_in_place` variants; a variant is the same file after
+//! another part). Before
 //! its text come a storage prelude that makes the element type of the big
 //! tensors f32 or f16 (the kernels that touch those tensors exist in both
 //! variants from the same file), the constants of [`CONSTANTS`] (workgroup
@@ -18,9 +19,9 @@
 /// A compute shader: its name, its file and full source text.
 #[derive(Debug, Clone, Copy)]
 pub struct Shader {
-    /// File name under `shaders/`, without extension, then `_gated` for a
-    /// variant with other parts and `_f16` for f16 storage; also the
-    /// pipeline label suffix.
+    /// File name under `shaders/`, without extension, then the variant's
+    /// suffix (`_gated`, `_in_place`: the file after other parts) and `_f16`
+    /// for f16 storage; also the pipeline label suffix.
     pub name: &'static str,
     /// Storage prelude ([`PRELUDE_F32`] or [`PRELUDE_F16`]), [`CONSTANTS`],
     /// `common.wgsl`, then the file's text.
@@ -84,11 +85,6 @@ macro_rules! flag_relu {
         32
     };
 }
-macro_rules! flag_dy_in_dx {
-    () => {
-        64
-    };
-}
 macro_rules! prelude_f32 {
     () => {
         "alias Elem = f32;\nalias Elem4 = vec4<f32>;\n"
@@ -118,8 +114,6 @@ macro_rules! constants {
             flag_residual!(),
             "u;\nconst FLAG_RELU: u32 = ",
             flag_relu!(),
-            "u;\nconst FLAG_DY_IN_DX: u32 = ",
-            flag_dy_in_dx!(),
             "u;\n"
         )
     };
@@ -144,19 +138,16 @@ pub const FLAG_RESIDUAL: u32 = flag_residual!();
 /// `Params::flags` bit: the normalize pass applies the ReLU (fused forward);
 /// the gated backward reduction stops `dy` where the fused output `y <= 0`.
 pub const FLAG_RELU: u32 = flag_relu!();
-/// `Params::flags` bit: the dx pass reads its upstream gradient from `dx`,
-/// where the gated backward reduction left the gated `dy` (a fused backward
-/// without a residual, whose `dz` would otherwise hold it).
-pub const FLAG_DY_IN_DX: u32 = flag_dy_in_dx!();
 
 /// The shared prefix, `shaders/common.wgsl`.
 pub const COMMON: &str = include_str!("../shaders/common.wgsl");
 
 /// The shared parts of the shaders, by file name (without `.wgsl`):
 /// `common` before every shader, `reduce` before the reduction passes,
-/// `stats_io` before the statistics passes, `upstream` (the plain
-/// backward reductions) or `upstream_gated` (their gated variants) before the
-/// backward reductions: how they read `dy`.
+/// `stats_io` before the statistics passes, `upstream` (plain),
+/// `upstream_gated` (the reductions' gated variants) or `upstream_in_place`
+/// (the dx pass's in-place variants) before the backward passes: how they
+/// read `dy`.
 pub const PARTS: &[(&str, &str)] = &[
     ("common", COMMON),
     ("reduce", include_str!("../shaders/reduce.wgsl")),
@@ -165,6 +156,10 @@ pub const PARTS: &[(&str, &str)] = &[
     (
         "upstream_gated",
         include_str!("../shaders/upstream_gated.wgsl"),
+    ),
+    (
+        "upstream_in_place",
+        include_str!("../shaders/upstream_in_place.wgsl"),
     ),
 ];
 
@@ -238,9 +233,18 @@ pub const BACKWARD_PARTIAL_VEC4_GATED: Shader = shader!(
 /// Backward stage 2 (dweight, dbias, dx coefficients).
 pub const BACKWARD_FINALIZE: Shader = shader!("backward_finalize");
 /// Backward stage 3, scalar.
-pub const BACKWARD_DX: Shader = shader!("backward_dx");
+pub const BACKWARD_DX: Shader = shader!("backward_dx", uses "upstream");
 /// Backward stage 3, vec4.
-pub const BACKWARD_DX_VEC4: Shader = shader!("backward_dx_vec4");
+pub const BACKWARD_DX_VEC4: Shader = shader!("backward_dx_vec4", uses "upstream");
+/// Backward stage 3 of a fused backward without a residual: the gated `dy`
+/// read back from `dx`, where the gated reduction left it.
+pub const BACKWARD_DX_IN_PLACE: Shader =
+    shader!("backward_dx" as "backward_dx_in_place", uses "upstream_in_place");
+/// Backward stage 3 of a fused backward without a residual, vec4.
+pub const BACKWARD_DX_VEC4_IN_PLACE: Shader = shader!(
+    "backward_dx_vec4" as "backward_dx_vec4_in_place",
+    uses "upstream_in_place"
+);
 
 /// Bandwidth roofline: vec4 copy (`GpuContext::copy`, `bnorm bench`).
 pub const COPY_VEC4: Shader = shader!("copy_vec4");
@@ -275,9 +279,21 @@ pub const BACKWARD_PARTIAL_VEC4_GATED_F16: Shader = shader!(
     uses "upstream_gated"
 );
 /// Backward stage 3, scalar, f16 storage.
-pub const BACKWARD_DX_F16: Shader = shader!("backward_dx", f16);
+pub const BACKWARD_DX_F16: Shader = shader!("backward_dx", f16, uses "upstream");
 /// Backward stage 3, vec4, f16 storage.
-pub const BACKWARD_DX_VEC4_F16: Shader = shader!("backward_dx_vec4", f16);
+pub const BACKWARD_DX_VEC4_F16: Shader = shader!("backward_dx_vec4", f16, uses "upstream");
+/// Backward stage 3 of a fused backward without a residual, f16 storage.
+pub const BACKWARD_DX_IN_PLACE_F16: Shader = shader!(
+    "backward_dx" as "backward_dx_in_place",
+    f16,
+    uses "upstream_in_place"
+);
+/// Backward stage 3 of a fused backward without a residual, vec4, f16 storage.
+pub const BACKWARD_DX_VEC4_IN_PLACE_F16: Shader = shader!(
+    "backward_dx_vec4" as "backward_dx_vec4_in_place",
+    f16,
+    uses "upstream_in_place"
+);
 
 /// Every shader of the crate.
 pub const ALL: &[Shader] = &[
@@ -294,6 +310,8 @@ pub const ALL: &[Shader] = &[
     BACKWARD_FINALIZE,
     BACKWARD_DX,
     BACKWARD_DX_VEC4,
+    BACKWARD_DX_IN_PLACE,
+    BACKWARD_DX_VEC4_IN_PLACE,
     COPY_VEC4,
     STATS_PARTIAL_F16,
     STATS_PARTIAL_VEC4_F16,
@@ -305,4 +323,6 @@ pub const ALL: &[Shader] = &[
     BACKWARD_PARTIAL_VEC4_GATED_F16,
     BACKWARD_DX_F16,
     BACKWARD_DX_VEC4_F16,
+    BACKWARD_DX_IN_PLACE_F16,
+    BACKWARD_DX_VEC4_IN_PLACE_F16,
 ];

@@ -267,11 +267,14 @@ fn cap_for(dims: &[usize], layout: Layout, size: u64) -> u64 {
     (len * size / 3).max(fewest)
 }
 
-/// The kernels of the last call, `_f16` and `_gated` taken off.
+/// The kernels of the last call, `_f16`, `_gated` and `_in_place` taken off.
 fn kernels(bn: &GpuBatchNorm) -> Vec<String> {
     bn.last_dispatches()
         .iter()
-        .map(|d| d.kernel.trim_end_matches("_f16").replace("_gated", ""))
+        .map(|d| {
+            let k = d.kernel.trim_end_matches("_f16");
+            k.replace("_gated", "").replace("_in_place", "")
+        })
         .collect()
 }
 
@@ -338,10 +341,12 @@ fn chunked_bindings_fuse_like_whole_ones() {
                     .run_backward_fused(&gx, &f.y, &gdy, fusion, &f.saved)
                     .unwrap();
                 assert_eq!(kernels(&bn), plain_backward, "{on}");
-                assert!(
-                    bn.last_dispatches()
-                        .iter()
-                        .any(|d| d.kernel.contains("_gated")),
+                let variant = |v: &str| bn.last_dispatches().iter().any(|d| d.kernel.contains(v));
+                assert!(variant("_gated"), "{on}: {:?}", bn.last_dispatches());
+                // without a residual dx is the gated dy's scratch, read in place
+                assert_eq!(
+                    variant("_in_place"),
+                    !fusion.residual,
                     "{on}: {:?}",
                     bn.last_dispatches()
                 );

@@ -112,27 +112,26 @@ fn every_variant_is_its_file_after_its_parts() {
             shader.stem
         );
     }
-    // the gated reductions are the plain files after upstream_gated.wgsl
-    let gated = shaders::ALL
-        .iter()
-        .filter(|s| s.name.contains("_gated"))
-        .count();
-    assert_eq!(gated, 4);
+    // the backward passes read dy through one of the upstream parts: the
+    // plain one, or the fused backward's in its variants of the same files
+    let part = |name: &str| shaders::PARTS.iter().find(|(n, _)| *n == name).unwrap().1;
+    let upstream = ["upstream", "upstream_gated", "upstream_in_place"].map(part);
+    let mut variants = 0;
     for s in shaders::ALL {
-        let part = |name: &str| shaders::PARTS.iter().find(|(n, _)| *n == name).unwrap().1;
-        let (plain, gated) = (part("upstream"), part("upstream_gated"));
-        if s.name.contains("_gated") {
-            assert!(
-                s.source.contains(gated) && !s.source.contains(plain),
-                "{}",
-                s.name
-            );
-        } else if s.stem.starts_with("backward_partial") {
-            assert!(
-                s.source.contains(plain) && !s.source.contains(gated),
-                "{}",
-                s.name
-            );
+        let uses = upstream.map(|u| s.source.contains(u));
+        let backward = s.stem.starts_with("backward_partial") || s.stem.starts_with("backward_dx");
+        let want = match s.name {
+            n if n.contains("_gated") => [false, true, false],
+            n if n.contains("_in_place") => [false, false, true],
+            _ => [backward, false, false],
+        };
+        assert_eq!(uses, want, "{}", s.name);
+        if s.name.trim_end_matches("_f16") != s.stem {
+            variants += 1;
         }
     }
+    assert_eq!(
+        variants, 8,
+        "gated and in place, scalar and vec4, f32 and f16"
+    );
 }

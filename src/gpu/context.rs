@@ -157,6 +157,7 @@ impl GpuContext {
     /// buffers per stage (all within wgpu's `downlevel_defaults`). An app that opens its own device and wants
     /// BatchNorm on it asks for at least these
     /// (`adapter_limits_or_defaults.or_better_values_from(&GpuContext::required_limits())`).
+    /// [`crate::GpuBatchNorm::record_backward_fused`] also needs 6 storage buffers and 7 bindings.
     pub fn required_limits() -> wgpu::Limits {
         wgpu::Limits {
             max_compute_invocations_per_workgroup: WG,

@@ -153,11 +153,19 @@ pub(crate) struct ElementKernels {
     pub backward_partial_vec4: Kernel,
     pub backward_dx: Kernel,
     pub backward_dx_vec4: Kernel,
-    /// The backward reductions of a fused backward (scalar, vec4), which
-    /// gate `dy` and write it out: six storage buffers, more than
-    /// [`crate::GpuContext::required_limits`] asks for, so present only where
-    /// the device has [`GATED_STORAGE_BUFFERS`].
-    pub backward_partial_gated: Option<[Kernel; 2]>,
+    /// The variants of the backward passes of a fused backward: present
+    /// only where the device binds [`GATED_STORAGE_BUFFERS`] storage buffers
+    /// per stage, more than [`crate::GpuContext::required_limits`] asks for.
+    pub fused: Option<FusedKernels>,
+}
+
+/// The backward passes of a fused backward, each `[scalar, vec4]`.
+#[derive(Debug)]
+pub(crate) struct FusedKernels {
+    /// The reductions that gate `dy` and write it out (`_gated`).
+    pub backward_partial_gated: [Kernel; 2],
+    /// The dx passes that read the gated `dy` back from `dx` (`_in_place`).
+    pub backward_dx_in_place: [Kernel; 2],
 }
 
 /// Storage buffers per stage (and bindings per group, one more) the gated
@@ -175,8 +183,8 @@ impl ElementKernels {
     fn new(device: &wgpu::Device, f16: bool) -> Self {
         use Slot::{Read as R, Uniform as U, Write as W};
         let pick = |a: Shader, b: Shader| if f16 { b } else { a };
-        let gated = binds_gated(&device.limits()).then(|| {
-            [
+        let fused = binds_gated(&device.limits()).then(|| FusedKernels {
+            backward_partial_gated: [
                 pick(
                     shaders::BACKWARD_PARTIAL_GATED,
                     shaders::BACKWARD_PARTIAL_GATED_F16,
@@ -186,7 +194,18 @@ impl ElementKernels {
                     shaders::BACKWARD_PARTIAL_VEC4_GATED_F16,
                 ),
             ]
-            .map(|s| Kernel::new(device, s, &[U, R, R, R, W, R, W]))
+            .map(|s| Kernel::new(device, s, &[U, R, R, R, W, R, W])),
+            backward_dx_in_place: [
+                pick(
+                    shaders::BACKWARD_DX_IN_PLACE,
+                    shaders::BACKWARD_DX_IN_PLACE_F16,
+                ),
+                pick(
+                    shaders::BACKWARD_DX_VEC4_IN_PLACE,
+                    shaders::BACKWARD_DX_VEC4_IN_PLACE_F16,
+                ),
+            ]
+            .map(|s| Kernel::new(device, s, &[U, R, R, R, W])),
         });
         Self {
             stats_partial: Kernel::new(
@@ -232,7 +251,7 @@ impl ElementKernels {
                 pick(shaders::BACKWARD_DX_VEC4, shaders::BACKWARD_DX_VEC4_F16),
                 &[U, R, R, R, W],
             ),
-            backward_partial_gated: gated,
+            fused,
         }
     }
 }
@@ -265,15 +284,6 @@ impl ElementKernels {
         }
     }
 
-    /// The gated backward reduction of a fused backward (vec4 as
-    /// [`ElementKernels::backward_partial`]); `None` where the device cannot
-    /// bind it.
-    pub fn backward_partial_gated(&self, vec4: bool) -> Option<&Kernel> {
-        self.backward_partial_gated
-            .as_ref()
-            .map(|k| &k[usize::from(vec4)])
-    }
-
     /// The dx pass: vec4 when a row (`C * inner` elements) is a multiple of 4.
     pub fn backward_dx(&self, vec4: bool) -> &Kernel {
         if vec4 {
@@ -284,11 +294,23 @@ impl ElementKernels {
     }
 }
 
+impl FusedKernels {
+    /// The gated backward reduction (vec4 as [`ElementKernels::backward_partial`]).
+    pub fn backward_partial_gated(&self, vec4: bool) -> &Kernel {
+        &self.backward_partial_gated[usize::from(vec4)]
+    }
+
+    /// The in-place dx pass (vec4 as [`ElementKernels::backward_dx`]).
+    pub fn backward_dx_in_place(&self, vec4: bool) -> &Kernel {
+        &self.backward_dx_in_place[usize::from(vec4)]
+    }
+}
+
 /// Every pipeline of the crate, for one device.
 #[derive(Debug)]
 pub(crate) struct Kernels {
     // Keep STORAGE_BUFFERS_PER_STAGE in context.rs at the most storage
-    // bindings of one kernel below (4), the optional gated reductions of
+    // bindings of one kernel below (4), the optional fused kernels of
     // `ElementKernels` (GATED_STORAGE_BUFFERS) aside.
     pub stats_finalize: Kernel,
     pub eval_coeffs: Kernel,
@@ -462,6 +484,5 @@ mod tests {
         assert_eq!(value("FLAG_LANE_CHANNELS"), shaders::FLAG_LANE_CHANNELS);
         assert_eq!(value("FLAG_RESIDUAL"), shaders::FLAG_RESIDUAL);
         assert_eq!(value("FLAG_RELU"), shaders::FLAG_RELU);
-        assert_eq!(value("FLAG_DY_IN_DX"), shaders::FLAG_DY_IN_DX);
     }
 }

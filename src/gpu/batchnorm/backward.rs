@@ -2,20 +2,20 @@
 //! `backward_finalize` and `backward_dx`, and the recorded operation built
 //! from them.
 //!
-//! A fused backward rides on the same passes: its reductions (the gated
+//! A fused backward rides on the same passes: its reductions (the `_gated`
 //! variants of `backward_partial`) gate `dy` by the fused output `y` and
 //! write the gated `dy` out, into `dz` with a residual or into `dx` as
-//! scratch, and the `dx` pass reads it back from there (from `dx` itself
-//! with `FLAG_DY_IN_DX`): one pass reading `x`, `dy` and `y`, one reading `x`
-//! and the gated `dy`.
+//! scratch, and the `dx` pass reads it back from there (from `dx` itself in
+//! the `_in_place` variants of `backward_dx`): one pass reading `x`, `dy` and
+//! `y`, one reading `x` and the gated `dy`.
 
 use super::plan::Chunk;
 use super::{GpuBatchNorm, GpuSavedStats, Pass, elements};
 use crate::error::{Error, Result};
 use crate::fused::{Activation, Fusion};
-use crate::gpu::kernels::{self, ElementKernels, Kernel, Params};
+use crate::gpu::kernels::{self, ElementKernels, FusedKernels, Kernel, Params};
 use crate::gpu::tensor::GpuTensor;
-use crate::shaders::{FLAG_BATCH_STATS, FLAG_DY_IN_DX, FLAG_RELU, WG_CHANNEL};
+use crate::shaders::{FLAG_BATCH_STATS, FLAG_RELU, WG_CHANNEL};
 use crate::shape::ChannelWalk;
 use crate::validate;
 
@@ -67,9 +67,7 @@ impl GpuBatchNorm {
         match gated {
             None => self.group(e.backward_partial(vec4), &[a, b, c, d, f], wgs),
             Some((y, out)) => {
-                let k = e
-                    .backward_partial_gated(vec4)
-                    .ok_or_else(|| self.no_gated_kernels())?;
+                let k = self.fused_kernels(e)?.backward_partial_gated(vec4);
                 let bindings = [
                     a,
                     b,
@@ -84,9 +82,10 @@ impl GpuBatchNorm {
         }
     }
 
-    /// The error of a fused backward on a device that cannot bind its reductions.
-    fn no_gated_kernels(&self) -> Error {
-        Error::Unsupported {
+    /// The kernels of a fused backward, or the error of a device that cannot
+    /// bind its reductions.
+    fn fused_kernels<'k>(&self, e: &'k ElementKernels) -> Result<&'k FusedKernels> {
+        e.fused.as_ref().ok_or_else(|| Error::Unsupported {
             adapter: self.ctx.label(),
             what: format!(
                 "a fused backward needs {} storage buffers per shader stage (max_storage_buffers_per_shader_stage) and {} bindings per bind group; the device was opened with {} and {}",
@@ -95,7 +94,7 @@ impl GpuBatchNorm {
                 self.ctx.limits().max_storage_buffers_per_shader_stage,
                 self.ctx.limits().max_bindings_per_bind_group,
             ),
-        }
+        })
     }
 
     /// Backward, stage 2 (`shaders/backward_finalize.wgsl`,
@@ -124,13 +123,15 @@ impl GpuBatchNorm {
     /// multiple of 4; on the grid of [`super::grid::ElementGrid`];
     /// [`crate::reference::backward_dx`]): `dx = a*dy + b*(x - mean) + c`;
     /// threads whose channels all have `b = 0` (running statistics) leave `x`
-    /// unread. With `FLAG_DY_IN_DX` the upstream gradient is read from `dx`
-    /// instead of `dy`.
+    /// unread. `in_place` (a fused backward without a residual): the variant
+    /// `backward_dx_in_place` reads the upstream gradient from `dx`, where
+    /// the gated reduction left it, instead of `dy`.
     pub(super) fn backward_dx<'k>(
         &mut self,
         e: &'k ElementKernels,
         chunk: &Chunk,
         (x, dy, dx): (&GpuTensor, &GpuTensor, &GpuTensor),
+        in_place: bool,
     ) -> Result<Pass<'k>> {
         let (vec4, wgs) = chunk.elements;
         let params = self.cache.params(&self.ctx, &chunk.p)?;
@@ -143,7 +144,12 @@ impl GpuBatchNorm {
             Self::whole(&coef),
             dx.range_binding(first, len),
         ];
-        self.group(e.backward_dx(vec4), &bindings, wgs)
+        let k = if in_place {
+            self.fused_kernels(e)?.backward_dx_in_place(vec4)
+        } else {
+            e.backward_dx(vec4)
+        };
+        self.group(k, &bindings, wgs)
     }
 
     /// Checks the tensors of a backward, of a fused forward with `gate`;
@@ -170,8 +176,8 @@ impl GpuBatchNorm {
             self.check_output("dz", dz, &walk.dims, x.dtype())?;
         }
         let e = elements(&self.ctx, x.dtype())?;
-        if gate.is_some_and(Gate::fused) && e.backward_partial_gated(false).is_none() {
-            return Err(self.no_gated_kernels());
+        if gate.is_some_and(Gate::fused) {
+            self.fused_kernels(e)?;
         }
         let mut inputs = vec![("x", x), ("dy", dy)];
         inputs.extend(gate.map(|g| ("y", g.y)));
@@ -199,15 +205,15 @@ impl GpuBatchNorm {
         let mut flags = if batch { FLAG_BATCH_STATS } else { 0 };
         // The fused backward's reductions write the gated dy into dz, which
         // the dx pass then reads as its dy, or into dx, which it reads back
-        // in place (FLAG_DY_IN_DX; dy stays bound, unread).
-        let (mut gated, mut upstream) = (None, dy);
+        // in place (dy stays bound, unread).
+        let (mut gated, mut upstream, mut in_place) = (None, dy, false);
         if let Some(g) = gate.filter(Gate::fused) {
             if g.fusion.activation == Activation::Relu {
                 flags |= FLAG_RELU;
             }
             match g.dz {
                 Some(dz) => upstream = dz,
-                None => flags |= FLAG_DY_IN_DX,
+                None => in_place = true,
             }
             gated = Some((g.y, g.dz.unwrap_or(dx)));
         }
@@ -229,7 +235,7 @@ impl GpuBatchNorm {
             passes.push(self.backward_finalize(k, (&params0, &p0), saved)?);
         }
         for chunk in &plan.chunks {
-            passes.push(self.backward_dx(e, chunk, (x, upstream, dx))?);
+            passes.push(self.backward_dx(e, chunk, (x, upstream, dx), in_place)?);
         }
         self.record(enc, "batchnorm.backward", &passes);
         Ok(())

@@ -103,7 +103,9 @@ struct Pass<'k> {
 /// bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GpuDispatch {
-    /// The shader (its file name under `shaders/`, `_f16` for f16 storage).
+    /// The shader: its file name under `shaders/`, then `_gated` or
+    /// `_in_place` for the variants of a fused backward and `_f16` for f16
+    /// storage ([`crate::shaders::Shader::name`]).
     pub kernel: &'static str,
     /// Workgroups along x and y (a grid folds onto y past
     /// `max_compute_workgroups_per_dimension` or the cap of
@@ -145,7 +147,9 @@ pub struct GpuDispatch {
 /// Each pass is recorded by the method named after its shader
 /// (`stats_partial`, `stats_finalize`, `normalize`, `eval_coeffs`,
 /// `backward_partial`, `backward_finalize`, `backward_dx`), beside the
-/// function of the same name in [`crate::reference`].
+/// function of the same name in [`crate::reference`]. The `_fused` methods
+/// (`record_forward_train_fused`, `record_backward_fused`, ...) record
+/// `y = act(BN(x) + z)` and its backward on the same passes.
 ///
 /// ```no_run
 /// use ndarray::{Array, IxDyn};

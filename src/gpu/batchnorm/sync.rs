@@ -293,7 +293,7 @@ impl SyncPhases for GpuBatchNorm {
             ctx.run("batchnorm.sync.backward_dx", |enc| {
                 let mut passes = Vec::with_capacity(plan.chunks.len());
                 for chunk in &plan.chunks {
-                    passes.push(self.backward_dx(e, chunk, (x, dy, &dx))?);
+                    passes.push(self.backward_dx(e, chunk, (x, dy, &dx), false)?);
                 }
                 self.record(enc, "batchnorm.sync.backward_dx", &passes);
                 Ok(())
