@@ -7,6 +7,7 @@
 //! ([`crate::FusedOp::ideal_bytes_per_element`]: 28 bytes per `f32` element).
 
 use super::elem::CpuElement;
+use super::lanes::{Lanes, add_grad, add_grad_gated};
 use crate::fused::Activation;
 use std::marker::PhantomData;
 
@@ -77,16 +78,53 @@ impl<'a, E: CpuElement> GradIn<'a, E> {
         let Some(out) = &self.out else {
             return dy;
         };
-        assert!(start + len <= out.len, "span past the gradient's tensor");
-        // SAFETY: in bounds (checked above) of the tensor `out` borrows
-        // mutably for 'a, and by the caller's contract no other reference to
-        // these elements exists while this one lives.
-        let o = unsafe { std::slice::from_raw_parts_mut(out.ptr.add(start), len) };
+        // SAFETY: the caller's contract.
+        let o = unsafe { out.span(start, len) };
         match self.mask {
             Some(y) => gate_run(dy, &y[start..start + len], o),
             None => o.copy_from_slice(dy),
         }
         o
+    }
+
+    /// `s1 += sum(g)`, `s2 += sum(g * (x - center))` over the elements
+    /// `start..start + x.len()` of the gradient `g`, as
+    /// [`add_grad`] of [`GradIn::span`], the ReLU's gating and store in
+    /// the same loop as the sums.
+    ///
+    /// # Safety
+    /// As [`GradIn::span`].
+    pub(super) unsafe fn add_sums(
+        &self,
+        (s1, s2): (&mut Lanes, &mut Lanes),
+        x: &[E],
+        start: usize,
+        center: f32,
+    ) {
+        let len = x.len();
+        match (&self.out, self.mask) {
+            (Some(out), Some(y)) => {
+                let span = start..start + len;
+                // SAFETY: the caller's contract.
+                let o = unsafe { out.span(start, len) };
+                add_grad_gated(s1, s2, [x, &self.dy[span.clone()], &y[span]], o, center);
+            }
+            // SAFETY: the caller's contract.
+            _ => add_grad(s1, s2, x, unsafe { self.span(start, len) }, center),
+        }
+    }
+}
+
+impl<'a, E> Out<'a, E> {
+    /// Elements `start..start + len`.
+    ///
+    /// # Safety
+    /// No other reference to these elements may exist while the span lives.
+    unsafe fn span(&self, start: usize, len: usize) -> &'a mut [E] {
+        assert!(start + len <= self.len, "span past the gradient's tensor");
+        // SAFETY: in bounds (checked above) of the tensor `out` borrows
+        // mutably for 'a; the caller keeps the span unaliased.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
     }
 }
 

@@ -5,6 +5,7 @@
 //! its blocks as `f32` ([`CpuElement::read`]).
 
 use super::elem::CpuElement;
+use crate::fused::Activation;
 
 /// Independent accumulators of the inner loops (a multiple of every SIMD width).
 pub(super) const LANES: usize = 16;
@@ -75,6 +76,21 @@ pub(super) fn add_grad<E: CpuElement>(
     center: f32,
 ) {
     E::read(&[x, dy], |_, v| grad_f32(s1, s2, v[0], v[1], center));
+}
+
+/// `g = gate(y, dy)` (the ReLU's [`Activation::gate`]) stored into `out`,
+/// and `s1 += sum(g)`, `s2 += sum(g * (x - center))`, in one loop.
+#[inline]
+pub(super) fn add_grad_gated<E: CpuElement>(
+    s1: &mut Lanes,
+    s2: &mut Lanes,
+    [x, dy, y]: [&[E]; 3],
+    out: &mut [E],
+    center: f32,
+) {
+    E::map(&[x, dy, y], out, |_, v, o| {
+        gated_grad_f32(s1, s2, [v[0], v[1], v[2]], o, center)
+    });
 }
 
 /// `acc += sum of the rows`, per position.
@@ -164,16 +180,51 @@ fn centered_f32(s1: &mut Lanes, s2: &mut Lanes, x: &[f32], m: f32) {
 /// `s1 += sum(dy)`, `s2 += sum(dy * (x - center))`.
 #[inline(never)]
 fn grad_f32(s1: &mut Lanes, s2: &mut Lanes, x: &[f32], dy: &[f32], center: f32) {
+    grad_lanes::<false>(s1, s2, [x, dy, &[]], &mut [], center);
+}
+
+/// `g = gate(y, dy)` into `out`, `s1 += sum(g)`, `s2 += sum(g * (x - center))`.
+#[inline(never)]
+fn gated_grad_f32(s1: &mut Lanes, s2: &mut Lanes, xdy: [&[f32]; 3], out: &mut [f32], center: f32) {
+    grad_lanes::<true>(s1, s2, xdy, out, center);
+}
+
+/// The loop of [`grad_f32`] and, with `GATE`, of [`gated_grad_f32`]: the
+/// gradient of each chunk is `dy`, or `dy` gated by `y` and stored into
+/// `out` (without `GATE`, `y` and `out` are empty and not touched).
+#[inline(always)]
+fn grad_lanes<const GATE: bool>(
+    s1: &mut Lanes,
+    s2: &mut Lanes,
+    [x, dy, y]: [&[f32]; 3],
+    out: &mut [f32],
+    center: f32,
+) {
+    let gate = |y: f32, g: f32| Activation::Relu.gate(y, g);
     let (xc, xr) = x.as_chunks::<LANES>();
     let (gc, gr) = dy.as_chunks::<LANES>();
+    let (yc, yr) = y.as_chunks::<LANES>();
+    let (oc, or) = out.as_chunks_mut::<LANES>();
     let (mut a1, mut a2) = (s1.v, s2.v);
-    for (a, g) in xc.iter().zip(gc) {
+    for (k, (a, g)) in xc.iter().zip(gc).enumerate() {
+        let g = if GATE {
+            oc[k] = std::array::from_fn(|l| gate(yc[k][l], g[l]));
+            &oc[k]
+        } else {
+            g
+        };
         let d: [f32; LANES] = std::array::from_fn(|l| a[l] - center);
         a1 = std::array::from_fn(|l| a1[l] + g[l]);
         a2 = std::array::from_fn(|l| a2[l] + g[l] * d[l]);
     }
     (s1.v, s2.v) = (a1, a2);
-    for (&a, &g) in xr.iter().zip(gr) {
+    for (k, (&a, &g)) in xr.iter().zip(gr).enumerate() {
+        let g = if GATE {
+            or[k] = gate(yr[k], g);
+            or[k]
+        } else {
+            g
+        };
         s1.tail += f64::from(g);
         s2.tail += f64::from(g * (a - center));
     }

@@ -9,7 +9,7 @@
 
 use super::elem::CpuElement;
 use super::grad::GradIn;
-use super::lanes::{Lanes, SAMPLE, add_centered, add_grad, add_sum, fits_one_pass, prefix_mean};
+use super::lanes::{Lanes, SAMPLE, add_centered, add_sum, fits_one_pass, prefix_mean};
 use super::plan::{PIECE, Plan, ROW_COLS, for_each_group, part_range, plan};
 use super::rows::{block_moments, row_task_grad_sums, row_task_moments};
 use crate::shape::ChannelWalk;
@@ -164,8 +164,8 @@ pub(super) fn channel_grad_sums<E: CpuElement>(
                         for &(s, len) in g {
                             // SAFETY: the parts of the tasks tile each channel
                             // once (`for_each_group`), so no span is asked twice.
-                            let dy = unsafe { grad.span(s, len) };
-                            add_grad(&mut s1, &mut s2, &x[s..s + len], dy, center32[c]);
+                            let x = &x[s..s + len];
+                            unsafe { grad.add_sums((&mut s1, &mut s2), x, s, center32[c]) };
                         }
                         acc = (acc.0 + s1.total(), acc.1 + s2.total());
                     });
@@ -195,9 +195,8 @@ pub(super) fn channel_grad_sums<E: CpuElement>(
                             let l = &mut lanes[j];
                             // SAFETY: the tasks' channel blocks and ranges of
                             // runs tile the tensor, each run visited once.
-                            let dy = unsafe { grad.span(start, walk.inner) };
                             let x = &x[start..start + walk.inner];
-                            add_grad(&mut l.0, &mut l.1, x, dy, center32[ch]);
+                            unsafe { grad.add_sums((&mut l.0, &mut l.1), x, start, center32[ch]) };
                             l.2 += walk.inner;
                             if l.2 >= PIECE {
                                 acc[j].0 += l.0.total();

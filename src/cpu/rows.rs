@@ -193,9 +193,17 @@ pub(super) fn row_task_grad_sums<E: CpuElement>(
         s1.fill(0.0);
         s2.fill(0.0);
         let span = |r: usize| r * cols + p0..r * cols + p0 + w;
+        // The block's rows of the gradient: in one span where they lie side
+        // by side (one column block: a fused backward gates them in one
+        // sweep, then sums them from cache), else a span per row.
         // SAFETY: the tasks' row ranges and column blocks tile the tensor,
-        // and `row_groups` visits each row of the block once.
-        let dy = |r: usize| unsafe { grad.span(r * cols + p0, w) };
+        // and the block's rows are asked once: as one span, or each row by
+        // itself (`row_groups` visits each row of the block once).
+        let whole = (w == cols).then(|| unsafe { grad.span(b0 * cols, (b1 - b0) * cols) });
+        let dy = |r: usize| match whole {
+            Some(block) => &block[(r - b0) * cols..(r - b0 + 1) * cols],
+            None => unsafe { grad.span(r * cols + p0, w) },
+        };
         for (r, step) in row_groups(b0, b1) {
             if let Some(q) = step {
                 let xs = std::array::from_fn(|k| &x[span(r + k * q)]);
