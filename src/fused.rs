@@ -19,6 +19,7 @@
 
 use crate::layout::DType;
 use crate::operation::Operation;
+use crate::state::Gradients;
 
 /// The activation after the (optional) residual add.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -210,6 +211,17 @@ pub struct FusedGradients {
     pub dweight: Option<Vec<f32>>,
     /// Gradient with respect to `bias` (affine only).
     pub dbias: Option<Vec<f32>>,
+}
+
+impl From<FusedGradients> for Gradients {
+    /// The BatchNorm's own gradients, without the residual's.
+    fn from(g: FusedGradients) -> Self {
+        Gradients {
+            dx: g.dx,
+            dweight: g.dweight,
+            dbias: g.dbias,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -151,12 +151,7 @@ impl BatchNormBackend for CpuBatchNorm {
         dy: ArrayViewD<'_, f32>,
         mode: Mode,
     ) -> Result<Gradients> {
-        let g = self.backward_array(&x, &dy, mode, None)?;
-        Ok(Gradients {
-            dx: g.dx,
-            dweight: g.dweight,
-            dbias: g.dbias,
-        })
+        self.backward_array(&x, &dy, mode, None).map(Gradients::from)
     }
 
     /// [`CpuBatchNorm::forward_fused_slice`] on the inputs in the storage type.
