@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Check fixture files against FIXTURES.md with an independent float32 NumPy
 implementation (no torch): structure (metadata keys, tensor names, dtypes,
-shapes) and values within the documented tolerance.
+shapes) and values within the documented tolerance. Fused fixtures (keys
+`activation`, `residual`; see scripts/README.md) are checked as
+`act(bn(x) + z)`, their backward gated by the stored `y`, as the Rust runner
+does.
 
-    /work/venv/bin/python scripts/check_fixtures.py [tests/fixtures/*.safetensors]
+    python scripts/check_fixtures.py [tests/fixtures/*.safetensors tests/fixtures/fused/*.safetensors]
 
 The float32 implementation is deliberately the kind FIXTURES.md says must
 pass (shifted two-pass variance, float32 accumulation, NumPy's pairwise sums);
@@ -64,6 +67,9 @@ def check(path, naive=False):
     nbt = int(meta["num_batches_tracked"])
     if track and "num_batches_tracked_out" not in meta:
         problems.append("num_batches_tracked_out missing")
+    fused = "activation" in meta or "residual" in meta
+    relu = meta.get("activation", "identity") == "relu"
+    residual = meta.get("residual", "false") == "true"
 
     x = t["x"]
     nhwc = meta["layout"] == "NHWC" and x.ndim >= 3
@@ -87,10 +93,12 @@ def check(path, naive=False):
             expect |= {"dweight", "dbias"}
         if track:
             expect |= {"running_mean_out", "running_var_out"}
+    if residual:
+        expect |= {"z"} | {k for k in ("dz", "dz_eval") if k.replace("dz", "dx") in expect}
     if set(t) != expect:
         problems.append(f"tensors {sorted(set(t) ^ expect)}")
     for k, v in t.items():
-        storage = k in {"x", "dy", "y", "dx", "y_eval", "dx_eval"}
+        storage = k in {"x", "dy", "y", "dx", "y_eval", "dx_eval", "z", "dz", "dz_eval"}
         if storage and (v.dtype != sdt or v.shape != x.shape):
             problems.append(f"{k}: {v.dtype} {v.shape}")
         if not storage and (v.dtype != np.float32 or v.shape != (C,)):
@@ -100,7 +108,19 @@ def check(path, naive=False):
 
     f = np.float32
     xf = x.astype(f)
-    dy = t["dy"].astype(f)
+    z = t["z"].astype(f) if residual else f(0)
+
+    def tail(v):
+        """act(v + z): the fused epilogue (NaN kept by the ReLU)."""
+        v = v + z
+        return np.where(v < 0, f(0), v) if relu else v
+
+    def gate(y, dy):
+        """dy where the stored fused output y lets it through (zero where y <= 0)."""
+        return np.where(y.astype(f) <= 0, f(0), dy) if relu else dy
+
+    dy0 = t["dy"].astype(f)
+    dy = gate(t["y"], dy0) if fused and "y" in t else dy0
     w = t["weight"] if affine else np.ones(C, f)
     b = t["bias"] if affine else np.zeros(C, f)
     got = {}
@@ -116,7 +136,8 @@ def check(path, naive=False):
             mean = shift + ms
         invstd = f(1) / np.sqrt(var + f(eps))
         xc = xf - mean.reshape(bsh)
-        got["y"] = xc * (invstd * w).reshape(bsh) + b.reshape(bsh)
+        got["y"] = tail(xc * (invstd * w).reshape(bsh) + b.reshape(bsh))
+        got["dz"] = dy
         s1 = dy.sum(axis=red, dtype=f)
         s2 = (dy * xc).sum(axis=red, dtype=f)
         got["dx"] = (w * invstd).reshape(bsh) * (
@@ -132,7 +153,9 @@ def check(path, naive=False):
     if track:
         scale = w / np.sqrt(t["running_var"] + f(eps))
         shift = b - t["running_mean"] * scale
-        got["y_eval"] = xf * scale.reshape(bsh) + shift.reshape(bsh)
+        got["y_eval"] = tail(xf * scale.reshape(bsh) + shift.reshape(bsh))
+        dy = gate(t["y_eval"], dy0) if fused else dy0
+        got["dz_eval"] = dy
         got["dx_eval"] = dy * scale.reshape(bsh)
         xh = (xf - t["running_mean"].reshape(bsh)) / np.sqrt(t["running_var"] + f(eps)).reshape(bsh)
         got["dweight_eval"] = (dy * xh).sum(axis=red, dtype=f)
@@ -141,7 +164,7 @@ def check(path, naive=False):
     for k, g in got.items():
         if k not in t:
             continue
-        if k in {"y", "dx", "y_eval", "dx_eval"}:
+        if k in {"y", "dx", "y_eval", "dx_eval", "dz", "dz_eval"}:
             g = g.astype(sdt)  # what the backend would store
             tol = 5e-3 if sdt == np.float16 else 1e-4
         else:
@@ -158,6 +181,7 @@ def main(argv):
     paths = [a for a in argv if not a.startswith("--")]
     if not paths:
         paths = sorted(glob.glob(str(ROOT / "tests" / "fixtures" / "*.safetensors")))
+        paths += sorted(glob.glob(str(ROOT / "tests" / "fixtures" / "fused" / "*.safetensors")))
     failed = 0
     for p in paths:
         problems, worst = check(p, naive)
