@@ -151,7 +151,8 @@ impl BatchNormBackend for CpuBatchNorm {
         dy: ArrayViewD<'_, f32>,
         mode: Mode,
     ) -> Result<Gradients> {
-        self.backward_array(&x, &dy, mode, None).map(Gradients::from)
+        self.backward_array(&x, &dy, mode, None)
+            .map(Gradients::from)
     }
 
     /// [`CpuBatchNorm::forward_fused_slice`] on the inputs in the storage type.
