@@ -7,11 +7,13 @@
 //! compare the same work; `fused_speedup` is the unfused time over the fused
 //! time.
 
-use super::measure::{Case, Run, Skip, copy_bytes_per_element, data, time_sources, time_wall};
+use super::measure::{
+    Case, Run, Skip, cpu_copy_gbps, data, gpu_copy_gbps, time_sources, time_wall,
+};
 use super::unfused::{GpuUnfused, cpu_gate, cpu_tail};
 use half::f16;
 use indicatif::ProgressBar;
-use wgpu_batchnorm::cpu::{CpuElement, parallel_copy};
+use wgpu_batchnorm::cpu::CpuElement;
 use wgpu_batchnorm::{
     Activation, BatchNormConfig, CpuBatchNorm, DType, FusedOp, Fusion, GpuBatchNorm, GpuContext,
     GpuSavedStats, GpuTensor, Mode, Operation, Result,
@@ -78,10 +80,10 @@ fn bench_cpu_as<E: CpuElement>(case: &Case<'_>, fusion: Fusion, run: &mut Run, p
     let (mut y, mut t, mut dx, mut g) = (zero(), zero(), zero(), zero());
     let c = case.shape.channels();
     let (mut dw, mut db) = (vec![0.0f32; c], vec![0.0f32; c]);
-    let copy = time_wall(case.warmup, case.repeat, || parallel_copy(&x, &mut y));
+    let copy = cpu_copy_gbps(case, &x, &mut y);
     pb.inc(1);
     let copy_gbps = match copy {
-        Ok(t) => n as f64 * copy_bytes_per_element(case.dtype) / t / 1e9,
+        Ok(g) => g,
         Err(error) => {
             run.skips.push(Skip { what, error });
             pb.inc(3);
@@ -225,17 +227,7 @@ pub fn bench_gpu(
             return;
         }
     };
-    let n = case.shape.len() as f64;
-    let mut copy_gbps = Vec::new();
-    for (source, t) in time_sources(ctx, case, || ctx.copy(&d.x, &d.y)) {
-        match t {
-            Ok(t) => copy_gbps.push((source, n * copy_bytes_per_element(case.dtype) / t / 1e9)),
-            Err(error) => run.skips.push(Skip {
-                what: format!("{what} copy ({source} time)"),
-                error,
-            }),
-        }
-    }
+    let copy_gbps = gpu_copy_gbps(ctx, case, (&d.x, &d.y), &what, run);
     pb.inc(1);
     let z = fusion.residual.then_some(&d.z);
     let act = fusion.activation;

@@ -214,10 +214,10 @@ fn bench_cpu_as<E: CpuElement>(
     let (mut dw, mut db) = (vec![0.0f32; c], vec![0.0f32; c]);
 
     pb.set_message(format!("cpu copy {}", case.shape.name()));
-    let copy = time_wall(case.warmup, case.repeat, || parallel_copy(&x, &mut y));
+    let copy = cpu_copy_gbps(case, &x, &mut y);
     pb.inc(1);
     let copy_gbps = match copy {
-        Ok(t) => n as f64 * copy_bytes_per_element(case.dtype) / t / 1e9,
+        Ok(g) => g,
         Err(error) => {
             run.skips.push(Skip { what, error });
             pb.inc(ops.len() as u64);
@@ -295,6 +295,39 @@ pub fn time_sources(
     out
 }
 
+/// The copy roofline on `ctx` for `case`, GB/s by time source, copying `x`
+/// into `y`; sources that fail go to `run.skips` under `what`.
+pub fn gpu_copy_gbps(
+    ctx: &GpuContext,
+    case: &Case<'_>,
+    (x, y): (&GpuTensor, &GpuTensor),
+    what: &str,
+    run: &mut Run,
+) -> Vec<(&'static str, f64)> {
+    let n = case.shape.len() as f64;
+    let mut out = Vec::new();
+    for (source, t) in time_sources(ctx, case, || ctx.copy(x, y)) {
+        match t {
+            Ok(t) => out.push((source, n * copy_bytes_per_element(case.dtype) / t / 1e9)),
+            Err(error) => run.skips.push(Skip {
+                what: format!("{what} copy ({source} time)"),
+                error,
+            }),
+        }
+    }
+    out
+}
+
+/// The copy roofline of the fast CPU backend for `case`, GB/s, copying `x`
+/// into `y`.
+///
+/// # Errors
+/// Those of the copy.
+pub fn cpu_copy_gbps<E: CpuElement>(case: &Case<'_>, x: &[E], y: &mut [E]) -> Result<f64> {
+    let t = time_wall(case.warmup, case.repeat, || parallel_copy(x, y))?;
+    Ok(case.shape.len() as f64 * copy_bytes_per_element(case.dtype) / t / 1e9)
+}
+
 /// Measures one adapter on one shape.
 pub fn bench_gpu(
     ctx: &GpuContext,
@@ -321,17 +354,7 @@ pub fn bench_gpu(
         }
     };
     pb.set_message(format!("{} copy {}", ctx.label(), case.shape.name()));
-    let n = case.shape.len() as f64;
-    let mut copy_gbps = Vec::new();
-    for (source, t) in time_sources(ctx, case, || ctx.copy(&d.x, &d.y)) {
-        match t {
-            Ok(t) => copy_gbps.push((source, n * copy_bytes_per_element(case.dtype) / t / 1e9)),
-            Err(error) => run.skips.push(Skip {
-                what: format!("{what} copy ({source} time)"),
-                error,
-            }),
-        }
-    }
+    let copy_gbps = gpu_copy_gbps(ctx, case, (&d.x, &d.y), &what, run);
     pb.inc(1);
     for &op in ops {
         pb.set_message(format!(
