@@ -2,7 +2,7 @@
 
 use super::adapter::{AdapterSelection, matching_adapters};
 use super::device::{DeviceHandle, ErrorScopes};
-use super::kernels::Kernels;
+use super::pipelines::Kernels;
 use super::timing::Timing;
 use crate::error::{Error, Result};
 use crate::shaders::WG;

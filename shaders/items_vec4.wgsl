@@ -1,0 +1,22 @@
+// The items of the backward passes that walk vec4s (backward_partial_vec4,
+// backward_dx_vec4), for the upstream parts, as items.wgsl: `Elem4`, widened
+// to vec4<f32>.
+alias Item = Elem4;
+alias ItemF = vec4<f32>;
+alias ItemU = vec4<u32>;
+// Elements per item.
+const ITEM_ELEMS: u32 = 4u;
+
+fn load_item(v: Item) -> ItemF {
+    return load4(v);
+}
+
+fn store_item(v: ItemF) -> Item {
+    return store4(v);
+}
+
+// A vec4 item lies inside its tensor (the vec4 passes run on whole vec4s
+// only), so nothing past the end is kept.
+fn store_item_first(v: ItemF, old: Item) -> Item {
+    return store4(v);
+}
