@@ -8,8 +8,8 @@ mod common;
 use common::*;
 use ndarray::ArrayD;
 use wgpu_batchnorm::{
-    Activation, BatchNormBackend, BatchNormConfig, CpuReference, DType, Error, Fusion,
-    GpuBatchNorm, GpuContext, GpuSavedStats, GpuTensor, Layout, Mode,
+    Activation, AdapterSelection, BatchNormBackend, BatchNormConfig, CpuReference, DType, Error,
+    Fusion, GpuBatchNorm, GpuContext, GpuSavedStats, GpuTensor, Layout, Mode,
 };
 
 /// f16 tolerance of shared/FIXTURES.md, for the big tensors.
@@ -427,6 +427,55 @@ fn odd_length_outputs_keep_the_bytes_past_their_end() {
                 }
             }
         }
+    }
+}
+
+/// An app's device opened without SHADER_F16, on an adapter that has it,
+/// runs f16 through the packed kernels, with the results of the adapter's
+/// own f16 within the f16 tolerance.
+#[test]
+fn an_app_device_without_shader_f16_runs_the_packed_kernels() {
+    let adapters = wgpu_batchnorm::gpu::enumerate_adapters(&AdapterSelection::from_env());
+    let config = BatchNormConfig::new(5).with_layout(Layout::ChannelsLast);
+    let mut r = rng(31);
+    let state = random_state(&mut r, &config, 1);
+    let x = normal(&mut r, &[3, 7, 5], 0.5, 1.5);
+    let dy = normal(&mut r, &[3, 7, 5], 0.0, 1.0);
+    let mut ran = 0;
+    for adapter in adapters
+        .iter()
+        .filter(|a| a.features().contains(wgpu::Features::SHADER_F16))
+    {
+        let name = adapter.get_info().name;
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("app device without f16"),
+            required_features: wgpu::Features::empty(),
+            required_limits: adapter.limits(),
+            ..Default::default()
+        }))
+        .unwrap_or_else(|e| panic!("{name}: request_device: {e}"));
+        let app = GpuContext::from_device(&device, &queue).unwrap();
+        assert!(!has_shader_f16(&app));
+        let own = GpuContext::from_adapter(adapter).unwrap();
+        let run = |ctx: &GpuContext| {
+            let mut bn = layer(ctx, &config, &state, false);
+            let out = run_all(&mut bn, &x, &dy);
+            (out, bn)
+        };
+        let ((got, bn), (want, own_bn)) = (run(&app), run(&own));
+        assert_kernels(&bn, "_f16_packed", &name);
+        assert_kernels(&own_bn, "_f16", &name);
+        for ((k, g), (_, w)) in got.tensors.iter().zip(&want.tensors) {
+            let tol = if is_big(k) { TOL_F16 } else { TOL };
+            all_close(k, g, w, tol, tol).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        ran += 1;
+    }
+    if std::env::var("BNORM_EXPECT_F16").is_ok_and(|v| !v.is_empty()) {
+        assert!(
+            ran > 0,
+            "no adapter with SHADER_F16 opened a device without it"
+        );
     }
 }
 
