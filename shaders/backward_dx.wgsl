@@ -13,7 +13,7 @@
 
 // Stores word `w` of dx, as `put` in normalize.wgsl.
 fn put(w: u32, v: ElemF) {
-    if w < p.total / PER_WORD {
+    if PER_WORD == 1u || w < p.total / PER_WORD {
         dx[w] = store(v);
     } else {
         dx[w] = store_first(v, dx[w]);

@@ -8,6 +8,9 @@ alias ItemF = ElemF;
 alias ItemU = ElemU;
 // Elements per item.
 const ITEM_ELEMS: u32 = PER_WORD;
+// Whether the tensor's end can cut an item: a packed word of an odd-length
+// tensor's last element.
+const ITEM_CUT: bool = PER_WORD > 1u;
 
 fn load_item(v: Item) -> ItemF {
     return load(v);

@@ -6,6 +6,9 @@ alias ItemF = vec4<f32>;
 alias ItemU = vec4<u32>;
 // Elements per item.
 const ITEM_ELEMS: u32 = 4u;
+// Whether the tensor's end can cut an item: never, the vec4 passes run on
+// whole vec4s only.
+const ITEM_CUT: bool = false;
 
 fn load_item(v: Item) -> ItemF {
     return load4(v);
@@ -15,8 +18,7 @@ fn store_item(v: ItemF) -> Item {
     return store4(v);
 }
 
-// A vec4 item lies inside its tensor (the vec4 passes run on whole vec4s
-// only), so nothing past the end is kept.
+// Never called (ITEM_CUT): a vec4 item lies inside its tensor.
 fn store_item_first(v: ItemF, old: Item) -> Item {
     return store4(v);
 }

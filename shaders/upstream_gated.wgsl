@@ -22,7 +22,7 @@ fn upstream(w: u32, write: bool) -> ItemF {
         g = select(g, ItemF(0.0), stop);
     }
     if write {
-        if w < p.total / ITEM_ELEMS {
+        if !ITEM_CUT || w < p.total / ITEM_ELEMS {
             gated[w] = store_item(g);
         } else {
             gated[w] = store_item_first(g, gated[w]);
