@@ -30,11 +30,9 @@ fn main(
     if !t.owns || t.first >= p.total {
         return;
     }
-    let k0 = coef[t.pos / p.inner];
-    var k1 = k0;
-    if PER_WORD == 2u {
-        k1 = coef[next_in_row(p, t.pos) / p.inner];
-    }
+    let ch = word_channels(p, t.pos);
+    let k0 = coef[ch.x];
+    let k1 = coef[ch.y];
     let center = pair(k0.x, k1.x);
     let a = pair(k0.y, k1.y);
     let b = pair(k0.z, k1.z);

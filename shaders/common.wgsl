@@ -125,10 +125,14 @@ fn relu4(v: vec4<f32>) -> vec4<f32> {
     return select(v, vec4(0.0), (b >= vec4(0x80000000u)) & (b <= vec4(0xff800000u)));
 }
 
-// The position in its row of the element after the one at `pos` (the
-// first of the next row after a row's last): where the second element of a
-// packed f16 word lies when its first lies at `pos`.
-fn next_in_row(p: Params, pos: u32) -> u32 {
-    let next = pos + 1u;
-    return select(next, 0u, next == p.channels * p.inner);
+// The channels of the elements of the storage word that begins at position
+// `pos` of its row (single-element kernels): the element's own, and with
+// packed f16 the next position's (the first of the next row after a row's
+// last); a word of one element names its channel twice.
+fn word_channels(p: Params, pos: u32) -> vec2<u32> {
+    var next = pos;
+    if PER_WORD == 2u {
+        next = select(pos + 1u, 0u, pos + 1u == p.channels * p.inner);
+    }
+    return vec2(pos, next) / p.inner;
 }
