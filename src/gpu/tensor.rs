@@ -8,8 +8,9 @@ use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use std::future::Future;
 
 /// A contiguous tensor in a GPU buffer: a view of `buffer` from byte `offset`,
-/// with shape, layout and storage type (f32 or f16: every adapter stores
-/// f16, see [`DType::F16`]).
+/// with shape, layout and storage type (f32, or f16 on every adapter: the
+/// same bytes whether the kernels read them as WGSL's `f16` or, without
+/// `SHADER_F16`, as pairs in `u32` words).
 ///
 /// The buffer is this crate's ([`GpuTensor::from_array`],
 /// [`GpuTensor::uninit`], ...) or the app's own ([`GpuTensor::from_buffer`]).

@@ -215,7 +215,8 @@ impl GpuBatchNorm {
     /// and [`crate::Error::DTypeMismatch`] for `y`,
     /// [`crate::Error::BufferAlias`], [`crate::Error::SavedStatsMismatch`]
     /// for a handle of another layer, [`crate::Error::Unsupported`] for f16
-    /// without `SHADER_F16`, [`crate::Error::TooLarge`], and
+    /// on a device without f16 kernels (see
+    /// [`GpuBatchNorm::set_storage_dtype`]), [`crate::Error::TooLarge`], and
     /// [`crate::Error::Wgpu`] when the first use of a buffer fails to bind.
     pub fn record_forward_train(
         &mut self,
