@@ -2,9 +2,8 @@
 // band grid of `band_walk` (rows of `C * inner / 4` vec4s): used when a row
 // (`C * inner` elements) is a multiple of 4. The four lanes share a channel
 // when `inner % 4 == 0`, else each has its own; either way a thread loads its
-// coefficients once. `dy` is read through `upstream`, as in backward_dx.
-alias Item = Elem4;
-alias ItemF = vec4<f32>;
+// coefficients once. `dy` is read through `upstream`, as in backward_dx
+// (items: items_vec4.wgsl).
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<Elem4>;
 @group(0) @binding(3) var<storage, read> coef: array<vec4<f32>>;   // (center, a, b, c)
@@ -51,8 +50,8 @@ fn main(
             if j >= items {
                 break;
             }
-            let xt = select(vec4<f32>(0.0), b * (vec4<f32>(x[j]) - center), keep);
-            dx[j] = Elem4(a * upstream(j, true) + xt + c);
+            let xt = select(vec4<f32>(0.0), b * (load4(x[j]) - center), keep);
+            dx[j] = store4(a * upstream(j, true) + xt + c);
             j += p.band;
         }
     } else {
@@ -60,7 +59,7 @@ fn main(
             if j >= items {
                 break;
             }
-            dx[j] = Elem4(a * upstream(j, true) + c);
+            dx[j] = store4(a * upstream(j, true) + c);
             j += p.band;
         }
     }

@@ -4,14 +4,23 @@
 // mean of an evaluation forward); backward_finalize subtracts d * S1 for the
 // mean K + d. Each thread takes four of its positions per step. `dy` is
 // read through `upstream` (upstream.wgsl, or upstream_gated.wgsl in the
-// fused backward's variant, backward_partial_gated).
-alias Item = Elem;
-alias ItemF = f32;
-alias ItemU = u32;
+// fused backward's variant, backward_partial_gated), a storage word at a
+// time (items.wgsl).
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<Elem>;
 @group(0) @binding(3) var<storage, read> saved: array<vec4<f32>>;   // (K, d, invstd, 0)
 @group(0) @binding(4) var<storage, read_write> partials: array<vec2<f32>>;   // (S1, S2)
+
+// Element `i` of x, widened to f32 from its storage word.
+fn x_at(i: u32) -> f32 {
+    return elem_of(load(x[i / PER_WORD]), i);
+}
+
+// The upstream gradient of element `i` (`live`: inside the slice). In the
+// gated variant the thread of a word's first element writes the word out.
+fn dy_at(i: u32, live: bool) -> f32 {
+    return elem_of(upstream(i / PER_WORD, live && i % PER_WORD == 0u), i);
+}
 
 @compute @workgroup_size(WG)
 fn main(
@@ -31,12 +40,12 @@ fn main(
         while pos < w.end {
             let q = quad(p, &pos, &at, w, dq, dr);
             let g = vec4(
-                upstream(q.idx.x, q.live.x),
-                upstream(q.idx.y, q.live.y),
-                upstream(q.idx.z, q.live.z),
-                upstream(q.idx.w, q.live.w),
+                dy_at(q.idx.x, q.live.x),
+                dy_at(q.idx.y, q.live.y),
+                dy_at(q.idx.z, q.live.z),
+                dy_at(q.idx.w, q.live.w),
             );
-            let v = vec4(f32(x[q.idx.x]), f32(x[q.idx.y]), f32(x[q.idx.z]), f32(x[q.idx.w]));
+            let v = vec4(x_at(q.idx.x), x_at(q.idx.y), x_at(q.idx.z), x_at(q.idx.w));
             // past the slice's end a lane adds nothing (selected, not
             // multiplied by 0, which would turn an infinity into NaN)
             let gl = select(vec4(0.0), g, q.live);

@@ -1,10 +1,7 @@
 // Backward, stage 1, for columns of vec4 items (four values of one channel,
 // or of four adjacent channels with FLAG_LANE_CHANNELS): S1 = sum(dy) and
 // S2 = sum(dy * (x - K)) per (channel, slice), as backward_partial; `dy`
-// read through `upstream` as there.
-alias Item = Elem4;
-alias ItemF = vec4<f32>;
-alias ItemU = vec4<u32>;
+// read through `upstream` as there (items: items_vec4.wgsl).
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<Elem4>;
 @group(0) @binding(3) var<storage, read> saved: array<vec4<f32>>;   // (K, d, invstd, 0)
@@ -33,7 +30,7 @@ fn main(
             let idx = item_index(p, at, w.col);
             let g = upstream(idx, true);
             s1 += g;
-            s2 += g * (vec4<f32>(x[idx]) - center);
+            s2 += g * (load4(x[idx]) - center);
             at = advance(p, at, dq, dr);
         }
     }

@@ -1,8 +1,22 @@
 // Shared by every kernel: prepended to each shader file by src/shaders.rs,
-// after a storage prelude that defines the element type of the big tensors
-// (x, y, dy, dx): `alias Elem = f32; alias Elem4 = vec4<f32>;`, or with
-// `enable f16;` the same for f16. Kernels load with `f32(...)` and store with
-// `Elem(...)`, so they accumulate in f32 for either storage type.
+// after a storage prelude that defines how the big tensors (x, z, y, dy, dx,
+// dz) are stored. Their arrays hold storage words, `Elem` (single-element
+// kernels) or `Elem4` (vec4 kernels), with `PER_WORD` elements in an `Elem`:
+//   f32 storage          Elem = f32, ElemF = f32        Elem4 = vec4<f32>   PER_WORD = 1
+//   f16 (`enable f16;`)  Elem = f16, ElemF = f32        Elem4 = vec4<f16>   PER_WORD = 1
+//   packed f16           Elem = u32, ElemF = vec2<f32>  Elem4 = vec2<u32>   PER_WORD = 2
+// Packed f16 is the f16 layout in core WGSL, for devices without SHADER_F16:
+// the same bytes, read as u32 words of two f16 values (the first element in
+// the low half). Kernels widen a word to f32 with `load` (to `ElemF`, one
+// f32 per element) or `load4` (to vec4<f32>) and narrow with `store` or
+// `store4`, so they compute in f32 for every storage type; `elem_of(w, i)`
+// is element `i`'s value in its widened word `w` (word `i / PER_WORD`),
+// `pair(a, b)` the `ElemF` of a word whose elements take `a` and `b`, and
+// `store_first(v, old)` the word of a tensor's odd last element: its first
+// half from `v`, its second half, past the tensor's end, the bits of `old`.
+// A kernel that writes single elements writes whole words: with packed f16
+// the thread of a word's first element computes and writes both of its
+// elements (see normalize.wgsl), so that no two threads write one word.
 //
 // src/shaders.rs also prepends the constants WG (threads per workgroup of the
 // kernels that walk the big tensors), WG_CHANNEL (of the per-channel kernels),
@@ -97,15 +111,28 @@ fn slice_count(p: Params, s: u32) -> u32 {
     return min(p.slice_len, m - begin);
 }
 
-// PyTorch's ReLU, max(v, 0) with NaN kept, told apart by the bits of v (a
-// negative non-NaN value lies in 0x80000000..=0xff800000, -0 to -inf): WGSL
-// lets a driver assume comparisons never meet NaN (see reduce.wgsl).
-fn relu(v: f32) -> f32 {
-    let b = bitcast<u32>(v);
-    return select(v, 0.0, b >= 0x80000000u && b <= 0xff800000u);
+// PyTorch's ReLU of the elements of a widened word, max(v, 0) with NaN
+// kept, told apart by the bits of v (a negative non-NaN value lies in
+// 0x80000000..=0xff800000, -0 to -inf): WGSL lets a driver assume
+// comparisons never meet NaN (see reduce.wgsl).
+fn relu(v: ElemF) -> ElemF {
+    let b = bitcast<ElemU>(v);
+    return select(v, ElemF(0.0), (b >= ElemU(0x80000000u)) & (b <= ElemU(0xff800000u)));
 }
 
 fn relu4(v: vec4<f32>) -> vec4<f32> {
     let b = bitcast<vec4<u32>>(v);
     return select(v, vec4(0.0), (b >= vec4(0x80000000u)) & (b <= vec4(0xff800000u)));
+}
+
+// The channels of the elements of the storage word that begins at position
+// `pos` of its row (single-element kernels): the element's own, and with
+// packed f16 the next position's (the first of the next row after a row's
+// last); a word of one element names its channel twice.
+fn word_channels(p: Params, pos: u32) -> vec2<u32> {
+    var next = pos;
+    if PER_WORD == 2u {
+        next = select(pos + 1u, 0u, pos + 1u == p.channels * p.inner);
+    }
+    return vec2(pos, next) / p.inner;
 }

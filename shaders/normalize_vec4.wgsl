@@ -48,14 +48,14 @@ fn main(
             if j >= items {
                 break;
             }
-            var v = (vec4<f32>(x[j]) - center) * scale + shift;
+            var v = (load4(x[j]) - center) * scale + shift;
             if residual {
-                v += vec4<f32>(z[j]);
+                v += load4(z[j]);
             }
             if act {
                 v = relu4(v);
             }
-            y[j] = Elem4(v);
+            y[j] = store4(v);
             j += p.band;
         }
         return;
@@ -64,7 +64,7 @@ fn main(
         if j >= items {
             break;
         }
-        y[j] = Elem4((vec4<f32>(x[j]) - center) * scale + shift);
+        y[j] = store4((load4(x[j]) - center) * scale + shift);
         j += p.band;
     }
 }

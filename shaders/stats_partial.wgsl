@@ -7,6 +7,11 @@
 // spread, not of the mean (stats_finalize keeps both).
 @group(0) @binding(1) var<storage, read> x: array<Elem>;
 
+// Element `i` of x, widened to f32 from its storage word.
+fn x_at(i: u32) -> f32 {
+    return elem_of(load(x[i / PER_WORD]), i);
+}
+
 @compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -18,14 +23,14 @@ fn main(
     var st = lanes_new();
     var shift = 0.0;
     if w.live {
-        shift = f32(x[item_index(p, Cursor(0u, 0u), w.col)]);
+        shift = x_at(item_index(p, Cursor(0u, 0u), w.col));
         let dq = w.step / p.red_inner;
         let dr = w.step - dq * p.red_inner;
         var at = cursor(p, w.begin);
         var pos = w.begin;
         while pos < w.end {
             let q = quad(p, &pos, &at, w, dq, dr);
-            let v = vec4(f32(x[q.idx.x]), f32(x[q.idx.y]), f32(x[q.idx.z]), f32(x[q.idx.w]));
+            let v = vec4(x_at(q.idx.x), x_at(q.idx.y), x_at(q.idx.z), x_at(q.idx.w));
             lanes_step(&st, v, q.live, vec4(shift));
         }
     }

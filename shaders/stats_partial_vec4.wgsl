@@ -17,13 +17,13 @@ fn main(
     var st = lanes_new();
     var shift = vec4(0.0);
     if w.live {
-        let first = vec4<f32>(x[item_index(p, Cursor(0u, 0u), w.col)]);
+        let first = load4(x[item_index(p, Cursor(0u, 0u), w.col)]);
         shift = select(vec4(first.x), first, channels);
         let dq = w.step / p.red_inner;
         let dr = w.step - dq * p.red_inner;
         var at = cursor(p, w.begin);
         for (var pos = w.begin; pos < w.end; pos = next_pos(pos, w.end, w.step)) {
-            lanes_step(&st, vec4<f32>(x[item_index(p, at, w.col)]), vec4(true), shift);
+            lanes_step(&st, load4(x[item_index(p, at, w.col)]), vec4(true), shift);
             at = advance(p, at, dq, dr);
         }
     }

@@ -3,28 +3,31 @@
 //! Each file under `shaders/` holds one compute entry point, `main`, except
 //! the shared parts `common.wgsl` (every shader), `reduce.wgsl` (the
 //! reduction passes: their grid, Welford lanes and workgroup merges),
-//! `stats_io.wgsl` (the bindings of the statistics passes) and
-//! `upstream.wgsl`, `upstream_gated.wgsl` and `upstream_in_place.wgsl` (how
-//! the backward passes read `dy`: as it is; gated by the fused output and
-//! written out, in the reductions' `_gated` variants; read back from `dx`,
-//! in the dx pass's `_in_place` variants; a variant is the same file after
-//! another part). Before
-//! its text come a storage prelude that makes the element type of the big
-//! tensors f32 or f16 (the kernels that touch those tensors exist in both
-//! variants from the same file), the constants of [`CONSTANTS`] (workgroup
-//! sizes and flag bits, defined once here for Rust and WGSL alike), and the
-//! shared `Params` struct and helpers of `shaders/common.wgsl`, then the
-//! shared parts it uses.
+//! `stats_io.wgsl` (the bindings of the statistics passes), `items.wgsl`
+//! and `items_vec4.wgsl` (the item types of the backward passes, single
+//! elements or vec4s) and `upstream.wgsl`, `upstream_gated.wgsl` and
+//! `upstream_in_place.wgsl` (how the backward passes read `dy`: as it is;
+//! gated by the fused output and written out, in the reductions' `_gated`
+//! variants; read back from `dx`, in the dx pass's `_in_place` variants; a
+//! variant is the same file after another part). Before its text come a
+//! storage prelude ([`Storage`]) that makes the big tensors f32, f16 or
+//! packed f16 (pairs of f16 in `u32` words, for devices without
+//! `SHADER_F16`) and gives the conversions the kernels load and store them
+//! with (the kernels that touch those tensors exist in the three variants
+//! from the same file), the constants of [`CONSTANTS`] (workgroup sizes and
+//! flag bits, defined once here for Rust and WGSL alike), and the shared
+//! `Params` struct and helpers of `shaders/common.wgsl`, then the shared
+//! parts it uses.
 
 /// A compute shader: its name, its file and full source text.
 #[derive(Debug, Clone, Copy)]
 pub struct Shader {
     /// File name under `shaders/`, without extension, then the variant's
-    /// suffix (`_gated`, `_in_place`: the file after other parts) and `_f16`
-    /// for f16 storage; also the pipeline label suffix.
+    /// suffix (`_gated`, `_in_place`: the file after other parts) and that
+    /// of its storage ([`Storage::suffix`]); also the pipeline label suffix.
     pub name: &'static str,
-    /// Storage prelude ([`PRELUDE_F32`] or [`PRELUDE_F16`]), [`CONSTANTS`],
-    /// `common.wgsl`, then the file's text.
+    /// Storage prelude ([`Storage::prelude`]), [`CONSTANTS`],
+    /// `common.wgsl`, the shared parts it uses, then the file's text.
     pub source: &'static str,
     /// The file's own text.
     pub file: &'static str,
@@ -85,14 +88,58 @@ macro_rules! flag_relu {
         32
     };
 }
+// The storage preludes: the element types of the big tensors and the
+// conversions the kernels load and store them with (see shaders/common.wgsl).
 macro_rules! prelude_f32 {
     () => {
-        "alias Elem = f32;\nalias Elem4 = vec4<f32>;\n"
+        "alias Elem = f32;
+alias ElemF = f32;
+alias ElemU = u32;
+alias Elem4 = vec4<f32>;
+const PER_WORD: u32 = 1u;
+fn load(v: Elem) -> ElemF { return v; }
+fn store(v: ElemF) -> Elem { return v; }
+fn store_first(v: ElemF, old: Elem) -> Elem { return v; }
+fn elem_of(v: ElemF, i: u32) -> f32 { return v; }
+fn pair(a: f32, b: f32) -> ElemF { return a; }
+fn load4(v: Elem4) -> vec4<f32> { return v; }
+fn store4(v: vec4<f32>) -> Elem4 { return v; }
+"
     };
 }
 macro_rules! prelude_f16 {
     () => {
-        "enable f16;\nalias Elem = f16;\nalias Elem4 = vec4<f16>;\n"
+        "enable f16;
+alias Elem = f16;
+alias ElemF = f32;
+alias ElemU = u32;
+alias Elem4 = vec4<f16>;
+const PER_WORD: u32 = 1u;
+fn load(v: Elem) -> ElemF { return f32(v); }
+fn store(v: ElemF) -> Elem { return f16(v); }
+fn store_first(v: ElemF, old: Elem) -> Elem { return f16(v); }
+fn elem_of(v: ElemF, i: u32) -> f32 { return v; }
+fn pair(a: f32, b: f32) -> ElemF { return a; }
+fn load4(v: Elem4) -> vec4<f32> { return vec4<f32>(v); }
+fn store4(v: vec4<f32>) -> Elem4 { return vec4<f16>(v); }
+"
+    };
+}
+macro_rules! prelude_f16_packed {
+    () => {
+        "alias Elem = u32;
+alias ElemF = vec2<f32>;
+alias ElemU = vec2<u32>;
+alias Elem4 = vec2<u32>;
+const PER_WORD: u32 = 2u;
+fn load(v: Elem) -> ElemF { return unpack2x16float(v); }
+fn store(v: ElemF) -> Elem { return pack2x16float(v); }
+fn store_first(v: ElemF, old: Elem) -> Elem { return (pack2x16float(v) & 0xffffu) | (old & 0xffff0000u); }
+fn elem_of(v: ElemF, i: u32) -> f32 { return v[i & 1u]; }
+fn pair(a: f32, b: f32) -> ElemF { return vec2<f32>(a, b); }
+fn load4(v: Elem4) -> vec4<f32> { return vec4<f32>(unpack2x16float(v.x), unpack2x16float(v.y)); }
+fn store4(v: vec4<f32>) -> Elem4 { return vec2<u32>(pack2x16float(v.xy), pack2x16float(v.zw)); }
+"
     };
 }
 macro_rules! constants {
@@ -150,6 +197,8 @@ pub const COMMON: &str = include_str!("../shaders/common.wgsl");
 /// read `dy`.
 pub const PARTS: &[(&str, &str)] = &[
     ("common", COMMON),
+    ("items", include_str!("../shaders/items.wgsl")),
+    ("items_vec4", include_str!("../shaders/items_vec4.wgsl")),
     ("reduce", include_str!("../shaders/reduce.wgsl")),
     ("stats_io", include_str!("../shaders/stats_io.wgsl")),
     ("upstream", include_str!("../shaders/upstream.wgsl")),
@@ -163,28 +212,61 @@ pub const PARTS: &[(&str, &str)] = &[
     ),
 ];
 
-/// Element type of the big tensors for f32 storage.
+/// Element type of the big tensors for f32 storage, and the conversions the
+/// kernels load and store it with (identities here).
 pub const PRELUDE_F32: &str = prelude_f32!();
-/// Element type of the big tensors for f16 storage (needs `wgpu::Features::SHADER_F16`).
+/// Element type of the big tensors for f16 storage with WGSL's `f16` (needs
+/// `wgpu::Features::SHADER_F16`), and its conversions to and from f32.
 pub const PRELUDE_F16: &str = prelude_f16!();
+/// Element type of the big tensors for f16 storage in core WGSL, on devices
+/// without `SHADER_F16`: the same bytes as [`PRELUDE_F16`]'s, read as `u32`
+/// words of two f16 values (`Elem`; `Elem4`, a vec4, is two words) and
+/// converted with `unpack2x16float` and `pack2x16float`.
+pub const PRELUDE_F16_PACKED: &str = prelude_f16_packed!();
+
+/// How the kernels that touch the big tensors hold their elements: the
+/// storage prelude of a shader variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Storage {
+    /// f32 ([`PRELUDE_F32`]).
+    F32,
+    /// f16 as WGSL's `f16` ([`PRELUDE_F16`], needs `SHADER_F16`).
+    F16,
+    /// f16 packed in pairs in `u32` words ([`PRELUDE_F16_PACKED`], core WGSL).
+    F16Packed,
+}
+
+impl Storage {
+    /// The storage prelude, which goes first in a shader's source.
+    pub const fn prelude(self) -> &'static str {
+        match self {
+            Self::F32 => PRELUDE_F32,
+            Self::F16 => PRELUDE_F16,
+            Self::F16Packed => PRELUDE_F16_PACKED,
+        }
+    }
+
+    /// The suffix of the shader names of the variant (`""`, `"_f16"`, `"_f16_packed"`).
+    pub const fn suffix(self) -> &'static str {
+        match self {
+            Self::F32 => "",
+            Self::F16 => "_f16",
+            Self::F16Packed => "_f16_packed",
+        }
+    }
+}
 /// The workgroup sizes and flag bits above, as WGSL constants; every shader
 /// has them after its storage prelude.
 pub const CONSTANTS: &str = constants!();
 
-// `shader!("file", uses "part", ...)`; `, f16` after the file for the f16
-// variant; `"file" as "label"` for a variant of a file with other parts.
+// `shader!("file", uses "part", ...)`; `"file" as "label"` for a variant of
+// a file with other parts.
 macro_rules! shader {
     ($name:literal $(, uses $inc:literal)*) => {
         shader!(@ $name, $name, prelude_f32!(); $($inc),*)
     };
-    ($name:literal, f16 $(, uses $inc:literal)*) => {
-        shader!(@ concat!($name, "_f16"), $name, prelude_f16!(); $($inc),*)
-    };
     ($name:literal as $label:literal $(, uses $inc:literal)*) => {
         shader!(@ $label, $name, prelude_f32!(); $($inc),*)
-    };
-    ($name:literal as $label:literal, f16 $(, uses $inc:literal)*) => {
-        shader!(@ concat!($label, "_f16"), $name, prelude_f16!(); $($inc),*)
     };
     (@ $label:expr, $name:literal, $prelude:expr; $($inc:literal),*) => {
         Shader {
@@ -202,98 +284,113 @@ macro_rules! shader {
     };
 }
 
-/// Training statistics, stage 1 (Welford per channel slice).
-pub const STATS_PARTIAL: Shader = shader!("stats_partial", uses "reduce", uses "stats_io");
-/// Training statistics, stage 1, vec4 items.
-pub const STATS_PARTIAL_VEC4: Shader =
-    shader!("stats_partial_vec4", uses "reduce", uses "stats_io");
+// The label of `"file"` or `"file" as "label"`.
+macro_rules! label {
+    ($name:literal) => {
+        $name
+    };
+    ($name:literal as $label:literal) => {
+        $label
+    };
+}
+
+// `variants!("doc", F32, F16, F16_PACKED = "file" [as "label"], uses "part", ...)`:
+// the three storage variants of a shader that touches the big tensors, one
+// file behind each prelude, named `label`, `label_f16`, `label_f16_packed`.
+macro_rules! variants {
+    ($doc:literal, $f32:ident, $f16:ident, $packed:ident = $name:literal $(as $label:literal)? $(, uses $inc:literal)*) => {
+        #[doc = concat!($doc, ".")]
+        pub const $f32: Shader =
+            shader!(@ label!($name $(as $label)?), $name, prelude_f32!(); $($inc),*);
+        #[doc = concat!($doc, ", f16 storage.")]
+        pub const $f16: Shader = shader!(
+            @ concat!(label!($name $(as $label)?), "_f16"), $name, prelude_f16!(); $($inc),*
+        );
+        #[doc = concat!($doc, ", packed f16 storage.")]
+        pub const $packed: Shader = shader!(
+            @ concat!(label!($name $(as $label)?), "_f16_packed"), $name, prelude_f16_packed!(); $($inc),*
+        );
+    };
+}
+
+variants!(
+    "Training statistics, stage 1 (Welford per channel slice)",
+    STATS_PARTIAL, STATS_PARTIAL_F16, STATS_PARTIAL_F16_PACKED =
+    "stats_partial", uses "reduce", uses "stats_io"
+);
+variants!(
+    "Training statistics, stage 1, vec4 items",
+    STATS_PARTIAL_VEC4, STATS_PARTIAL_VEC4_F16, STATS_PARTIAL_VEC4_F16_PACKED =
+    "stats_partial_vec4", uses "reduce", uses "stats_io"
+);
+variants!(
+    "Elementwise normalize, scalar",
+    NORMALIZE,
+    NORMALIZE_F16,
+    NORMALIZE_F16_PACKED = "normalize"
+);
+variants!(
+    "Elementwise normalize, vec4",
+    NORMALIZE_VEC4,
+    NORMALIZE_VEC4_F16,
+    NORMALIZE_VEC4_F16_PACKED = "normalize_vec4"
+);
+variants!(
+    "Backward stage 1 (partial S1, S2)",
+    BACKWARD_PARTIAL, BACKWARD_PARTIAL_F16, BACKWARD_PARTIAL_F16_PACKED =
+    "backward_partial", uses "items", uses "reduce", uses "upstream"
+);
+variants!(
+    "Backward stage 1, vec4 items",
+    BACKWARD_PARTIAL_VEC4, BACKWARD_PARTIAL_VEC4_F16, BACKWARD_PARTIAL_VEC4_F16_PACKED =
+    "backward_partial_vec4", uses "items_vec4", uses "reduce", uses "upstream"
+);
+variants!(
+    "Backward stage 1 of a fused backward: the sums of the gated `dy`, which \
+     it also writes out (six storage buffers: built where the device has them)",
+    BACKWARD_PARTIAL_GATED, BACKWARD_PARTIAL_GATED_F16, BACKWARD_PARTIAL_GATED_F16_PACKED =
+    "backward_partial" as "backward_partial_gated",
+    uses "items", uses "reduce", uses "upstream_gated"
+);
+variants!(
+    "Backward stage 1 of a fused backward, vec4 items",
+    BACKWARD_PARTIAL_VEC4_GATED, BACKWARD_PARTIAL_VEC4_GATED_F16,
+    BACKWARD_PARTIAL_VEC4_GATED_F16_PACKED =
+    "backward_partial_vec4" as "backward_partial_vec4_gated",
+    uses "items_vec4", uses "reduce", uses "upstream_gated"
+);
+variants!(
+    "Backward stage 3, scalar",
+    BACKWARD_DX, BACKWARD_DX_F16, BACKWARD_DX_F16_PACKED =
+    "backward_dx", uses "items", uses "upstream"
+);
+variants!(
+    "Backward stage 3, vec4",
+    BACKWARD_DX_VEC4, BACKWARD_DX_VEC4_F16, BACKWARD_DX_VEC4_F16_PACKED =
+    "backward_dx_vec4", uses "items_vec4", uses "upstream"
+);
+variants!(
+    "Backward stage 3 of a fused backward without a residual: the gated `dy` \
+     read back from `dx`, where the gated reduction left it",
+    BACKWARD_DX_IN_PLACE, BACKWARD_DX_IN_PLACE_F16, BACKWARD_DX_IN_PLACE_F16_PACKED =
+    "backward_dx" as "backward_dx_in_place", uses "items", uses "upstream_in_place"
+);
+variants!(
+    "Backward stage 3 of a fused backward without a residual, vec4",
+    BACKWARD_DX_VEC4_IN_PLACE, BACKWARD_DX_VEC4_IN_PLACE_F16,
+    BACKWARD_DX_VEC4_IN_PLACE_F16_PACKED =
+    "backward_dx_vec4" as "backward_dx_vec4_in_place",
+    uses "items_vec4", uses "upstream_in_place"
+);
+
 /// Training statistics, stage 2 (Chan merge, running statistics, coefficients).
 pub const STATS_FINALIZE: Shader = shader!("stats_finalize");
 /// Evaluation coefficients from the running statistics.
 pub const EVAL_COEFFS: Shader = shader!("eval_coeffs");
-/// Elementwise normalize, scalar.
-pub const NORMALIZE: Shader = shader!("normalize");
-/// Elementwise normalize, vec4.
-pub const NORMALIZE_VEC4: Shader = shader!("normalize_vec4");
-/// Backward stage 1 (partial S1, S2).
-pub const BACKWARD_PARTIAL: Shader = shader!("backward_partial", uses "reduce", uses "upstream");
-/// Backward stage 1, vec4 items.
-pub const BACKWARD_PARTIAL_VEC4: Shader =
-    shader!("backward_partial_vec4", uses "reduce", uses "upstream");
-/// Backward stage 1 of a fused backward: the sums of the gated `dy`, which
-/// it also writes out (six storage buffers: built where the device has them).
-pub const BACKWARD_PARTIAL_GATED: Shader =
-    shader!("backward_partial" as "backward_partial_gated", uses "reduce", uses "upstream_gated");
-/// Backward stage 1 of a fused backward, vec4 items.
-pub const BACKWARD_PARTIAL_VEC4_GATED: Shader = shader!(
-    "backward_partial_vec4" as "backward_partial_vec4_gated",
-    uses "reduce",
-    uses "upstream_gated"
-);
 /// Backward stage 2 (dweight, dbias, dx coefficients).
 pub const BACKWARD_FINALIZE: Shader = shader!("backward_finalize");
-/// Backward stage 3, scalar.
-pub const BACKWARD_DX: Shader = shader!("backward_dx", uses "upstream");
-/// Backward stage 3, vec4.
-pub const BACKWARD_DX_VEC4: Shader = shader!("backward_dx_vec4", uses "upstream");
-/// Backward stage 3 of a fused backward without a residual: the gated `dy`
-/// read back from `dx`, where the gated reduction left it.
-pub const BACKWARD_DX_IN_PLACE: Shader =
-    shader!("backward_dx" as "backward_dx_in_place", uses "upstream_in_place");
-/// Backward stage 3 of a fused backward without a residual, vec4.
-pub const BACKWARD_DX_VEC4_IN_PLACE: Shader = shader!(
-    "backward_dx_vec4" as "backward_dx_vec4_in_place",
-    uses "upstream_in_place"
-);
-
 /// Bandwidth roofline: vec4 copy (`GpuContext::copy`, `bnorm bench`).
 pub const COPY_VEC4: Shader = shader!("copy_vec4");
-
-/// Training statistics, stage 1, f16 storage.
-pub const STATS_PARTIAL_F16: Shader = shader!("stats_partial", f16, uses "reduce", uses "stats_io");
-/// Training statistics, stage 1, vec4 items, f16 storage.
-pub const STATS_PARTIAL_VEC4_F16: Shader =
-    shader!("stats_partial_vec4", f16, uses "reduce", uses "stats_io");
-/// Elementwise normalize, scalar, f16 storage.
-pub const NORMALIZE_F16: Shader = shader!("normalize", f16);
-/// Elementwise normalize, vec4, f16 storage.
-pub const NORMALIZE_VEC4_F16: Shader = shader!("normalize_vec4", f16);
-/// Backward stage 1, f16 storage.
-pub const BACKWARD_PARTIAL_F16: Shader =
-    shader!("backward_partial", f16, uses "reduce", uses "upstream");
-/// Backward stage 1, vec4 items, f16 storage.
-pub const BACKWARD_PARTIAL_VEC4_F16: Shader =
-    shader!("backward_partial_vec4", f16, uses "reduce", uses "upstream");
-/// Backward stage 1 of a fused backward, f16 storage.
-pub const BACKWARD_PARTIAL_GATED_F16: Shader = shader!(
-    "backward_partial" as "backward_partial_gated",
-    f16,
-    uses "reduce",
-    uses "upstream_gated"
-);
-/// Backward stage 1 of a fused backward, vec4 items, f16 storage.
-pub const BACKWARD_PARTIAL_VEC4_GATED_F16: Shader = shader!(
-    "backward_partial_vec4" as "backward_partial_vec4_gated",
-    f16,
-    uses "reduce",
-    uses "upstream_gated"
-);
-/// Backward stage 3, scalar, f16 storage.
-pub const BACKWARD_DX_F16: Shader = shader!("backward_dx", f16, uses "upstream");
-/// Backward stage 3, vec4, f16 storage.
-pub const BACKWARD_DX_VEC4_F16: Shader = shader!("backward_dx_vec4", f16, uses "upstream");
-/// Backward stage 3 of a fused backward without a residual, f16 storage.
-pub const BACKWARD_DX_IN_PLACE_F16: Shader = shader!(
-    "backward_dx" as "backward_dx_in_place",
-    f16,
-    uses "upstream_in_place"
-);
-/// Backward stage 3 of a fused backward without a residual, vec4, f16 storage.
-pub const BACKWARD_DX_VEC4_IN_PLACE_F16: Shader = shader!(
-    "backward_dx_vec4" as "backward_dx_vec4_in_place",
-    f16,
-    uses "upstream_in_place"
-);
 
 /// Every shader of the crate.
 pub const ALL: &[Shader] = &[
@@ -325,4 +422,16 @@ pub const ALL: &[Shader] = &[
     BACKWARD_DX_VEC4_F16,
     BACKWARD_DX_IN_PLACE_F16,
     BACKWARD_DX_VEC4_IN_PLACE_F16,
+    STATS_PARTIAL_F16_PACKED,
+    STATS_PARTIAL_VEC4_F16_PACKED,
+    NORMALIZE_F16_PACKED,
+    NORMALIZE_VEC4_F16_PACKED,
+    BACKWARD_PARTIAL_F16_PACKED,
+    BACKWARD_PARTIAL_VEC4_F16_PACKED,
+    BACKWARD_PARTIAL_GATED_F16_PACKED,
+    BACKWARD_PARTIAL_VEC4_GATED_F16_PACKED,
+    BACKWARD_DX_F16_PACKED,
+    BACKWARD_DX_VEC4_F16_PACKED,
+    BACKWARD_DX_IN_PLACE_F16_PACKED,
+    BACKWARD_DX_VEC4_IN_PLACE_F16_PACKED,
 ];

@@ -1,7 +1,7 @@
 //! Every embedded shader parses and validates with naga, so a broken shader
 //! fails `cargo test` with its file and line instead of at the first dispatch.
 
-use wgpu_batchnorm::shaders;
+use wgpu_batchnorm::shaders::{self, Storage};
 
 #[test]
 fn every_shader_parses_and_validates() {
@@ -84,15 +84,70 @@ fn every_shader_file_is_embedded() {
         assert!(embedded.source.contains(shaders::COMMON));
         assert!(embedded.source.contains(shaders::CONSTANTS));
         assert!(embedded.source.starts_with(shaders::PRELUDE_F32));
-        // the f16 variant, where one exists, is the same file behind the f16 prelude
-        if let Some(f16) = shaders::ALL
-            .iter()
-            .find(|s| s.name == format!("{stem}_f16"))
-        {
-            assert_eq!(f16.file, on_disk);
-            assert!(f16.source.starts_with(shaders::PRELUDE_F16));
+        // the f16 variants, where one exists, are the same file behind the
+        // f16 preludes, both of them
+        let variant = |storage: Storage| {
+            let name = format!("{stem}{}", storage.suffix());
+            shaders::ALL.iter().find(|s| s.name == name)
+        };
+        let f16 = [Storage::F16, Storage::F16Packed].map(variant);
+        assert_eq!(f16[0].is_some(), f16[1].is_some(), "{stem}");
+        for (s, storage) in f16.iter().zip([Storage::F16, Storage::F16Packed]) {
+            if let Some(s) = s {
+                assert_eq!(s.file, on_disk);
+                assert!(s.source.starts_with(storage.prelude()), "{}", s.name);
+                assert_eq!(
+                    embedded.source.strip_prefix(shaders::PRELUDE_F32),
+                    s.source.strip_prefix(storage.prelude()),
+                    "{}: the same text after its prelude",
+                    s.name
+                );
+            }
         }
     }
+}
+
+/// The storage type of a shader, from its name's suffix.
+fn storage_of(s: &shaders::Shader) -> Storage {
+    [Storage::F16Packed, Storage::F16]
+        .into_iter()
+        .find(|st| s.name.ends_with(st.suffix()))
+        .unwrap_or(Storage::F32)
+}
+
+/// The packed f16 variants are for devices without SHADER_F16: like the f32
+/// ones they validate without naga's SHADER_FLOAT16 capability, which the
+/// `_f16` ones need; they need only SHADER_FLOAT16_IN_FLOAT32
+/// (`pack2x16float`, `unpack2x16float`: wgpu's `SHADER_F16_IN_F32`
+/// downlevel flag), which the f32 ones do without.
+#[test]
+fn only_the_native_f16_variants_need_shader_f16() {
+    use naga::valid::Capabilities as Caps;
+    let validates = |shader: &shaders::Shader, caps: Caps| {
+        let module = naga::front::wgsl::parse_str(shader.source).expect("parses");
+        naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
+            .validate(&module)
+            .map(|_| ())
+            .map_err(|e| e.emit_to_string(shader.source))
+    };
+    let mut packed = 0;
+    for shader in shaders::ALL {
+        let name = shader.name;
+        let (core, in_f32) = (
+            validates(shader, Caps::empty()),
+            validates(shader, Caps::SHADER_FLOAT16_IN_FLOAT32),
+        );
+        match storage_of(shader) {
+            Storage::F32 => core.unwrap_or_else(|e| panic!("{name}: {e}")),
+            Storage::F16 => assert!(in_f32.is_err(), "{name} validated without f16"),
+            Storage::F16Packed => {
+                in_f32.unwrap_or_else(|e| panic!("{name}: {e}"));
+                assert!(core.is_err(), "{name} validated without pack2x16float");
+                packed += 1;
+            }
+        }
+    }
+    assert_eq!(packed, 12, "every element kernel and fused variant, packed");
 }
 
 /// Every shader, variants included, ends with the text of the file it names.
@@ -126,12 +181,12 @@ fn every_variant_is_its_file_after_its_parts() {
             _ => [backward, false, false],
         };
         assert_eq!(uses, want, "{}", s.name);
-        if s.name.trim_end_matches("_f16") != s.stem {
+        if s.name.strip_suffix(storage_of(s).suffix()) != Some(s.stem) {
             variants += 1;
         }
     }
     assert_eq!(
-        variants, 8,
-        "gated and in place, scalar and vec4, f32 and f16"
+        variants, 12,
+        "gated and in place, scalar and vec4, f32, f16 and packed f16"
     );
 }

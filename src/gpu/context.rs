@@ -2,7 +2,7 @@
 
 use super::adapter::{AdapterSelection, matching_adapters};
 use super::device::{DeviceHandle, ErrorScopes};
-use super::kernels::Kernels;
+use super::pipelines::Kernels;
 use super::timing::Timing;
 use crate::error::{Error, Result};
 use crate::shaders::WG;
@@ -173,7 +173,7 @@ impl GpuContext {
     }
 
     /// The optional features this crate uses when the device has them:
-    /// `SHADER_F16` (f16 storage) and `TIMESTAMP_QUERY` (GPU timing).
+    /// `SHADER_F16` (f16 in WGSL's `f16`, else packed) and `TIMESTAMP_QUERY`.
     pub fn optional_features() -> wgpu::Features {
         wgpu::Features::SHADER_F16 | wgpu::Features::TIMESTAMP_QUERY
     }
@@ -223,8 +223,8 @@ impl GpuContext {
     /// app keeps using them). Nothing is opened behind the app's back: this
     /// crate builds its pipelines on the device, allocates its buffers there,
     /// and leaves the app's device-lost callback and error handler alone.
-    /// f16 storage and GPU timing are available when the device was created
-    /// with `SHADER_F16` and `TIMESTAMP_QUERY`.
+    /// f16 runs in WGSL's `f16` on a device created with `SHADER_F16` (else
+    /// packed), GPU timing on one created with `TIMESTAMP_QUERY`.
     ///
     /// ```no_run
     /// use wgpu_batchnorm::GpuContext;

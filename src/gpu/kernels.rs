@@ -1,6 +1,7 @@
-//! Pipelines and bind group layouts, built once per device.
+//! One pipeline with its bind group layout ([`Kernel`]), the uniform block
+//! every kernel reads ([`Params`]), and recording a dispatch.
 
-use crate::shaders::{self, Shader};
+use crate::shaders::Shader;
 
 /// Uniform block shared by every kernel of an operation.
 ///
@@ -44,7 +45,7 @@ impl Params {
 
 /// How a kernel sees one binding.
 #[derive(Clone, Copy)]
-enum Slot {
+pub(crate) enum Slot {
     Uniform,
     Read,
     Write,
@@ -56,14 +57,14 @@ pub(crate) struct Kernel {
     pub pipeline: wgpu::ComputePipeline,
     pub layout: wgpu::BindGroupLayout,
     pub label: String,
-    /// The shader's name (file name, `_f16` for the f16 variant).
+    /// The shader's name ([`Shader::name`]).
     pub name: &'static str,
 }
 
 impl Kernel {
     /// Builds the pipeline of `shader` with one buffer binding per slot (call
     /// inside an error scope).
-    fn new(device: &wgpu::Device, shader: Shader, slots: &[Slot]) -> Self {
+    pub fn new(device: &wgpu::Device, shader: Shader, slots: &[Slot]) -> Self {
         let label = format!("batchnorm.{}", shader.name);
         let entries: Vec<wgpu::BindGroupLayoutEntry> = slots
             .iter()
@@ -142,200 +143,6 @@ impl Kernel {
     }
 }
 
-/// The kernels that read or write the big tensors, for one storage type.
-#[derive(Debug)]
-pub(crate) struct ElementKernels {
-    pub stats_partial: Kernel,
-    pub stats_partial_vec4: Kernel,
-    pub normalize: Kernel,
-    pub normalize_vec4: Kernel,
-    pub backward_partial: Kernel,
-    pub backward_partial_vec4: Kernel,
-    pub backward_dx: Kernel,
-    pub backward_dx_vec4: Kernel,
-    /// The variants of the backward passes of a fused backward: present
-    /// only where the device binds [`GATED_STORAGE_BUFFERS`] storage buffers
-    /// per stage, more than [`crate::GpuContext::required_limits`] asks for.
-    pub fused: Option<FusedKernels>,
-}
-
-/// The backward passes of a fused backward, each `[scalar, vec4]`.
-#[derive(Debug)]
-pub(crate) struct FusedKernels {
-    /// The reductions that gate `dy` and write it out (`_gated`).
-    pub backward_partial_gated: [Kernel; 2],
-    /// The dx passes that read the gated `dy` back from `dx` (`_in_place`).
-    pub backward_dx_in_place: [Kernel; 2],
-}
-
-/// Storage buffers per stage (and bindings per group, one more) the gated
-/// backward reductions use: `x`, `dy`, the saved statistics, the partials,
-/// `y` and the gated `dy` they write.
-pub(crate) const GATED_STORAGE_BUFFERS: u32 = 6;
-
-/// Whether `device` can bind the gated backward reductions.
-pub(crate) fn binds_gated(limits: &wgpu::Limits) -> bool {
-    limits.max_storage_buffers_per_shader_stage >= GATED_STORAGE_BUFFERS
-        && limits.max_bindings_per_bind_group > GATED_STORAGE_BUFFERS
-}
-
-impl ElementKernels {
-    fn new(device: &wgpu::Device, f16: bool) -> Self {
-        use Slot::{Read as R, Uniform as U, Write as W};
-        let pick = |a: Shader, b: Shader| if f16 { b } else { a };
-        let fused = binds_gated(&device.limits()).then(|| FusedKernels {
-            backward_partial_gated: [
-                pick(
-                    shaders::BACKWARD_PARTIAL_GATED,
-                    shaders::BACKWARD_PARTIAL_GATED_F16,
-                ),
-                pick(
-                    shaders::BACKWARD_PARTIAL_VEC4_GATED,
-                    shaders::BACKWARD_PARTIAL_VEC4_GATED_F16,
-                ),
-            ]
-            .map(|s| Kernel::new(device, s, &[U, R, R, R, W, R, W])),
-            backward_dx_in_place: [
-                pick(
-                    shaders::BACKWARD_DX_IN_PLACE,
-                    shaders::BACKWARD_DX_IN_PLACE_F16,
-                ),
-                pick(
-                    shaders::BACKWARD_DX_VEC4_IN_PLACE,
-                    shaders::BACKWARD_DX_VEC4_IN_PLACE_F16,
-                ),
-            ]
-            .map(|s| Kernel::new(device, s, &[U, R, R, R, W])),
-        });
-        Self {
-            stats_partial: Kernel::new(
-                device,
-                pick(shaders::STATS_PARTIAL, shaders::STATS_PARTIAL_F16),
-                &[U, R, W, W],
-            ),
-            stats_partial_vec4: Kernel::new(
-                device,
-                pick(shaders::STATS_PARTIAL_VEC4, shaders::STATS_PARTIAL_VEC4_F16),
-                &[U, R, W, W],
-            ),
-            normalize: Kernel::new(
-                device,
-                pick(shaders::NORMALIZE, shaders::NORMALIZE_F16),
-                &[U, R, R, W, R],
-            ),
-            normalize_vec4: Kernel::new(
-                device,
-                pick(shaders::NORMALIZE_VEC4, shaders::NORMALIZE_VEC4_F16),
-                &[U, R, R, W, R],
-            ),
-            backward_partial: Kernel::new(
-                device,
-                pick(shaders::BACKWARD_PARTIAL, shaders::BACKWARD_PARTIAL_F16),
-                &[U, R, R, R, W],
-            ),
-            backward_partial_vec4: Kernel::new(
-                device,
-                pick(
-                    shaders::BACKWARD_PARTIAL_VEC4,
-                    shaders::BACKWARD_PARTIAL_VEC4_F16,
-                ),
-                &[U, R, R, R, W],
-            ),
-            backward_dx: Kernel::new(
-                device,
-                pick(shaders::BACKWARD_DX, shaders::BACKWARD_DX_F16),
-                &[U, R, R, R, W],
-            ),
-            backward_dx_vec4: Kernel::new(
-                device,
-                pick(shaders::BACKWARD_DX_VEC4, shaders::BACKWARD_DX_VEC4_F16),
-                &[U, R, R, R, W],
-            ),
-            fused,
-        }
-    }
-}
-
-impl ElementKernels {
-    /// The normalize pass: vec4 when a row (`C * inner` elements) is a multiple of 4.
-    pub fn normalize(&self, vec4: bool) -> &Kernel {
-        if vec4 {
-            &self.normalize_vec4
-        } else {
-            &self.normalize
-        }
-    }
-
-    /// The statistics pass: vec4 when the reduction's items are vec4s.
-    pub fn stats_partial(&self, vec4: bool) -> &Kernel {
-        if vec4 {
-            &self.stats_partial_vec4
-        } else {
-            &self.stats_partial
-        }
-    }
-
-    /// The backward reduction: vec4 when the reduction's items are vec4s.
-    pub fn backward_partial(&self, vec4: bool) -> &Kernel {
-        if vec4 {
-            &self.backward_partial_vec4
-        } else {
-            &self.backward_partial
-        }
-    }
-
-    /// The dx pass: vec4 when a row (`C * inner` elements) is a multiple of 4.
-    pub fn backward_dx(&self, vec4: bool) -> &Kernel {
-        if vec4 {
-            &self.backward_dx_vec4
-        } else {
-            &self.backward_dx
-        }
-    }
-}
-
-impl FusedKernels {
-    /// The gated backward reduction (vec4 as [`ElementKernels::backward_partial`]).
-    pub fn backward_partial_gated(&self, vec4: bool) -> &Kernel {
-        &self.backward_partial_gated[usize::from(vec4)]
-    }
-
-    /// The in-place dx pass (vec4 as [`ElementKernels::backward_dx`]).
-    pub fn backward_dx_in_place(&self, vec4: bool) -> &Kernel {
-        &self.backward_dx_in_place[usize::from(vec4)]
-    }
-}
-
-/// Every pipeline of the crate, for one device.
-#[derive(Debug)]
-pub(crate) struct Kernels {
-    // Keep STORAGE_BUFFERS_PER_STAGE in context.rs at the most storage
-    // bindings of one kernel below (4), the optional fused kernels of
-    // `ElementKernels` (GATED_STORAGE_BUFFERS) aside.
-    pub stats_finalize: Kernel,
-    pub eval_coeffs: Kernel,
-    pub backward_finalize: Kernel,
-    pub f32: ElementKernels,
-    /// Present when the device has `SHADER_F16`.
-    pub f16: Option<ElementKernels>,
-    /// The bandwidth roofline of `GpuContext::copy`.
-    pub copy_vec4: Kernel,
-}
-
-impl Kernels {
-    pub fn new(device: &wgpu::Device, f16: bool) -> Self {
-        use Slot::{Read as R, Uniform as U, Write as W};
-        Self {
-            stats_finalize: Kernel::new(device, shaders::STATS_FINALIZE, &[U, R, W, W, W]),
-            eval_coeffs: Kernel::new(device, shaders::EVAL_COEFFS, &[U, R, W, W]),
-            backward_finalize: Kernel::new(device, shaders::BACKWARD_FINALIZE, &[U, R, R, W, W]),
-            f32: ElementKernels::new(device, false),
-            f16: f16.then(|| ElementKernels::new(device, true)),
-            copy_vec4: Kernel::new(device, shaders::COPY_VEC4, &[R, W]),
-        }
-    }
-}
-
 /// Records one dispatch of `workgroups` workgroups into `pass`, folded onto a
 /// 2-D grid when one dimension is not enough (the shaders linearize with
 /// `linear_workgroup`).
@@ -372,6 +179,7 @@ pub(crate) fn dispatch_alone(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shaders;
     use naga::{ScalarKind, TypeInner};
 
     /// `(name, offset, size, kind)` of each member of a struct.

@@ -3,7 +3,8 @@
 //!
 //! Modules, each using only those listed before it: `adapter` (which
 //! adapters), `device` (a device and queue: error scopes, waits, readback),
-//! `kernels` (pipelines and bind group layouts), `timing` (timestamp
+//! `kernels` (a pipeline and its bind group layout, the uniform block),
+//! `pipelines` (every pipeline of a device, per storage type), `timing` (timestamp
 //! queries), `context` (the [`GpuContext`]), `submit` (its blocking path and
 //! readback), `tensor` ([`GpuTensor`]), `copy`
 //! (the copy roofline), `batchnorm` ([`GpuBatchNorm`]).
@@ -14,6 +15,7 @@ mod context;
 mod copy;
 mod device;
 pub(crate) mod kernels;
+mod pipelines;
 mod submit;
 mod tensor;
 mod timing;

@@ -8,16 +8,18 @@ use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use std::future::Future;
 
 /// A contiguous tensor in a GPU buffer: a view of `buffer` from byte `offset`,
-/// with shape, layout and storage type (f32, or f16 on adapters with
-/// `SHADER_F16`).
+/// with shape, layout and storage type (f32, or f16 on every adapter: the
+/// same bytes whether the kernels read them as WGSL's `f16` or, without
+/// `SHADER_F16`, as pairs in `u32` words).
 ///
 /// The buffer is this crate's ([`GpuTensor::from_array`],
 /// [`GpuTensor::uninit`], ...) or the app's own ([`GpuTensor::from_buffer`]).
 /// Outputs of one BatchNorm call can be fed to the next, or to the app's own
 /// kernels, without a round trip through the host. A view occupies
 /// `len * dtype.size()` bytes rounded up to a multiple of 4 (an odd-length f16
-/// view owns the two bytes after its last element). Cloning a `GpuTensor`
-/// clones the view, not the data.
+/// view owns the two bytes after its last element: BatchNorm's kernels keep
+/// their bits, [`GpuTensor::write`] writes them as zero). Cloning a
+/// `GpuTensor` clones the view, not the data.
 ///
 /// ```no_run
 /// use ndarray::ArrayD;
@@ -26,7 +28,7 @@ use std::future::Future;
 /// let x = ArrayD::<f32>::ones(vec![2, 3, 4]);
 /// let t = GpuTensor::from_array(&ctx, x.view(), Layout::ChannelsFirst)?;
 /// assert_eq!(t.to_array()?, x);
-/// let h = GpuTensor::from_array_as(&ctx, x.view(), Layout::ChannelsFirst, DType::F16)?; // needs SHADER_F16
+/// let h = GpuTensor::from_array_as(&ctx, x.view(), Layout::ChannelsFirst, DType::F16)?;
 /// assert_eq!(h.to_array()?, x);
 /// # Ok::<(), wgpu_batchnorm::Error>(())
 /// ```
@@ -38,18 +40,6 @@ pub struct GpuTensor {
     layout: Layout,
     dtype: DType,
     ctx: GpuContext,
-}
-
-/// Errors unless `ctx` can store `dtype`.
-pub(crate) fn check_dtype_supported(ctx: &GpuContext, dtype: DType) -> Result<()> {
-    if dtype == DType::F16 && !ctx.features().contains(wgpu::Features::SHADER_F16) {
-        return Err(Error::Unsupported {
-            adapter: ctx.label(),
-            what: "f16 storage needs the SHADER_F16 feature, which this adapter lacks; use f32 tensors"
-                .into(),
-        });
-    }
-    Ok(())
 }
 
 fn check_len(dims: &[usize], got: usize) -> Result<()> {
@@ -90,7 +80,6 @@ impl GpuTensor {
     /// Uploads `x` stored as `dtype` (f16: rounded to nearest on the host).
     ///
     /// # Errors
-    /// [`Error::Unsupported`] for f16 on an adapter without `SHADER_F16`;
     /// [`Error::TooLarge`] past the device's buffer limits (checked before
     /// anything is copied or allocated).
     pub fn from_array_as(
@@ -99,7 +88,6 @@ impl GpuTensor {
         layout: Layout,
         dtype: DType,
     ) -> Result<Self> {
-        check_dtype_supported(ctx, dtype)?;
         let (bytes, what) = tensor_bytes(x.shape(), dtype);
         ctx.check_tensor_size(&what, bytes)?;
         let std = x.as_standard_layout();
@@ -124,8 +112,7 @@ impl GpuTensor {
     /// Uploads f32 `data` in standard order with shape `dims`, stored as `dtype`.
     ///
     /// # Errors
-    /// As [`GpuTensor::from_slice`], and [`Error::Unsupported`] for f16 on an
-    /// adapter without `SHADER_F16`.
+    /// As [`GpuTensor::from_slice`].
     pub fn from_slice_as(
         ctx: &GpuContext,
         data: &[f32],
@@ -137,7 +124,6 @@ impl GpuTensor {
         match dtype {
             DType::F32 => Self::upload(ctx, bytemuck::cast_slice(data), dims, layout, dtype),
             DType::F16 => {
-                check_dtype_supported(ctx, dtype)?;
                 let halves: Vec<half::f16> = data.iter().map(|&v| half::f16::from_f32(v)).collect();
                 Self::from_slice_f16(ctx, &halves, dims, layout)
             }
@@ -165,7 +151,6 @@ impl GpuTensor {
         layout: Layout,
         dtype: DType,
     ) -> Result<Self> {
-        check_dtype_supported(ctx, dtype)?;
         ctx.check_tensor_size(&tensor_bytes(dims, dtype).1, bytes.len() as u64)?;
         let buffer = ctx.storage_buffer_init("batchnorm.tensor", bytes)?;
         Ok(Self::view(ctx, &buffer, 0, dims, layout, dtype))
@@ -183,15 +168,13 @@ impl GpuTensor {
     /// A tensor of `dtype` and shape `dims` whose contents are unspecified until written.
     ///
     /// # Errors
-    /// [`Error::Unsupported`] for f16 without `SHADER_F16`; [`Error::TooLarge`];
-    /// [`Error::Wgpu`] when the device is out of memory.
+    /// [`Error::TooLarge`]; [`Error::Wgpu`] when the device is out of memory.
     pub fn uninit_as(
         ctx: &GpuContext,
         dims: &[usize],
         layout: Layout,
         dtype: DType,
     ) -> Result<Self> {
-        check_dtype_supported(ctx, dtype)?;
         let (bytes, what) = tensor_bytes(dims, dtype);
         ctx.check_tensor_size(&what, bytes)?;
         let buffer = ctx.storage_buffer("batchnorm.tensor", bytes)?;
@@ -226,8 +209,7 @@ impl GpuTensor {
     /// `min_storage_buffer_offset_alignment`; [`Error::BufferTooSmall`] when
     /// the view runs past the buffer's end; [`Error::TooLarge`] past
     /// `max_buffer_size` (a view larger than `max_storage_buffer_binding_size`
-    /// is fine: BatchNorm binds it in chunks of rows); [`Error::Unsupported`] for f16
-    /// without `SHADER_F16`.
+    /// is fine: BatchNorm binds it in chunks of rows).
     pub fn from_buffer(
         ctx: &GpuContext,
         buffer: &wgpu::Buffer,
@@ -236,7 +218,6 @@ impl GpuTensor {
         layout: Layout,
         dtype: DType,
     ) -> Result<Self> {
-        check_dtype_supported(ctx, dtype)?;
         let (bytes, what) = tensor_bytes(dims, dtype);
         check_usage(&what, buffer, wgpu::BufferUsages::STORAGE)?;
         let alignment = u64::from(ctx.limits().min_storage_buffer_offset_alignment).max(4);

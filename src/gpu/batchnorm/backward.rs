@@ -10,10 +10,12 @@
 //! `y`, one reading `x` and the gated `dy`.
 
 use super::plan::Chunk;
-use super::{GpuBatchNorm, GpuSavedStats, Pass, elements};
+use super::storage::elements;
+use super::{GpuBatchNorm, GpuSavedStats, Pass};
 use crate::error::{Error, Result};
 use crate::fused::{Activation, Fusion};
-use crate::gpu::kernels::{self, ElementKernels, FusedKernels, Kernel, Params};
+use crate::gpu::kernels::{Kernel, Params};
+use crate::gpu::pipelines::{self, ElementKernels, FusedKernels};
 use crate::gpu::tensor::GpuTensor;
 use crate::shaders::{FLAG_BATCH_STATS, FLAG_RELU, WG_CHANNEL};
 use crate::shape::ChannelWalk;
@@ -89,8 +91,8 @@ impl GpuBatchNorm {
             adapter: self.ctx.label(),
             what: format!(
                 "a fused backward needs {} storage buffers per shader stage (max_storage_buffers_per_shader_stage) and {} bindings per bind group; the device was opened with {} and {}",
-                kernels::GATED_STORAGE_BUFFERS,
-                kernels::GATED_STORAGE_BUFFERS + 1,
+                pipelines::GATED_STORAGE_BUFFERS,
+                pipelines::GATED_STORAGE_BUFFERS + 1,
                 self.ctx.limits().max_storage_buffers_per_shader_stage,
                 self.ctx.limits().max_bindings_per_bind_group,
             ),
@@ -175,7 +177,7 @@ impl GpuBatchNorm {
         if let Some(dz) = dz {
             self.check_output("dz", dz, &walk.dims, x.dtype())?;
         }
-        let e = elements(&self.ctx, x.dtype())?;
+        let e = elements(&self.ctx, x.dtype(), self.packed_f16)?;
         if gate.is_some_and(Gate::fused) {
             self.fused_kernels(e)?;
         }
@@ -201,7 +203,7 @@ impl GpuBatchNorm {
         gate: Option<Gate<'_>>,
     ) -> Result<()> {
         let ctx = self.ctx.clone();
-        let e = elements(&ctx, x.dtype())?;
+        let e = elements(&ctx, x.dtype(), self.packed_f16)?;
         let mut flags = if batch { FLAG_BATCH_STATS } else { 0 };
         // The fused backward's reductions write the gated dy into dz, which
         // the dx pass then reads as its dy, or into dx, which it reads back

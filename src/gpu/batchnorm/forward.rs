@@ -3,11 +3,13 @@
 //! `eval_coeffs` and `normalize`, and the recorded operations built from them.
 
 use super::plan::{Chunk, Plan};
-use super::{GpuBatchNorm, GpuSavedStats, Pass, elements, saved::Written};
+use super::storage::elements;
+use super::{GpuBatchNorm, GpuSavedStats, Pass, saved::Written};
 use crate::config::Mode;
 use crate::error::Result;
 use crate::fused::Activation;
-use crate::gpu::kernels::{ElementKernels, Params};
+use crate::gpu::kernels::Params;
+use crate::gpu::pipelines::ElementKernels;
 use crate::gpu::tensor::GpuTensor;
 use crate::shaders::{FLAG_RELU, FLAG_RESIDUAL, FLAG_UPDATE_RUNNING, WG_CHANNEL};
 use crate::shape::ChannelWalk;
@@ -134,7 +136,7 @@ impl GpuBatchNorm {
             self.check_input_like("z", z, x)?;
         }
         self.check_output("y", y, &walk.dims, x.dtype())?;
-        elements(&self.ctx, x.dtype())?;
+        elements(&self.ctx, x.dtype(), self.packed_f16)?;
         if let Some(s) = saved {
             s.check_layer(self.id)?;
         }
@@ -168,7 +170,7 @@ impl GpuBatchNorm {
         // a backward of this forward is the layer's own, not a synchronized one
         self.sync = None;
         let ctx = self.ctx.clone();
-        let e = elements(&ctx, x.dtype())?;
+        let e = elements(&ctx, x.dtype(), self.packed_f16)?;
         let flags = if update { FLAG_UPDATE_RUNNING } else { 0 } | fused_flags(z, activation);
         let plan = self.plan(&walk, x.dtype(), flags)?;
         let p = plan.whole;
@@ -213,7 +215,8 @@ impl GpuBatchNorm {
     /// and [`crate::Error::DTypeMismatch`] for `y`,
     /// [`crate::Error::BufferAlias`], [`crate::Error::SavedStatsMismatch`]
     /// for a handle of another layer, [`crate::Error::Unsupported`] for f16
-    /// without `SHADER_F16`, [`crate::Error::TooLarge`], and
+    /// on a device without f16 kernels (see
+    /// [`GpuBatchNorm::set_storage_dtype`]), [`crate::Error::TooLarge`], and
     /// [`crate::Error::Wgpu`] when the first use of a buffer fails to bind.
     pub fn record_forward_train(
         &mut self,
@@ -304,7 +307,7 @@ impl GpuBatchNorm {
         }
         let (walk, saved_buffer) = self.check_forward((x, z, y), saved.as_deref(), false)?;
         let ctx = self.ctx.clone();
-        let e = elements(&ctx, x.dtype())?;
+        let e = elements(&ctx, x.dtype(), self.packed_f16)?;
         let plan = self.plan(&walk, x.dtype(), fused_flags(z, activation))?;
         let p = plan.whole;
         let params = self.prepare(&p)?;

@@ -11,13 +11,14 @@ mod plan;
 mod run;
 mod saved;
 mod state;
+mod storage;
 mod sync;
 
 pub use cache::GpuResourceCounts;
 pub use saved::GpuSavedStats;
 
 use super::context::GpuContext;
-use super::kernels::{self, ElementKernels, Kernel, Params};
+use super::kernels::{self, Kernel, Params};
 use super::tensor::GpuTensor;
 use crate::config::BatchNormConfig;
 use crate::error::{Error, Result};
@@ -188,6 +189,9 @@ pub struct GpuBatchNorm {
     max_per_dim: Option<u32>,
     /// Storage type used for ndarray inputs of the [`crate::BatchNormBackend`] methods.
     storage: DType,
+    /// f16 tensors go through the packed f16 kernels even where the device
+    /// has `SHADER_F16` ([`GpuBatchNorm::set_packed_f16`]).
+    packed_f16: bool,
     /// The dispatches of the last recorded call.
     dispatches: Vec<GpuDispatch>,
     /// What the last synchronized forward keeps for its backward.
@@ -248,6 +252,7 @@ impl GpuBatchNorm {
             max_binding: None,
             max_per_dim: None,
             storage: DType::F32,
+            packed_f16: false,
             own_saved: None,
             last_saved: None,
             dispatches: Vec::new(),
@@ -293,18 +298,6 @@ impl GpuBatchNorm {
             ));
         }
         self.max_per_dim = cap;
-        Ok(())
-    }
-
-    /// Sets the storage type that the [`crate::BatchNormBackend`] methods round their
-    /// ndarray inputs to before computing (outputs come back widened to f32).
-    /// Device-resident calls take the type of the tensors they are given.
-    ///
-    /// # Errors
-    /// [`Error::Unsupported`] for f16 on an adapter without `SHADER_F16`.
-    pub fn set_storage_dtype(&mut self, dtype: DType) -> Result<()> {
-        elements(&self.ctx, dtype)?;
-        self.storage = dtype;
         Ok(())
     }
 
@@ -460,18 +453,6 @@ impl GpuBatchNorm {
     /// A binding of the whole `buffer`.
     fn whole(buffer: &wgpu::Buffer) -> wgpu::BufferBinding<'_> {
         buffer.as_entire_buffer_binding()
-    }
-}
-
-/// The element kernels of `ctx` for tensors stored as `dtype`.
-fn elements(ctx: &GpuContext, dtype: DType) -> Result<&ElementKernels> {
-    let k = ctx.kernels();
-    match dtype {
-        DType::F32 => Ok(&k.f32),
-        DType::F16 => k.f16.as_ref().ok_or_else(|| Error::Unsupported {
-            adapter: ctx.label(),
-            what: "f16 storage needs the SHADER_F16 feature, which this adapter lacks".into(),
-        }),
     }
 }
 

@@ -7,7 +7,8 @@
 //! wait: the exchange between them needs the host anyway.
 
 use super::plan::Plan;
-use super::{GpuBatchNorm, GpuGradients, elements};
+use super::storage::elements;
+use super::{GpuBatchNorm, GpuGradients};
 use crate::error::{Error, Result};
 use crate::gpu::kernels::Params;
 use crate::gpu::tensor::GpuTensor;
@@ -53,7 +54,7 @@ impl GpuBatchNorm {
     /// device, layout and dtype checks.
     fn part(&self, x: &GpuTensor) -> Result<Option<ChannelWalk>> {
         self.check_tensor("x", x)?;
-        elements(&self.ctx, x.dtype())?;
+        elements(&self.ctx, x.dtype(), self.packed_f16)?;
         part_walk(&self.config, x.shape())
     }
 
@@ -68,7 +69,7 @@ impl GpuBatchNorm {
         floats: usize,
     ) -> Result<Vec<f32>> {
         let ctx = self.ctx.clone();
-        let e = elements(&ctx, x.dtype())?;
+        let e = elements(&ctx, x.dtype(), self.packed_f16)?;
         self.prepare(&plan.whole)?;
         let saved = self.own_buffer();
         ctx.run("batchnorm.sync.reduce", |enc| {
@@ -206,7 +207,7 @@ impl SyncPhases for GpuBatchNorm {
         self.write_vec4s(&self.coef, &coef);
         if let Some(plan) = plan {
             let ctx = self.ctx.clone();
-            let e = elements(&ctx, x.dtype())?;
+            let e = elements(&ctx, x.dtype(), self.packed_f16)?;
             self.prepare(&plan.whole)?;
             ctx.run("batchnorm.sync.normalize", |enc| {
                 let mut passes = Vec::with_capacity(plan.chunks.len());
@@ -288,7 +289,7 @@ impl SyncPhases for GpuBatchNorm {
         self.write_vec4s(&self.coef, &coef);
         if let Some(plan) = plan {
             let ctx = self.ctx.clone();
-            let e = elements(&ctx, x.dtype())?;
+            let e = elements(&ctx, x.dtype(), self.packed_f16)?;
             self.prepare(&plan.whole)?;
             ctx.run("batchnorm.sync.backward_dx", |enc| {
                 let mut passes = Vec::with_capacity(plan.chunks.len());

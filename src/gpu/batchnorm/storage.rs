@@ -1,0 +1,62 @@
+//! The storage types a layer computes on: the dtype of its ndarray inputs,
+//! and the kernels that read and write tensors of each dtype.
+
+use super::GpuBatchNorm;
+use crate::error::{Error, Result};
+use crate::gpu::context::GpuContext;
+use crate::gpu::pipelines::ElementKernels;
+use crate::layout::DType;
+
+impl GpuBatchNorm {
+    /// Sets the storage type that the [`crate::BatchNormBackend`] methods round their
+    /// ndarray inputs to before computing (outputs come back widened to f32).
+    /// Device-resident calls take the type of the tensors they are given.
+    /// f16 runs with WGSL's `f16` where the adapter has `SHADER_F16`, else
+    /// as pairs of f16 in `u32` words (the same bytes), computing in f32
+    /// either way.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] for f16 on a device that compiles neither
+    /// (without `SHADER_F16` and without `pack2x16float`, wgpu's
+    /// `DownlevelFlags::SHADER_F16_IN_F32`: Mesa's lavapipe without f16).
+    pub fn set_storage_dtype(&mut self, dtype: DType) -> Result<()> {
+        elements(&self.ctx, dtype, self.packed_f16)?;
+        self.storage = dtype;
+        Ok(())
+    }
+
+    /// Sends f16 tensors through the packed f16 kernels (pairs of f16 in
+    /// `u32` words, the kernels of adapters without `SHADER_F16`) even where
+    /// the adapter has `SHADER_F16`, so that tests compare the two on one
+    /// device. Builds the packed pipelines on the first call of the context.
+    ///
+    /// # Errors
+    /// [`crate::Error::Wgpu`] when the pipelines cannot be built.
+    #[doc(hidden)]
+    pub fn set_packed_f16(&mut self, packed: bool) -> Result<()> {
+        if packed {
+            self.ctx.kernels().f16_packed(self.ctx.device())?;
+        }
+        self.packed_f16 = packed;
+        Ok(())
+    }
+}
+
+/// The element kernels of `ctx` for tensors stored as `dtype`; `packed`:
+/// the packed f16 kernels where they were built
+/// ([`GpuBatchNorm::set_packed_f16`]).
+///
+/// # Errors
+/// [`Error::Unsupported`] for f16 on a device without f16 kernels.
+pub(super) fn elements(ctx: &GpuContext, dtype: DType, packed: bool) -> Result<&ElementKernels> {
+    let k = ctx.kernels();
+    match dtype {
+        DType::F32 => Ok(&k.f32),
+        DType::F16 => k.f16(packed).map_err(|why| Error::Unsupported {
+            adapter: ctx.label(),
+            what: format!(
+                "f16 storage needs the SHADER_F16 feature or pack2x16float and unpack2x16float (wgpu's SHADER_F16_IN_F32 downlevel flag); this device has neither: {why}"
+            ),
+        }),
+    }
+}
