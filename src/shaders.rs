@@ -246,6 +246,17 @@ impl Storage {
         }
     }
 
+    /// The storage of f16 tensors on a device with `features`: WGSL's `f16`
+    /// with `SHADER_F16`, else packed (the choice of this crate's kernels,
+    /// for an app's own kernels on the same tensors).
+    pub fn f16_on(features: wgpu::Features) -> Self {
+        if features.contains(wgpu::Features::SHADER_F16) {
+            Self::F16
+        } else {
+            Self::F16Packed
+        }
+    }
+
     /// The suffix of the shader names of the variant (`""`, `"_f16"`, `"_f16_packed"`).
     pub const fn suffix(self) -> &'static str {
         match self {

@@ -107,6 +107,16 @@ fn every_shader_file_is_embedded() {
     }
 }
 
+/// f16 tensors go to WGSL's `f16` only on devices with SHADER_F16.
+#[test]
+fn f16_is_packed_unless_the_device_has_shader_f16() {
+    use wgpu::Features;
+    assert_eq!(Storage::f16_on(Features::SHADER_F16), Storage::F16);
+    let others = Features::TIMESTAMP_QUERY | Features::SUBGROUP;
+    assert_eq!(Storage::f16_on(others), Storage::F16Packed);
+    assert_eq!(Storage::f16_on(Features::empty()), Storage::F16Packed);
+}
+
 /// The storage type of a shader, from its name's suffix.
 fn storage_of(s: &shaders::Shader) -> Storage {
     [Storage::F16Packed, Storage::F16]

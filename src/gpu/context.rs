@@ -266,10 +266,7 @@ impl GpuContext {
         let limits = handle.device.limits();
         let features = handle.device.features() & Self::optional_features();
         let scope = ErrorScopes::push(&handle.device);
-        let kernels = Kernels::new(
-            &handle.device,
-            features.contains(wgpu::Features::SHADER_F16),
-        );
+        let kernels = Kernels::new(&handle.device);
         scope.pop("pipeline creation")?;
         Ok(Self {
             inner: std::sync::Arc::new(ContextInner {

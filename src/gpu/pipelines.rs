@@ -220,23 +220,21 @@ pub(crate) struct Kernels {
 }
 
 impl Kernels {
-    /// The pipelines of `device`; `shader_f16`: the device has `SHADER_F16`
-    /// (call inside an error scope). Without it, the packed f16 kernels are
-    /// built in a validation scope of their own: a device without
-    /// `pack2x16float` (wgpu's `DownlevelFlags::SHADER_F16_IN_F32`, which an
-    /// app's device does not tell) refuses them, and then has no f16.
-    pub fn new(device: &wgpu::Device, shader_f16: bool) -> Self {
+    /// The pipelines of `device` (call inside an error scope); f16 in the
+    /// storage [`Storage::f16_on`] gives for its features. The packed f16
+    /// kernels are built in a validation scope of their own: a device
+    /// without `pack2x16float` (wgpu's `DownlevelFlags::SHADER_F16_IN_F32`,
+    /// which an app's device does not tell) refuses them, and then has no f16.
+    pub fn new(device: &wgpu::Device) -> Self {
         use Slot::{Read as R, Uniform as U, Write as W};
-        let (f16_storage, f16) = if shader_f16 {
-            (Storage::F16, Ok(ElementKernels::new(device, Storage::F16)))
+        let f16_storage = Storage::f16_on(device.features());
+        let f16 = if f16_storage == Storage::F16 {
+            Ok(ElementKernels::new(device, Storage::F16))
         } else {
             let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
             let packed = ElementKernels::new(device, Storage::F16Packed);
             let refused = pollster::block_on(scope.pop());
-            (
-                Storage::F16Packed,
-                refused.map_or(Ok(packed), |e| Err(e.to_string())),
-            )
+            refused.map_or(Ok(packed), |e| Err(e.to_string()))
         };
         Self {
             stats_finalize: Kernel::new(device, shaders::STATS_FINALIZE, &[U, R, W, W, W]),

@@ -105,8 +105,8 @@ struct Pass<'k> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GpuDispatch {
     /// The shader: its file name under `shaders/`, then `_gated` or
-    /// `_in_place` for the variants of a fused backward and `_f16` for f16
-    /// storage ([`crate::shaders::Shader::name`]).
+    /// `_in_place` for the variants of a fused backward and `_f16` or
+    /// `_f16_packed` for f16 storage ([`crate::shaders::Shader::name`]).
     pub kernel: &'static str,
     /// Workgroups along x and y (a grid folds onto y past
     /// `max_compute_workgroups_per_dimension` or the cap of
