@@ -49,7 +49,7 @@ pub enum DType {
     /// 32-bit float.
     #[default]
     F32,
-    /// 16-bit IEEE half float (GPU: needs `wgpu::Features::SHADER_F16`).
+    /// 16-bit IEEE half float (GPU: WGSL `f16` with `wgpu::Features::SHADER_F16`, else pairs packed in `u32` words).
     F16,
 }
 

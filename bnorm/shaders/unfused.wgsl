@@ -3,8 +3,9 @@
 // add and the ReLU in place on the BatchNorm's output (as torchvision's
 // `out += identity; out = relu(out)`), and the ReLU's backward. One vec4 of
 // the storage type per thread; the host dispatches whole vec4s only.
-// Prepended by the tool: the library's storage prelude (Elem4), constants
-// (WG) and common.wgsl (linear_workgroup).
+// Prepended by the tool: the library's storage prelude (Elem4, load4,
+// store4: f32, f16 or f16 packed in u32 words), constants (WG) and
+// common.wgsl (linear_workgroup).
 @group(0) @binding(0) var<storage, read> a: array<Elem4>;        // add: z; relu_backward: y
 @group(0) @binding(1) var<storage, read_write> b: array<Elem4>;  // add, relu: y in place; relu_backward: dy_bn (out)
 @group(0) @binding(2) var<storage, read> c: array<Elem4>;        // relu_backward: dy
@@ -22,7 +23,7 @@ fn add_inplace(
 ) {
     let j = item(wid, nwg, lid);
     if j < arrayLength(&b) {
-        b[j] = Elem4(vec4<f32>(b[j]) + vec4<f32>(a[j]));
+        b[j] = store4(load4(b[j]) + load4(a[j]));
     }
 }
 
@@ -35,8 +36,8 @@ fn relu_inplace(
 ) {
     let j = item(wid, nwg, lid);
     if j < arrayLength(&b) {
-        let v = vec4<f32>(b[j]);
-        b[j] = Elem4(select(v, vec4<f32>(0.0), v < vec4<f32>(0.0)));
+        let v = load4(b[j]);
+        b[j] = store4(select(v, vec4<f32>(0.0), v < vec4<f32>(0.0)));
     }
 }
 
@@ -49,7 +50,7 @@ fn relu_backward(
 ) {
     let j = item(wid, nwg, lid);
     if j < arrayLength(&b) {
-        let dy = vec4<f32>(c[j]);
-        b[j] = Elem4(select(dy, vec4<f32>(0.0), vec4<f32>(a[j]) <= vec4<f32>(0.0)));
+        let dy = load4(c[j]);
+        b[j] = store4(select(dy, vec4<f32>(0.0), load4(a[j]) <= vec4<f32>(0.0)));
     }
 }

@@ -12,7 +12,7 @@
 
 use rayon::prelude::*;
 use wgpu_batchnorm::cpu::CpuElement;
-use wgpu_batchnorm::shaders::{COMMON, CONSTANTS, PRELUDE_F16, PRELUDE_F32, WG};
+use wgpu_batchnorm::shaders::{COMMON, CONSTANTS, Storage, WG};
 use wgpu_batchnorm::wgpu;
 use wgpu_batchnorm::{Activation, DType, Error, GpuContext, GpuTensor, Result};
 
@@ -37,21 +37,15 @@ pub struct GpuUnfused {
 }
 
 impl GpuUnfused {
-    /// Compiles the three passes for `dtype` storage on `ctx`.
+    /// Compiles the three passes for `dtype` storage on `ctx`, f16 as the
+    /// library's kernels hold it there ([`Storage::f16_on`]).
     ///
     /// # Errors
-    /// [`Error::Unsupported`] for f16 without `SHADER_F16`; [`Error::Wgpu`]
-    /// when the shader does not compile on the adapter.
+    /// [`Error::Wgpu`] when the shader does not compile on the adapter.
     pub fn new(ctx: &GpuContext, dtype: DType) -> Result<Self> {
         let prelude = match dtype {
-            DType::F32 => PRELUDE_F32,
-            DType::F16 if ctx.features().contains(wgpu::Features::SHADER_F16) => PRELUDE_F16,
-            DType::F16 => {
-                return Err(Error::Unsupported {
-                    adapter: ctx.name().to_string(),
-                    what: "f16 kernels (SHADER_F16) for the unfused comparison".into(),
-                });
-            }
+            DType::F32 => Storage::F32.prelude(),
+            DType::F16 => Storage::f16_on(ctx.features()).prelude(),
         };
         let device = ctx.device();
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -273,10 +267,12 @@ mod tests {
         cpu_tail(&y0, Some(&z), Activation::Relu, &mut want);
         let mut want_g = vec![0.0f32; n];
         cpu_gate(&want, &dy, Activation::Relu, &mut want_g);
-        for ctx in &ctxs {
-            let k = GpuUnfused::new(ctx, DType::F32).unwrap();
-            let t =
-                |v: &[f32]| GpuTensor::from_slice(ctx, v, &dims, Layout::ChannelsFirst).unwrap();
+        // small integers: exact in f16 too (packed words where the adapter lacks SHADER_F16)
+        for (ctx, dtype) in ctxs.iter().flat_map(|c| [(c, DType::F32), (c, DType::F16)]) {
+            let k = GpuUnfused::new(ctx, dtype).unwrap();
+            let t = |v: &[f32]| {
+                GpuTensor::from_slice_as(ctx, v, &dims, Layout::ChannelsFirst, dtype).unwrap()
+            };
             let (y, z, dy, g) = (t(&y0), t(&z), t(&dy), t(&y0));
             ctx.run("unfused test", |enc| {
                 k.record_add(enc, &z, &y)?;
@@ -284,8 +280,8 @@ mod tests {
                 k.record_relu_backward(enc, &y, &dy, &g)
             })
             .unwrap();
-            assert_eq!(y.to_vec().unwrap(), want, "{}", ctx.label());
-            assert_eq!(g.to_vec().unwrap(), want_g, "{}", ctx.label());
+            assert_eq!(y.to_vec().unwrap(), want, "{} {dtype}", ctx.label());
+            assert_eq!(g.to_vec().unwrap(), want_g, "{} {dtype}", ctx.label());
             let odd =
                 GpuTensor::from_slice(ctx, &[1.0; 6], &[2, 3], Layout::ChannelsFirst).unwrap();
             let err = ctx.run("odd", |enc| k.record_relu(enc, &odd)).unwrap_err();
