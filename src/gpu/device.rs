@@ -41,14 +41,28 @@ impl DeviceHandle {
         }
     }
 
-    /// Waits for all submitted work.
+    /// Waits for all submitted work, in waits of at most [`WAIT_SLICE`]: wgpu's
+    /// GL backend holds its adapter context for the whole of a wait, and
+    /// another thread that needs the context meanwhile (to create a buffer,
+    /// say) panics after 6 s, so a long submit on a slow GL device must let
+    /// go of it now and then. Elsewhere the slices cost one wake-up each.
+    /// A device lost meanwhile ends the wait with [`Error::DeviceLost`].
     pub fn wait(&self, during: &str) -> Result<()> {
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Wgpu {
-                during: during.into(),
-                message: e.to_string(),
-            })?;
+        loop {
+            match self.device.poll(wgpu::PollType::Wait {
+                submission_index: None,
+                timeout: Some(WAIT_SLICE),
+            }) {
+                Ok(_) => break,
+                Err(wgpu::PollError::Timeout) => self.check_alive()?,
+                Err(e) => {
+                    return Err(Error::Wgpu {
+                        during: during.into(),
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
         self.check_alive()
     }
 
@@ -121,6 +135,9 @@ pub(crate) fn map_read_async(
         Ok(out)
     }
 }
+
+/// The longest single wait of [`DeviceHandle::wait`].
+const WAIT_SLICE: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Usage of the storage buffers this crate allocates.
 pub(crate) const STORAGE_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
