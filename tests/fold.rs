@@ -3,9 +3,11 @@
 //! by scripts/make_fold_fixtures.py), agreement with the CPU reference's
 //! evaluation, and the errors.
 
+#[path = "common/safetensors_f32.rs"]
+mod safetensors_f32;
+
 use ndarray::{Array2, ArrayD, IxDyn};
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use safetensors::SafeTensors;
 use std::collections::BTreeMap;
 use wgpu_batchnorm::fold::{FoldTarget, fold, fold_conv, fold_conv_transpose, fold_linear};
 use wgpu_batchnorm::{BatchNormBackend, BatchNormConfig, BatchNormState, CpuReference, Error};
@@ -15,31 +17,9 @@ const LAYERS: &str = concat!(
     "/tests/fixtures/fold/layers.safetensors"
 );
 
-/// Every F32 tensor of a safetensors file, with its shape, and the metadata.
-fn load(path: &str) -> (BTreeMap<String, ArrayD<f32>>, BTreeMap<String, String>) {
-    let bytes = std::fs::read(path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
-    let meta = header
-        .metadata()
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
-    let tensors = st
-        .tensors()
-        .into_iter()
-        .filter(|(_, t)| t.dtype() == safetensors::Dtype::F32)
-        .map(|(k, t)| {
-            let v = t
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            (k, ArrayD::from_shape_vec(IxDyn(t.shape()), v).unwrap())
-        })
-        .collect();
-    (tensors, meta)
+/// Every F32 tensor of the safetensors file at `path`, and the metadata.
+fn load(path: &str) -> (safetensors_f32::Tensors, BTreeMap<String, String>) {
+    safetensors_f32::load(&std::fs::read(path).unwrap())
 }
 
 /// The largest difference in f32 ulps of `want`, and how many elements differ at all.

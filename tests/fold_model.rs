@@ -6,7 +6,10 @@
 //! weights and its eval output of the unfolded model
 //! (tests/fixtures/fold/model_check.safetensors).
 
-use ndarray::{Array2, Array4, ArrayD, Axis, Ix2, Ix4, IxDyn};
+#[path = "common/safetensors_f32.rs"]
+mod safetensors_f32;
+
+use ndarray::{Array2, Array4, ArrayD, Axis, Ix2, Ix4};
 use safetensors::SafeTensors;
 use std::collections::{BTreeMap, BTreeSet};
 use wgpu_batchnorm::fold::{FoldOptions, FoldTarget, PairRule, fold_state_dict};
@@ -14,33 +17,7 @@ use wgpu_batchnorm::{BatchNormBackend, CpuReference, Error, StateDict};
 
 const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fold/");
 
-type Tensors = BTreeMap<String, ArrayD<f32>>;
-
-/// Every F32 tensor of safetensors bytes, and the metadata.
-fn load(bytes: &[u8]) -> (Tensors, BTreeMap<String, String>) {
-    let st = SafeTensors::deserialize(bytes).unwrap();
-    let (_, header) = SafeTensors::read_metadata(bytes).unwrap();
-    let meta = header
-        .metadata()
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
-    let tensors = st
-        .tensors()
-        .into_iter()
-        .filter(|(_, t)| t.dtype() == safetensors::Dtype::F32)
-        .map(|(k, t)| {
-            let v = t
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            (k, ArrayD::from_shape_vec(IxDyn(t.shape()), v).unwrap())
-        })
-        .collect();
-    (tensors, meta)
-}
+use safetensors_f32::{Tensors, load};
 
 fn model() -> StateDict {
     StateDict::open(format!("{DIR}model.safetensors")).unwrap()
