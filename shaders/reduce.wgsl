@@ -1,5 +1,5 @@
 // Shared by the reduction passes (stats_partial, stats_partial_vec4,
-// backward_partial, backward_partial_vec4), after common.wgsl.
+// backward_partial, backward_partial_vec4), after common.wgsl and special.wgsl.
 //
 // The grid of a reduction (`ReduceGrid` in src/gpu/batchnorm/grid.rs): the
 // tensor is `outer` rows of `p.red_cols` columns of runs of `p.red_inner`
@@ -136,22 +136,9 @@ fn next_pos(pos: u32, end: u32, step: u32) -> u32 {
     return select(end, pos + step, end - pos > step);
 }
 
-// Bits of what a slice held besides finite values, told apart by the bits of
-// the value (not by comparisons, which WGSL lets a driver assume never meet
-// NaN or infinity): they stay out of Welford's sums, and stats_finalize gives
-// the channel PyTorch's statistics for them.
-const SEEN_POS_INF: u32 = 1u;
-const SEEN_NEG_INF: u32 = 2u;
-const SEEN_NAN: u32 = 4u;
-const EXP_BITS: u32 = 0x7f800000u;
-
-// Per lane: 0 for a finite value, else its SEEN_* bit.
-fn non_finite(bits: vec4<u32>) -> vec4<u32> {
-    let special = (bits & vec4(EXP_BITS)) == vec4(EXP_BITS);
-    let nan = (bits & vec4(0x007fffffu)) != vec4(0u);
-    let sign = select(vec4(SEEN_POS_INF), vec4(SEEN_NEG_INF), (bits >> vec4(31u)) != vec4(0u));
-    return select(vec4(0u), select(sign, vec4(SEEN_NAN), nan), special);
-}
+// Non-finite values (the SEEN_* bits of special.wgsl, which goes before
+// this part) stay out of Welford's sums, and stats_finalize gives the
+// channel PyTorch's statistics for them.
 
 // Count, mean (of x - K), M2 and SEEN_* bits of a set of values.
 struct Moments {

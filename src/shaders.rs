@@ -199,7 +199,11 @@ pub const PARTS: &[(&str, &str)] = &[
     ("common", COMMON),
     ("items", include_str!("../shaders/items.wgsl")),
     ("items_vec4", include_str!("../shaders/items_vec4.wgsl")),
+    ("special", include_str!("../shaders/special.wgsl")),
     ("reduce", include_str!("../shaders/reduce.wgsl")),
+    ("counter", include_str!("../shaders/counter.wgsl")),
+    ("finish", include_str!("../shaders/finish.wgsl")),
+    ("single", include_str!("../shaders/single.wgsl")),
     ("stats_io", include_str!("../shaders/stats_io.wgsl")),
     ("upstream", include_str!("../shaders/upstream.wgsl")),
     (
@@ -327,12 +331,12 @@ macro_rules! variants {
 variants!(
     "Training statistics, stage 1 (Welford per channel slice)",
     STATS_PARTIAL, STATS_PARTIAL_F16, STATS_PARTIAL_F16_PACKED =
-    "stats_partial", uses "reduce", uses "stats_io"
+    "stats_partial", uses "special", uses "reduce", uses "counter", uses "stats_io"
 );
 variants!(
     "Training statistics, stage 1, vec4 items",
     STATS_PARTIAL_VEC4, STATS_PARTIAL_VEC4_F16, STATS_PARTIAL_VEC4_F16_PACKED =
-    "stats_partial_vec4", uses "reduce", uses "stats_io"
+    "stats_partial_vec4", uses "special", uses "reduce", uses "counter", uses "stats_io"
 );
 variants!(
     "Elementwise normalize, scalar",
@@ -349,26 +353,26 @@ variants!(
 variants!(
     "Backward stage 1 (partial S1, S2)",
     BACKWARD_PARTIAL, BACKWARD_PARTIAL_F16, BACKWARD_PARTIAL_F16_PACKED =
-    "backward_partial", uses "items", uses "reduce", uses "upstream"
+    "backward_partial", uses "items", uses "special", uses "reduce", uses "upstream"
 );
 variants!(
     "Backward stage 1, vec4 items",
     BACKWARD_PARTIAL_VEC4, BACKWARD_PARTIAL_VEC4_F16, BACKWARD_PARTIAL_VEC4_F16_PACKED =
-    "backward_partial_vec4", uses "items_vec4", uses "reduce", uses "upstream"
+    "backward_partial_vec4", uses "items_vec4", uses "special", uses "reduce", uses "upstream"
 );
 variants!(
     "Backward stage 1 of a fused backward: the sums of the gated `dy`, which \
      it also writes out (six storage buffers: built where the device has them)",
     BACKWARD_PARTIAL_GATED, BACKWARD_PARTIAL_GATED_F16, BACKWARD_PARTIAL_GATED_F16_PACKED =
     "backward_partial" as "backward_partial_gated",
-    uses "items", uses "reduce", uses "upstream_gated"
+    uses "items", uses "special", uses "reduce", uses "upstream_gated"
 );
 variants!(
     "Backward stage 1 of a fused backward, vec4 items",
     BACKWARD_PARTIAL_VEC4_GATED, BACKWARD_PARTIAL_VEC4_GATED_F16,
     BACKWARD_PARTIAL_VEC4_GATED_F16_PACKED =
     "backward_partial_vec4" as "backward_partial_vec4_gated",
-    uses "items_vec4", uses "reduce", uses "upstream_gated"
+    uses "items_vec4", uses "special", uses "reduce", uses "upstream_gated"
 );
 variants!(
     "Backward stage 3, scalar",
@@ -394,8 +398,34 @@ variants!(
     uses "items_vec4", uses "upstream_in_place"
 );
 
+variants!(
+    "Single-pass training forward, vec4 items (statistics, running statistics \
+     and y in one dispatch; pipelines per `ITEMS`, `T`, `K` override)",
+    FORWARD_SINGLE, FORWARD_SINGLE_F16, FORWARD_SINGLE_F16_PACKED =
+    "forward_single", uses "special", uses "finish", uses "single"
+);
+/// Single-pass training forward, items of four single elements.
+pub const FORWARD_SINGLE_SCALAR: Shader = shader!(
+    "forward_single_scalar", uses "special", uses "finish", uses "single"
+);
+/// Single-pass training forward, items of four single elements, f16
+/// storage. It writes single elements, so it has no packed variant
+/// ([`NO_PACKED`]).
+pub const FORWARD_SINGLE_SCALAR_F16: Shader = shader!(
+    @ "forward_single_scalar_f16", "forward_single_scalar", prelude_f16!();
+    "special", "finish", "single"
+);
+/// The files whose kernels write single elements of the big tensors one
+/// thread each, which packed f16 (two elements per word) cannot do: they
+/// have an f16 variant but no packed one, and the host never picks them
+/// for packed f16 storage.
+pub const NO_PACKED: &[&str] = &["forward_single_scalar"];
+
 /// Training statistics, stage 2 (Chan merge, running statistics, coefficients).
-pub const STATS_FINALIZE: Shader = shader!("stats_finalize");
+pub const STATS_FINALIZE: Shader = shader!("stats_finalize", uses "special", uses "finish");
+/// After the single-pass forward: counts the batch, saved and running statistics.
+pub const SINGLE_FINALIZE: Shader =
+    shader!("single_finalize", uses "special", uses "counter", uses "finish");
 /// Evaluation coefficients from the running statistics.
 pub const EVAL_COEFFS: Shader = shader!("eval_coeffs");
 /// Backward stage 2 (dweight, dbias, dx coefficients).
@@ -421,6 +451,9 @@ pub const ALL: &[Shader] = &[
     BACKWARD_DX_IN_PLACE,
     BACKWARD_DX_VEC4_IN_PLACE,
     COPY_VEC4,
+    SINGLE_FINALIZE,
+    FORWARD_SINGLE,
+    FORWARD_SINGLE_SCALAR,
     STATS_PARTIAL_F16,
     STATS_PARTIAL_VEC4_F16,
     NORMALIZE_F16,
@@ -433,6 +466,8 @@ pub const ALL: &[Shader] = &[
     BACKWARD_DX_VEC4_F16,
     BACKWARD_DX_IN_PLACE_F16,
     BACKWARD_DX_VEC4_IN_PLACE_F16,
+    FORWARD_SINGLE_F16,
+    FORWARD_SINGLE_SCALAR_F16,
     STATS_PARTIAL_F16_PACKED,
     STATS_PARTIAL_VEC4_F16_PACKED,
     NORMALIZE_F16_PACKED,
@@ -445,4 +480,5 @@ pub const ALL: &[Shader] = &[
     BACKWARD_DX_VEC4_F16_PACKED,
     BACKWARD_DX_IN_PLACE_F16_PACKED,
     BACKWARD_DX_VEC4_IN_PLACE_F16_PACKED,
+    FORWARD_SINGLE_F16_PACKED,
 ];

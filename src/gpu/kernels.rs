@@ -65,7 +65,21 @@ impl Kernel {
     /// Builds the pipeline of `shader` with one buffer binding per slot (call
     /// inside an error scope).
     pub fn new(device: &wgpu::Device, shader: Shader, slots: &[Slot]) -> Self {
-        let label = format!("batchnorm.{}", shader.name);
+        Self::with_constants(device, shader, slots, &[])
+    }
+
+    /// [`Kernel::new`] with values for the shader's pipeline-overridable
+    /// constants (`override` in WGSL), which the label shows.
+    pub fn with_constants(
+        device: &wgpu::Device,
+        shader: Shader,
+        slots: &[Slot],
+        constants: &[(&str, f64)],
+    ) -> Self {
+        let mut label = format!("batchnorm.{}", shader.name);
+        for (name, value) in constants {
+            label.push_str(&format!(" {name}={value}"));
+        }
         let entries: Vec<wgpu::BindGroupLayoutEntry> = slots
             .iter()
             .enumerate()
@@ -102,7 +116,10 @@ impl Kernel {
             layout: Some(&pipeline_layout),
             module: &module,
             entry_point: Some("main"),
-            compilation_options: Default::default(),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants,
+                ..Default::default()
+            },
             cache: None,
         });
         Self {
@@ -140,6 +157,37 @@ impl Kernel {
             layout: &self.layout,
             entries: &entries,
         })
+    }
+}
+
+/// A kernel of a recorded dispatch: one of the context's fixed kernels, or
+/// a pipeline built on first use and shared (the single-pass forward's).
+#[derive(Debug, Clone)]
+pub(crate) enum KernelRef<'k> {
+    Fixed(&'k Kernel),
+    Built(std::sync::Arc<Kernel>),
+}
+
+impl std::ops::Deref for KernelRef<'_> {
+    type Target = Kernel;
+
+    fn deref(&self) -> &Kernel {
+        match self {
+            Self::Fixed(k) => k,
+            Self::Built(k) => k,
+        }
+    }
+}
+
+impl<'k> From<&'k Kernel> for KernelRef<'k> {
+    fn from(k: &'k Kernel) -> Self {
+        Self::Fixed(k)
+    }
+}
+
+impl From<std::sync::Arc<Kernel>> for KernelRef<'_> {
+    fn from(k: std::sync::Arc<Kernel>) -> Self {
+        Self::Built(k)
     }
 }
 

@@ -11,7 +11,8 @@ use super::device::ErrorScopes;
 use super::kernels::{Kernel, Slot};
 use crate::error::Result;
 use crate::shaders::{self, Storage};
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// The kernels that read or write the big tensors, for one storage type.
 #[derive(Debug)]
@@ -28,6 +29,43 @@ pub(crate) struct ElementKernels {
     /// only where the device binds [`GATED_STORAGE_BUFFERS`] storage buffers
     /// per stage, more than [`crate::GpuContext::required_limits`] asks for.
     pub fused: Option<FusedKernels>,
+    /// The storage these kernels read and write.
+    pub storage: Storage,
+    /// The single-pass training forward's pipelines, built on first use,
+    /// one per [`SingleKey`].
+    single: Mutex<HashMap<SingleKey, Arc<Kernel>>>,
+}
+
+/// The overrides of one single-pass forward pipeline
+/// (shaders/single.wgsl): what an item is (`ITEMS`), threads per channel
+/// group (`T`), items per thread (`K`) and the fusion (`FUSED`: the
+/// `FLAG_RESIDUAL` and `FLAG_RELU` bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct SingleKey {
+    /// `ITEMS_RUN4` (0), `ITEMS_LANES` (1) or `ITEMS_SCALAR` (2).
+    pub items: u32,
+    pub t: u32,
+    pub k: u32,
+    pub fused: u32,
+}
+
+impl SingleKey {
+    /// `ITEMS_SCALAR`: items of four single elements (forward_single_scalar).
+    pub const SCALAR: u32 = 2;
+}
+
+/// Storage buffers per stage (and bindings per group, one more) of the
+/// single-pass forward: `x`, the state, the saved statistics, `y`, `z`.
+pub(crate) const SINGLE_STORAGE_BUFFERS: u32 = 5;
+
+/// Bytes of workgroup memory of the single-pass forward (shaders/single.wgsl).
+pub(crate) const SINGLE_WORKGROUP_BYTES: u32 = 20 * shaders::WG + 40 * (shaders::WG / 16);
+
+/// Whether `device` can run the single-pass forward.
+pub(crate) fn binds_single(limits: &wgpu::Limits) -> bool {
+    limits.max_storage_buffers_per_shader_stage >= SINGLE_STORAGE_BUFFERS
+        && limits.max_bindings_per_bind_group > SINGLE_STORAGE_BUFFERS
+        && limits.max_compute_workgroup_storage_size >= SINGLE_WORKGROUP_BYTES
 }
 
 /// The backward passes of a fused backward, each `[scalar, vec4]`.
@@ -145,7 +183,48 @@ impl ElementKernels {
                 &backward,
             ),
             fused,
+            storage,
+            single: Mutex::default(),
         }
+    }
+
+    /// The single-pass forward pipeline of `key`, built on its first use.
+    /// `None` for items of single elements in packed f16 (see
+    /// [`shaders::NO_PACKED`]).
+    ///
+    /// # Errors
+    /// [`crate::Error::Wgpu`] when the pipeline cannot be built.
+    pub fn single(&self, device: &wgpu::Device, key: SingleKey) -> Result<Option<Arc<Kernel>>> {
+        use shaders::*;
+        let shader = match (key.items == SingleKey::SCALAR, self.storage) {
+            (false, Storage::F32) => FORWARD_SINGLE,
+            (false, Storage::F16) => FORWARD_SINGLE_F16,
+            (false, Storage::F16Packed) => FORWARD_SINGLE_F16_PACKED,
+            (true, Storage::F32) => FORWARD_SINGLE_SCALAR,
+            (true, Storage::F16) => FORWARD_SINGLE_SCALAR_F16,
+            (true, Storage::F16Packed) => return Ok(None),
+        };
+        let mut built = self.single.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = built.get(&key) {
+            return Ok(Some(k.clone()));
+        }
+        use Slot::{Read as R, Uniform as U, Write as W};
+        let scope = ErrorScopes::push(device);
+        let kernel = Kernel::with_constants(
+            device,
+            shader,
+            &[U, R, W, W, W, R],
+            &[
+                ("ITEMS", f64::from(key.items)),
+                ("T", f64::from(key.t)),
+                ("K", f64::from(key.k)),
+                ("FUSED", f64::from(key.fused)),
+            ],
+        );
+        scope.pop(&format!("building the pipeline {}", kernel.label))?;
+        let kernel = Arc::new(kernel);
+        built.insert(key, kernel.clone());
+        Ok(Some(kernel))
     }
 
     /// The normalize pass: vec4 when a row (`C * inner` elements) is a multiple of 4.
@@ -204,6 +283,8 @@ pub(crate) struct Kernels {
     // bindings of one kernel below (4), the optional fused kernels of
     // `ElementKernels` (GATED_STORAGE_BUFFERS) aside.
     pub stats_finalize: Kernel,
+    /// Counts the batch and finishes the statistics after the single-pass forward.
+    pub single_finalize: Kernel,
     pub eval_coeffs: Kernel,
     pub backward_finalize: Kernel,
     pub f32: ElementKernels,
@@ -238,6 +319,7 @@ impl Kernels {
         };
         Self {
             stats_finalize: Kernel::new(device, shaders::STATS_FINALIZE, &[U, R, W, W, W]),
+            single_finalize: Kernel::new(device, shaders::SINGLE_FINALIZE, &[U, W, W]),
             eval_coeffs: Kernel::new(device, shaders::EVAL_COEFFS, &[U, R, W, W]),
             backward_finalize: Kernel::new(device, shaders::BACKWARD_FINALIZE, &[U, R, R, W, W]),
             f32: ElementKernels::new(device, Storage::F32),

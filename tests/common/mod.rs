@@ -261,7 +261,9 @@ pub fn check_parity_tuned(
     })
 }
 
-/// [`check_parity`] with every GPU layer set up by `tune`.
+/// [`check_parity`] with every GPU layer set up by `tune`: each adapter's
+/// layer twice, the second with its training forwards in passes
+/// ([`GpuBatchNorm::set_single_pass`]). Returns the number of adapters checked.
 pub fn check_parity_with(
     case: &str,
     config: &BatchNormConfig,
@@ -271,7 +273,19 @@ pub fn check_parity_with(
     tune: &dyn Fn(&mut GpuBatchNorm),
 ) -> usize {
     let mut bs = backends_with(config, state, tune);
-    let outs: Vec<Outputs> = bs.iter_mut().map(|b| run_all(b.as_mut(), x, dy)).collect();
+    // The GPU layers again with their training forwards in passes: on CPU
+    // adapters the layers above run them in one pass where it applies.
+    for ctx in gpu_contexts() {
+        let mut bn = GpuBatchNorm::new(ctx, config.clone()).unwrap();
+        tune(&mut bn);
+        bn.set_single_pass(Some(false));
+        bn.set_state(state).unwrap();
+        bs.push(Box::new(bn));
+    }
+    let mut outs: Vec<Outputs> = bs.iter_mut().map(|b| run_all(b.as_mut(), x, dy)).collect();
+    for o in &mut outs[1 + gpu_contexts().len()..] {
+        o.name.push_str(" (forward in passes)");
+    }
     let want = &outs[0];
     let mut failures = Vec::new();
     for got in &outs[1..] {
@@ -289,7 +303,7 @@ pub fn check_parity_with(
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    outs.len() - 1
+    (outs.len() - 1) / 2
 }
 
 /// `x` cut along axis 0 into parts of `sizes` samples (which may be 0): the

@@ -176,6 +176,18 @@ impl GpuBatchNorm {
         let p = plan.whole;
         let params = self.prepare(&p)?;
         let mut passes = Vec::with_capacity(2 * plan.chunks.len() + 1);
+        if let Some(grid) = self.single_grid(&plan, e) {
+            let p = plan.chunks[0].p;
+            let one = self.forward_single(e, (grid, &p), (x, z, y), &saved_buffer)?;
+            if let Some(one) = one {
+                let params = self.cache.params(&self.ctx, &p)?;
+                let finish = &ctx.kernels().single_finalize;
+                passes.push(one);
+                passes.push(self.single_finalize(finish, &params, &saved_buffer)?);
+                self.finish_batch_forward(enc, &passes, update, saved, walk);
+                return Ok(());
+            }
+        }
         for chunk in &plan.chunks {
             passes.push(self.stats_partial(e, chunk, x)?);
         }
@@ -185,14 +197,27 @@ impl GpuBatchNorm {
             &saved_buffer,
         )?);
         self.normalize_all(e, &plan, (x, z, y), &mut passes)?;
+        self.finish_batch_forward(enc, &passes, update, saved, walk);
+        Ok(())
+    }
+
+    /// Records the passes of a forward with batch statistics and notes in
+    /// `saved` what they write.
+    fn finish_batch_forward(
+        &mut self,
+        enc: &mut wgpu::CommandEncoder,
+        passes: &[Pass<'_>],
+        update: bool,
+        saved: Option<&mut GpuSavedStats>,
+        walk: ChannelWalk,
+    ) {
         let label = if update {
             "batchnorm.forward_train"
         } else {
             "batchnorm.forward_eval"
         };
-        self.record(enc, label, &passes);
+        self.record(enc, label, passes);
         mark_written(saved, walk.dims, true);
-        Ok(())
     }
 
     /// Records a training forward of `x` into `y`: normalizes with the batch

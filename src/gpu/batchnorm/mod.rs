@@ -10,6 +10,7 @@ mod grid;
 mod plan;
 mod run;
 mod saved;
+mod single;
 mod state;
 mod storage;
 mod sync;
@@ -18,7 +19,7 @@ pub use cache::GpuResourceCounts;
 pub use saved::GpuSavedStats;
 
 use super::context::GpuContext;
-use super::kernels::{self, Kernel, Params};
+use super::kernels::{self, KernelRef, Params};
 use super::tensor::GpuTensor;
 use crate::config::BatchNormConfig;
 use crate::error::{Error, Result};
@@ -92,7 +93,7 @@ struct Views {
 
 /// One recorded dispatch: kernel, bind group, workgroup count.
 struct Pass<'k> {
-    kernel: &'k Kernel,
+    kernel: KernelRef<'k>,
     group: wgpu::BindGroup,
     workgroups: u32,
     /// Byte offset and size of binding 1.
@@ -187,6 +188,8 @@ pub struct GpuBatchNorm {
     /// Cap on the bytes of one binding of the big tensors.
     max_binding: Option<u64>,
     max_per_dim: Option<u32>,
+    /// Training forwards in one pass ([`GpuBatchNorm::set_single_pass`]).
+    single_pass: Option<bool>,
     /// Storage type used for ndarray inputs of the [`crate::BatchNormBackend`] methods.
     storage: DType,
     /// f16 tensors go through the packed f16 kernels even where the device
@@ -251,6 +254,7 @@ impl GpuBatchNorm {
             fill: Fill::of(ctx.adapter_info()),
             max_binding: None,
             max_per_dim: None,
+            single_pass: None,
             storage: DType::F32,
             packed_f16: false,
             own_saved: None,
@@ -398,10 +402,11 @@ impl GpuBatchNorm {
     /// dispatch folds them onto; [`Error::Wgpu`] when the bind group cannot be made.
     fn group<'k>(
         &mut self,
-        kernel: &'k Kernel,
+        kernel: impl Into<KernelRef<'k>>,
         bindings: &[wgpu::BufferBinding<'_>],
         workgroups: u32,
     ) -> Result<Pass<'k>> {
+        let kernel = kernel.into();
         let limit = self.ctx.limits().max_compute_workgroups_per_dimension;
         if workgroups.div_ceil(self.max_dim()) > limit {
             return Err(Error::Unsupported {
@@ -413,7 +418,7 @@ impl GpuBatchNorm {
                 ),
             });
         }
-        let group = self.cache.group(&self.ctx, kernel, bindings)?;
+        let group = self.cache.group(&self.ctx, &kernel, bindings)?;
         let b = &bindings[1];
         let size = b.size.map_or(b.buffer.size() - b.offset, |s| s.get());
         Ok(Pass {
@@ -434,7 +439,7 @@ impl GpuBatchNorm {
         });
         self.dispatches.clear();
         for p in passes {
-            let grid = kernels::dispatch(&mut cpass, p.kernel, &p.group, p.workgroups, max_dim);
+            let grid = kernels::dispatch(&mut cpass, &p.kernel, &p.group, p.workgroups, max_dim);
             self.dispatches.push(GpuDispatch {
                 kernel: p.kernel.name,
                 grid,

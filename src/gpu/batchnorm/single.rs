@@ -1,0 +1,193 @@
+//! The single-pass training forward (`shaders/single.wgsl`): statistics,
+//! running statistics and `y` in one dispatch that reads `x` once, for
+//! channels small enough that a group of threads holds one in registers.
+//!
+//! The multi-pass forward reads `x` twice (statistics, then normalize). On
+//! Mesa's lavapipe a load of `x` costs about 0.75 of a copy of it and a
+//! store 0.25 (BENCHMARKS.md, "What a load costs on lavapipe"), so the
+//! multi-pass forward cannot pass 0.86 of the copy there; the single pass
+//! moves the traffic of a copy.
+
+use super::plan::Plan;
+use super::{GpuBatchNorm, Pass};
+use crate::error::Result;
+use crate::gpu::kernels::{Kernel, Params};
+use crate::gpu::pipelines::{ElementKernels, SingleKey, binds_single};
+use crate::gpu::tensor::GpuTensor;
+use crate::shaders::{FLAG_RELU, FLAG_RESIDUAL, WG};
+
+/// Threads per channel group the single pass may use (`T`).
+const GROUP_THREADS: [u32; 5] = [16, 32, 64, 128, 256];
+/// Items (vec4s) per thread the choice of `T` aims at most for: fewer
+/// threads per channel means fewer merge steps, more items per thread more
+/// registers. On lavapipe 12 to 25 ran best (BENCHMARKS.md).
+const K_AIM: u64 = 16;
+/// The most items a thread holds (`K_MAX` of single.wgsl).
+const K_MAX: u64 = 32;
+
+/// The grid of a single-pass forward: its pipeline's overrides and its
+/// workgroups (each `WG / T` groups of `T` threads, a group per channel or
+/// per four channels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SingleGrid {
+    pub key: SingleKey,
+    pub workgroups: u32,
+}
+
+impl SingleGrid {
+    /// The grid for `outer` runs of `inner` elements of each of `channels`
+    /// channels, or `None` when a channel has more than `K_MAX * 4 * WG`
+    /// elements.
+    pub fn new(outer: u32, channels: u32, inner: u32) -> Option<Self> {
+        let m = u64::from(outer) * u64::from(inner);
+        // (ITEMS, items per channel group, channel groups)
+        let (items, per, groups) = if inner.is_multiple_of(4) {
+            (0, m / 4, channels)
+        } else if inner == 1 && channels.is_multiple_of(4) {
+            (1, m, channels / 4)
+        } else {
+            (SingleKey::SCALAR, m.div_ceil(4), channels)
+        };
+        let fits = |t: &&u32| per.div_ceil(u64::from(**t)) <= K_AIM;
+        let t = match GROUP_THREADS.iter().find(fits) {
+            Some(&t) => t,
+            None if per.div_ceil(u64::from(WG)) <= K_MAX => WG,
+            None => return None,
+        };
+        let k = per.div_ceil(u64::from(t)) as u32;
+        Some(Self {
+            key: SingleKey {
+                items,
+                t,
+                k,
+                fused: 0,
+            },
+            workgroups: groups.div_ceil(WG / t),
+        })
+    }
+}
+
+impl GpuBatchNorm {
+    /// Chooses how a training forward (and an evaluation forward with batch
+    /// statistics) runs. `None`, the default: in one pass that reads `x`
+    /// once where it applies on a CPU adapter (lavapipe, llvmpipe), where it
+    /// was measured to pay, else in the passes `stats_partial`,
+    /// `stats_finalize`, `normalize`; `Some(true)`: in one pass wherever it
+    /// applies, on any adapter; `Some(false)`: never in one pass.
+    ///
+    /// It applies when a channel has at most 32768 elements (32 vec4s for
+    /// each of 256 threads), the tensor fits one storage binding, the device
+    /// binds 5 storage buffers per stage, and, for f16 stored in `u32`
+    /// words (devices without `SHADER_F16`), a channel's runs are a multiple
+    /// of 4 long (or, one element per run, C is a multiple of 4).
+    /// [`GpuBatchNorm::last_dispatches`] shows which ran: `forward_single`
+    /// (or `forward_single_scalar`) and `single_finalize`, or the passes above.
+    pub fn set_single_pass(&mut self, single: Option<bool>) {
+        self.single_pass = single;
+    }
+
+    /// The grid of a single-pass forward of `plan` with the kernels `e`, when
+    /// it runs in one pass.
+    pub(super) fn single_grid(&self, plan: &Plan, e: &ElementKernels) -> Option<SingleGrid> {
+        let cpu = self.ctx.adapter_info().device_type == wgpu::DeviceType::Cpu;
+        if !self.single_pass.unwrap_or(cpu)
+            || plan.chunks.len() != 1
+            || !binds_single(self.ctx.limits())
+        {
+            return None;
+        }
+        let p = &plan.chunks[0].p;
+        let mut grid = SingleGrid::new(p.outer, p.channels, p.inner)?;
+        grid.key.fused = p.flags & (FLAG_RESIDUAL | FLAG_RELU);
+        let packed = e.storage == crate::shaders::Storage::F16Packed;
+        (!packed || grid.key.items != SingleKey::SCALAR).then_some(grid)
+    }
+
+    /// Finishes a single-pass forward (`shaders/single_finalize.wgsl`, one
+    /// workgroup): counts the batch (with `FLAG_UPDATE_RUNNING` in the
+    /// parameters), writes the saved statistics and moves the running ones.
+    pub(super) fn single_finalize<'k>(
+        &mut self,
+        k: &'k Kernel,
+        params: &wgpu::Buffer,
+        saved: &wgpu::Buffer,
+    ) -> Result<Pass<'k>> {
+        let state = self.state.clone();
+        let bindings = [Self::whole(params), Self::whole(&state), Self::whole(saved)];
+        self.group(k, &bindings, 1)
+    }
+
+    /// The single pass (`shaders/forward_single.wgsl`, or
+    /// `forward_single_scalar.wgsl` for items of single elements): `y =
+    /// act(BN(x) + z)`, and each channel's `(K, d, var)` into `saved` for
+    /// [`GpuBatchNorm::single_finalize`]. Without `z` the pass binds `x` in its place and
+    /// does not read it.
+    pub(super) fn forward_single<'k>(
+        &mut self,
+        e: &ElementKernels,
+        (grid, p): (SingleGrid, &Params),
+        (x, z, y): (&GpuTensor, Option<&GpuTensor>, &GpuTensor),
+        saved: &wgpu::Buffer,
+    ) -> Result<Option<Pass<'k>>> {
+        let Some(kernel) = e.single(self.ctx.device(), grid.key)? else {
+            return Ok(None);
+        };
+        let params = self.cache.params(&self.ctx, p)?;
+        let state = self.state.clone();
+        let bindings = [
+            Self::whole(&params),
+            x.binding(),
+            Self::whole(&state),
+            Self::whole(saved),
+            y.binding(),
+            z.unwrap_or(x).binding(),
+        ];
+        self.group(kernel, &bindings, grid.workgroups).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(items: u32, t: u32, k: u32) -> SingleKey {
+        SingleKey {
+            items,
+            t,
+            k,
+            fused: 0,
+        }
+    }
+
+    #[test]
+    fn groups_take_about_k_aim_items_per_thread() {
+        // 32x1024x14x14 NCHW: 1568 vec4s a channel, 128 threads of 13
+        let g = SingleGrid::new(32, 1024, 196).unwrap();
+        assert_eq!(g.key, key(0, 128, 13));
+        assert_eq!(g.workgroups, 512);
+        // 32x512x28x28: 6272 vec4s, past 16 * 256: 256 threads of 25
+        let g = SingleGrid::new(32, 512, 784).unwrap();
+        assert_eq!(g.key, key(0, 256, 25));
+        // 32x2048x7x7 NCHW: single elements, 392 items of four, 32 threads of 13
+        let g = SingleGrid::new(32, 2048, 49).unwrap();
+        assert_eq!(g.key, key(2, 32, 13));
+        assert_eq!(g.workgroups, 256);
+        // (N, C) = 4096x1024: four channels a lane, 4096 items, 256 threads of 16
+        let g = SingleGrid::new(4096, 1024, 1).unwrap();
+        assert_eq!(g.key, key(1, 256, 16));
+        assert_eq!(g.workgroups, 256);
+        // tiny channels: 16 threads of one item, 16 channels a workgroup
+        let g = SingleGrid::new(2, 3, 2).unwrap();
+        assert_eq!(g.key, key(2, 16, 1));
+        assert_eq!(g.workgroups, 1);
+    }
+
+    #[test]
+    fn channels_past_what_registers_hold_take_the_passes() {
+        // 32x64x56x56: 100352 elements a channel
+        assert_eq!(SingleGrid::new(32, 64, 3136), None);
+        // the largest channel that fits, and one vec4 more
+        assert!(SingleGrid::new(1, 1, 32 * 4 * 256).is_some());
+        assert_eq!(SingleGrid::new(1, 1, 32 * 4 * 256 + 4), None);
+    }
+}

@@ -1,0 +1,304 @@
+//! The single-pass training forward (`GpuBatchNorm::set_single_pass`):
+//! where it runs, seen in `last_dispatches`, and that it gives the
+//! reference's results and those of the forward in passes, for every kind
+//! of item (vec4 runs, vec4 lanes of four channels, single elements), the
+//! fused forward and f16 storage. The parity, property and fixture tests
+//! run it too, on CPU adapters, where it is the default.
+
+mod common;
+use common::*;
+use ndarray::ArrayD;
+use wgpu_batchnorm::{
+    Activation, BatchNormBackend, BatchNormConfig, DType, GpuBatchNorm, GpuContext, GpuTensor,
+    Layout,
+};
+
+/// `(name, shape, layout, the single pass's kernel)`.
+fn cases() -> Vec<(&'static str, Vec<usize>, Layout, &'static str)> {
+    use Layout::{ChannelsFirst as First, ChannelsLast as Last};
+    vec![
+        ("runs_of_vec4s", vec![4, 6, 8, 8], First, "forward_single"),
+        ("lanes_nhwc", vec![3, 5, 5, 8], Last, "forward_single"),
+        ("lanes_nc", vec![64, 12], First, "forward_single"),
+        (
+            "scalar_7x7",
+            vec![4, 5, 7, 7],
+            First,
+            "forward_single_scalar",
+        ),
+        (
+            "scalar_nhwc",
+            vec![4, 5, 5, 6],
+            Last,
+            "forward_single_scalar",
+        ),
+        // 21 elements a channel: the last item holds one
+        ("scalar_tail", vec![3, 5, 7], First, "forward_single_scalar"),
+        // 256 threads a channel, 13 and 32 items each (the most a thread holds)
+        ("many_items", vec![8, 3, 40, 40], First, "forward_single"),
+        ("most_items", vec![2, 2, 16384], First, "forward_single"),
+    ]
+}
+
+fn config_of(dims: &[usize], layout: Layout) -> BatchNormConfig {
+    let c = match layout {
+        Layout::ChannelsFirst => dims[1],
+        Layout::ChannelsLast => dims[dims.len() - 1],
+    };
+    BatchNormConfig::new(c).with_layout(layout)
+}
+
+/// The kernels of the last call of `bn`, without their storage suffixes.
+fn kernels(bn: &GpuBatchNorm) -> Vec<&'static str> {
+    bn.last_dispatches()
+        .iter()
+        .map(|d| {
+            let k = d.kernel.strip_suffix("_f16_packed").unwrap_or(d.kernel);
+            k.strip_suffix("_f16").unwrap_or(k)
+        })
+        .collect()
+}
+
+fn is_cpu(ctx: &GpuContext) -> bool {
+    ctx.adapter_info().device_type == wgpu::DeviceType::Cpu
+}
+
+#[test]
+fn the_single_pass_matches_the_reference_and_the_passes() {
+    for (i, (name, dims, layout, _)) in cases().into_iter().enumerate() {
+        let config = config_of(&dims, layout);
+        let mut r = rng(300 + i as u64);
+        let state = random_state(&mut r, &config, 3);
+        let x = normal(&mut r, &dims, 2.0, 1.5);
+        let dy = normal(&mut r, &dims, 0.0, 1.0);
+        // the layers forced into one pass on every adapter, and in passes
+        let checked = check_parity_with(name, &config, &state, &x, &dy, &|bn| {
+            bn.set_single_pass(Some(true));
+        });
+        assert_eq!(checked, gpu_contexts().len());
+    }
+}
+
+#[test]
+fn it_runs_where_it_applies_and_not_elsewhere() {
+    assert!(!gpu_contexts().is_empty() || !gpu_required());
+    for (name, dims, layout, kernel) in cases() {
+        let config = config_of(&dims, layout);
+        let x = normal(&mut rng(7), &dims, 0.0, 1.0);
+        for ctx in gpu_contexts() {
+            let gx = GpuTensor::from_array(ctx, x.view(), layout).unwrap();
+            let mut bn = GpuBatchNorm::new(ctx, config.clone()).unwrap();
+            let on = format!("{name} on {}", ctx.label());
+            bn.run_forward_train(&gx).unwrap();
+            if is_cpu(ctx) {
+                // the default on CPU adapters
+                assert_eq!(kernels(&bn), [kernel, "single_finalize"], "{on}");
+            } else {
+                assert!(kernels(&bn).contains(&"stats_finalize"), "{on}");
+            }
+            bn.set_single_pass(Some(true));
+            bn.run_forward_train(&gx).unwrap();
+            assert_eq!(kernels(&bn), [kernel, "single_finalize"], "{on}");
+            // an evaluation forward with batch statistics (counts nothing)
+            let mut eval =
+                GpuBatchNorm::new(ctx, config.clone().with_track_running_stats(false)).unwrap();
+            eval.set_single_pass(Some(true));
+            eval.run_forward_eval(&gx).unwrap();
+            assert_eq!(kernels(&eval), [kernel, "single_finalize"], "{on}");
+            bn.set_single_pass(Some(false));
+            bn.run_forward_train(&gx).unwrap();
+            let passes = kernels(&bn);
+            assert!(passes[0].starts_with("stats_partial"), "{on}: {passes:?}");
+            assert_eq!(passes.len(), 3, "{on}: {passes:?}");
+        }
+    }
+    // a tensor bound in chunks (here two of 32 rows) takes the passes
+    let x = normal(&mut rng(9), &[64, 12], 0.0, 1.0);
+    for ctx in gpu_contexts() {
+        let gx = GpuTensor::from_array(ctx, x.view(), Layout::ChannelsFirst).unwrap();
+        let mut bn = GpuBatchNorm::new(ctx, BatchNormConfig::new(12)).unwrap();
+        bn.set_single_pass(Some(true));
+        bn.set_max_binding_bytes(Some(32 * 12 * 4)).unwrap();
+        bn.run_forward_train(&gx).unwrap();
+        let ran = kernels(&bn);
+        assert_eq!(
+            ran.iter()
+                .filter(|k| k.starts_with("stats_partial"))
+                .count(),
+            2,
+            "{ran:?}"
+        );
+    }
+    // channels of more than 32768 elements take the passes
+    let dims = [2, 3, 16400];
+    let x = normal(&mut rng(8), &dims, 0.0, 1.0);
+    for ctx in gpu_contexts() {
+        let gx = GpuTensor::from_array(ctx, x.view(), Layout::ChannelsFirst).unwrap();
+        let mut bn = GpuBatchNorm::new(ctx, BatchNormConfig::new(3)).unwrap();
+        bn.set_single_pass(Some(true));
+        bn.run_forward_train(&gx).unwrap();
+        assert!(
+            kernels(&bn)[0].starts_with("stats_partial"),
+            "{:?}",
+            kernels(&bn)
+        );
+    }
+}
+
+/// `y`, saved statistics and running statistics of a fused training forward
+/// of `x` + `z` with `act`, in one pass or in passes.
+fn fused_forward(
+    ctx: &GpuContext,
+    config: &BatchNormConfig,
+    (x, z): (&ArrayD<f32>, &ArrayD<f32>),
+    act: Activation,
+    single: bool,
+) -> Vec<Vec<f32>> {
+    let gx = GpuTensor::from_array(ctx, x.view(), config.layout).unwrap();
+    let gz = GpuTensor::from_array(ctx, z.view(), config.layout).unwrap();
+    let mut bn = GpuBatchNorm::new(ctx, config.clone()).unwrap();
+    bn.set_single_pass(Some(single));
+    let fwd = bn.run_forward_train_fused(&gx, Some(&gz), act).unwrap();
+    let ran = kernels(&bn);
+    assert_eq!(
+        ran.iter().any(|k| k.starts_with("forward_single")),
+        single,
+        "{ran:?}"
+    );
+    let s = bn.state().unwrap();
+    let saved = fwd.saved.read().unwrap().unwrap();
+    vec![
+        fwd.y.to_vec().unwrap(),
+        saved.mean,
+        saved.invstd,
+        s.running_mean.unwrap(),
+        s.running_var.unwrap(),
+    ]
+}
+
+#[test]
+fn fused_forwards_in_one_pass_match_those_in_passes() {
+    for (i, (name, dims, layout, _)) in cases().into_iter().take(6).enumerate() {
+        let config = config_of(&dims, layout);
+        let mut r = rng(400 + i as u64);
+        let x = normal(&mut r, &dims, -1.0, 2.0);
+        let z = normal(&mut r, &dims, 0.5, 1.0);
+        for ctx in gpu_contexts() {
+            for act in [Activation::Identity, Activation::Relu] {
+                let one = fused_forward(ctx, &config, (&x, &z), act, true);
+                let passes = fused_forward(ctx, &config, (&x, &z), act, false);
+                for (what, (a, b)) in ["y", "mean", "invstd", "running_mean", "running_var"]
+                    .iter()
+                    .zip(one.iter().zip(&passes))
+                {
+                    all_close(what, a, b, TOL, TOL)
+                        .unwrap_or_else(|e| panic!("{name} {act:?} on {}: {e}", ctx.label()));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn f16_in_one_pass_matches_f16_in_passes() {
+    for (i, (name, dims, layout, kernel)) in cases().into_iter().take(6).enumerate() {
+        let config = config_of(&dims, layout);
+        let x = normal(&mut rng(500 + i as u64), &dims, 1.0, 2.0);
+        for ctx in gpu_contexts() {
+            let shader_f16 = ctx.features().contains(wgpu::Features::SHADER_F16);
+            for packed in [false, true] {
+                if packed && !shader_f16 {
+                    continue; // the adapter's own f16 kernels are the packed ones
+                }
+                let on = format!("{name} on {} (packed {packed})", ctx.label());
+                let run = |single: bool| {
+                    let mut bn = GpuBatchNorm::new(ctx, config.clone()).unwrap();
+                    bn.set_storage_dtype(DType::F16).unwrap();
+                    bn.set_packed_f16(packed).unwrap();
+                    bn.set_single_pass(Some(single));
+                    let y = flat(&bn.forward_train(x.view()).unwrap());
+                    let rm = bn.state().unwrap().running_mean.unwrap();
+                    (y, rm, kernels(&bn))
+                };
+                let (one, rm1, ran) = run(true);
+                let (passes, rm2, _) = run(false);
+                let packed_words = packed || !shader_f16;
+                if packed_words && kernel == "forward_single_scalar" {
+                    // single elements cannot be written into shared words
+                    assert!(ran[0].starts_with("stats_partial"), "{on}: {ran:?}");
+                } else {
+                    assert_eq!(ran, [kernel, "single_finalize"], "{on}");
+                }
+                // y is rounded to f16: one unit in the last place of 2^-10
+                all_close("y", &one, &passes, 2e-3, 2e-3).unwrap_or_else(|e| panic!("{on}: {e}"));
+                all_close("running_mean", &rm1, &rm2, TOL, TOL)
+                    .unwrap_or_else(|e| panic!("{on}: {e}"));
+            }
+        }
+    }
+}
+
+/// A channel with +inf, one with NaN, one with both infinities, one finite,
+/// in every kind of item: the single pass gives the reference's values
+/// (PyTorch's: a +inf mean and NaN variance for +inf, NaN for the others),
+/// and the finite channels their own.
+#[test]
+fn non_finite_values_stay_in_their_channel() {
+    use wgpu_batchnorm::CpuReference;
+    let same = |got: f32, want: f32| {
+        (got.is_nan() && want.is_nan())
+            || got == want
+            || (got - want).abs() <= 1e-4 * (1.0 + want.abs())
+    };
+    for (name, dims, layout, _) in cases().into_iter().take(6) {
+        let config = config_of(&dims, layout);
+        let c = config.num_features;
+        let mut x = normal(&mut rng(600), &dims, 0.0, 1.0);
+        let channel_axis = match layout {
+            Layout::ChannelsFirst => 1,
+            Layout::ChannelsLast => dims.len() - 1,
+        };
+        for (idx, v) in x.indexed_iter_mut() {
+            let (ch, n) = (idx[channel_axis], idx[0]);
+            match (ch, n) {
+                (0, 0) => *v = f32::INFINITY,
+                (1, 0) => *v = f32::NAN,
+                (2, 0) if c > 3 => *v = f32::INFINITY,
+                (2, 1) if c > 3 => *v = f32::NEG_INFINITY,
+                _ => {}
+            }
+        }
+        let outputs = |b: &mut dyn BatchNormBackend| {
+            let y = flat(&b.forward_train(x.view()).unwrap());
+            let saved = b.saved_stats().unwrap().unwrap();
+            let s = b.state().unwrap();
+            vec![
+                y,
+                saved.mean,
+                saved.invstd,
+                s.running_mean.unwrap(),
+                s.running_var.unwrap(),
+            ]
+        };
+        let want = outputs(&mut CpuReference::new(config.clone()).unwrap());
+        assert!(want[3][0].is_infinite() && want[3][1].is_nan(), "{name}");
+        for ctx in gpu_contexts() {
+            let mut bn = GpuBatchNorm::new(ctx, config.clone()).unwrap();
+            bn.set_single_pass(Some(true));
+            let got = outputs(&mut bn);
+            assert!(kernels(&bn).iter().any(|k| k.starts_with("forward_single")));
+            for (what, (g, w)) in ["y", "mean", "invstd", "running_mean", "running_var"]
+                .iter()
+                .zip(got.iter().zip(&want))
+            {
+                for (i, (&g, &w)) in g.iter().zip(w).enumerate() {
+                    assert!(
+                        same(g, w),
+                        "{name} on {}: {what}[{i}] = {g}, want {w}",
+                        ctx.label()
+                    );
+                }
+            }
+        }
+    }
+}
