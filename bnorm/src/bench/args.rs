@@ -175,6 +175,27 @@ impl From<DTypeArg> for DType {
     }
 }
 
+/// How `bnorm bench` runs GPU training forwards (`--single-pass`).
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinglePassArg {
+    /// The library's choice.
+    Auto,
+    /// One pass wherever it applies.
+    On,
+    /// Always the passes.
+    Off,
+}
+
+impl From<SinglePassArg> for Option<bool> {
+    fn from(a: SinglePassArg) -> Self {
+        match a {
+            SinglePassArg::Auto => None,
+            SinglePassArg::On => Some(true),
+            SinglePassArg::Off => Some(false),
+        }
+    }
+}
+
 /// Arguments of `bnorm bench`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -203,6 +224,11 @@ pub struct BenchArgs {
     /// Storage type of x, y, dy, dx.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DTypeArg,
+    /// GPU training forwards in one pass that reads `x` once (`on`), in
+    /// passes (`off`), or as the library chooses (`auto`: one pass on CPU
+    /// adapters where the channels are small enough; `GpuBatchNorm::set_single_pass`).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub single_pass: SinglePassArg,
     /// Timed runs per measurement (the median is reported). Default 20, 3 with
     /// --quick; with --hot-path 3 of the layer runs, and 20 times as many of
     /// the floor and of the recording, which take microseconds.

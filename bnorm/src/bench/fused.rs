@@ -214,7 +214,8 @@ pub fn bench_gpu(
     let what = format!("{} {} {}", ctx.label(), case.shape.name(), case.layout);
     let setup = Tensors::new(ctx, case).and_then(|d| {
         let cfg = BatchNormConfig::new(case.shape.channels()).with_layout(case.layout);
-        let bn = GpuBatchNorm::new(ctx, cfg)?;
+        let mut bn = GpuBatchNorm::new(ctx, cfg)?;
+        bn.set_single_pass(case.single_pass);
         let saved = GpuSavedStats::new(&bn)?;
         let tail = GpuUnfused::new(ctx, case.dtype)?;
         Ok((d, bn, saved, tail))

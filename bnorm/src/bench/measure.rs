@@ -136,6 +136,8 @@ pub struct Case<'a> {
     pub repeat: u32,
     /// Untimed runs before them.
     pub warmup: u32,
+    /// GPU training forwards in one pass (`GpuBatchNorm::set_single_pass`).
+    pub single_pass: Option<bool>,
 }
 
 impl Case<'_> {
@@ -341,7 +343,8 @@ pub fn bench_gpu(
     let what = format!("{} {} {}", ctx.label(), case.shape.name(), case.layout);
     let setup = GpuData::new(ctx, case).and_then(|d| {
         let cfg = BatchNormConfig::new(case.shape.channels()).with_layout(case.layout);
-        let bn = GpuBatchNorm::new(ctx, cfg)?;
+        let mut bn = GpuBatchNorm::new(ctx, cfg)?;
+        bn.set_single_pass(case.single_pass);
         let saved = GpuSavedStats::new(&bn)?;
         Ok((d, bn, saved))
     });

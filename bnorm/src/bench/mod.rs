@@ -124,6 +124,7 @@ pub fn run(args: &BenchArgs) -> Result<u8, OutputError> {
             dtype,
             repeat,
             warmup,
+            single_pass: args.single_pass.into(),
         };
         if args.op == OpArg::Fused {
             if cpu {

@@ -70,10 +70,12 @@ impl SingleGrid {
 impl GpuBatchNorm {
     /// Chooses how a training forward (and an evaluation forward with batch
     /// statistics) runs. `None`, the default: in one pass that reads `x`
-    /// once where it applies on a CPU adapter (lavapipe, llvmpipe), where it
-    /// was measured to pay, else in the passes `stats_partial`,
-    /// `stats_finalize`, `normalize`; `Some(true)`: in one pass wherever it
-    /// applies, on any adapter; `Some(false)`: never in one pass.
+    /// once where it applies on a CPU adapter (lavapipe, llvmpipe) and its
+    /// items are vec4s (runs a multiple of 4 long, or one element per run
+    /// and C a multiple of 4), where it was measured to pay, else in the
+    /// passes `stats_partial`, `stats_finalize`, `normalize`; `Some(true)`:
+    /// in one pass wherever it applies, on any adapter; `Some(false)`:
+    /// never in one pass.
     ///
     /// It applies when a channel has at most 32768 elements (32 vec4s for
     /// each of 256 threads), the tensor fits one storage binding, the device
@@ -99,8 +101,12 @@ impl GpuBatchNorm {
         let p = &plan.chunks[0].p;
         let mut grid = SingleGrid::new(p.outer, p.channels, p.inner)?;
         grid.key.fused = p.flags & (FLAG_RESIDUAL | FLAG_RELU);
+        let scalar = grid.key.items == SingleKey::SCALAR;
         let packed = e.storage == crate::shaders::Storage::F16Packed;
-        (!packed || grid.key.items != SingleKey::SCALAR).then_some(grid)
+        // items of single elements: slower than the passes on lavapipe
+        // (BENCHMARKS.md), so only on request
+        let chosen = self.single_pass.is_some() || !scalar;
+        (chosen && !(packed && scalar)).then_some(grid)
     }
 
     /// Finishes a single-pass forward (`shaders/single_finalize.wgsl`, one
