@@ -283,6 +283,33 @@ fn blocks_centred_on_running_means_match_the_reference_on_drifting_data() {
 }
 
 #[test]
+fn channel_resident_backward_matches_the_reference() {
+    // Channel-major shapes with at least two channels per thread, whose
+    // backward runs channel by channel with the channel in cache: every
+    // config (both backward modes), small and large means, data drifting
+    // within a channel.
+    let mut r = rng(17);
+    let cases: &[(&[usize], usize, f32)] = &[
+        (&[6, 8, 40, 40], 4, 0.5),
+        (&[3, 6, 1100], 1, 300.0),
+        (&[5, 4, 33, 50], 2, -3.0),
+    ];
+    for &(dims, threads, mean) in cases {
+        for (name, cfg) in configs(dims[1], Layout::ChannelsFirst) {
+            let st = random_state(&mut r, &cfg, 1);
+            let mut x = normal(&mut r, dims, mean, 1.5);
+            let len = x.len() as f32;
+            for (i, v) in x.iter_mut().enumerate() {
+                *v += 20.0 * i as f32 / len;
+            }
+            let dy = normal(&mut r, dims, 0.2, 1.0);
+            let case = format!("{dims:?} {name} on {threads} threads");
+            with_threads(threads, || compare(&case, &cfg, &st, &x, &dy)).unwrap();
+        }
+    }
+}
+
+#[test]
 fn slice_api_matches_the_ndarray_api() {
     let mut r = rng(15);
     let dims = [4, 5, 6, 3];

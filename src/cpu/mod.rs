@@ -41,6 +41,7 @@ mod grad;
 mod lanes;
 mod plan;
 mod reduce;
+mod resident;
 mod rows;
 mod sync;
 
@@ -370,6 +371,16 @@ impl CpuBatchNorm {
         let (y, activation) = gate.unwrap_or((dy, Activation::Identity));
         // Where the dx pass reads the gradient: dy itself, dz, or dx (in place).
         let (sums, g) = match dz {
+            None if activation == Activation::Identity && resident::fits::<E>(&walk) => {
+                let (weight, _) = self.state.affine(c);
+                let k =
+                    |ch: usize, s| grad_coefs(weight[ch], (center[ch], invstd[ch]), s, m, batch);
+                let sums = resident::backward(x, dy, dx, &walk, &center, |ch, s| k(ch, s).2);
+                for (ch, &s) in sums.iter().enumerate() {
+                    (dweight[ch], dbias[ch], _) = k(ch, s);
+                }
+                return Ok(());
+            }
             None if activation == Activation::Identity => {
                 (grad_sums(x, &GradIn::plain(dy), &walk, &center), Some(dy))
             }
@@ -411,7 +422,6 @@ impl CpuBatchNorm {
     ) {
         let c = self.config.num_features;
         let (weight, _) = self.state.affine(c);
-        let mf = m as f64;
         let mut k = [
             vec![0.0f32; c],
             vec![0.0f32; c],
@@ -419,27 +429,39 @@ impl CpuBatchNorm {
             vec![0.0f32; c],
         ];
         for ch in 0..c {
-            let (s1, s2) = sums[ch];
-            let is = invstd[ch];
-            let a = weight[ch] * is;
-            dweight[ch] = (s2 * is) as f32;
-            dbias[ch] = s1 as f32;
-            let (b, cc) = if batch {
-                (-a * is * is * s2 / mf, -a * s1 / mf)
-            } else {
-                (0.0, 0.0)
-            };
-            // dx = a dy + b (x - c32) + (c + b (c32 - centre))
-            let c32 = center[ch] as f32;
-            k[0][ch] = c32;
-            k[1][ch] = a as f32;
-            k[2][ch] = b as f32;
-            k[3][ch] = (cc + b * (f64::from(c32) - center[ch])) as f32;
+            let (dw, db, kc) = grad_coefs(weight[ch], (center[ch], invstd[ch]), sums[ch], m, batch);
+            (dweight[ch], dbias[ch]) = (dw, db);
+            for (k, v) in k.iter_mut().zip(kc) {
+                k[ch] = v;
+            }
         }
         if let Some(walk) = walk {
             backward_dx(x, dy, dx, walk, &Coefs::new(walk, k));
         }
     }
+}
+
+/// `dweight`, `dbias` and the `dx` coefficients `[c32, a, b, c]` of a
+/// channel (`dx = a dy + b (x - c32) + c`) from its sums `(sum(dy),
+/// sum(dy (x - center)))` over `m` values, its `center` and `invstd`.
+fn grad_coefs(
+    weight: f64,
+    (center, invstd): (f64, f64),
+    (s1, s2): (f64, f64),
+    m: usize,
+    batch: bool,
+) -> (f32, f32, [f32; 4]) {
+    let mf = m as f64;
+    let a = weight * invstd;
+    let (b, cc) = if batch {
+        (-a * invstd * invstd * s2 / mf, -a * s1 / mf)
+    } else {
+        (0.0, 0.0)
+    };
+    let c32 = center as f32;
+    let shift = cc + b * (f64::from(c32) - center);
+    let k = [c32, a as f32, b as f32, shift as f32];
+    ((s2 * invstd) as f32, s1 as f32, k)
 }
 
 #[cfg(test)]
