@@ -310,6 +310,56 @@ fn channel_resident_backward_matches_the_reference() {
 }
 
 #[test]
+fn channel_resident_fused_passes_match_the_reference() {
+    // The fused forward (residual, ReLU) and backward where the channels
+    // are walked one at a time in cache, on 1 and 3 threads.
+    let mut r = rng(18);
+    let dims = [3, 6, 30, 40];
+    let cfg = BatchNormConfig::new(6);
+    let st = random_state(&mut r, &cfg, 1);
+    let x = normal(&mut r, &dims, 2.0, 1.5);
+    let z = normal(&mut r, &dims, 0.0, 1.0);
+    let dy = normal(&mut r, &dims, 0.0, 1.0);
+    for threads in [1, 3] {
+        for fusion in [
+            Fusion::new(true, Activation::Relu),
+            Fusion::new(false, Activation::Relu),
+            Fusion::new(true, Activation::Identity),
+        ] {
+            let zv = fusion.residual.then(|| z.view());
+            let run = |b: &mut dyn BatchNormBackend| {
+                b.set_state(&st).unwrap();
+                let y = b
+                    .forward_fused(x.view(), zv.clone(), fusion.activation, Mode::Train)
+                    .unwrap();
+                let g = b
+                    .backward_fused(x.view(), y.view(), dy.view(), fusion, Mode::Train)
+                    .unwrap();
+                let st = b.state().unwrap();
+                let dz = g.dz.map(|d| flat(&d)).unwrap_or_default();
+                [
+                    ("y", flat(&y)),
+                    ("dx", flat(&g.dx)),
+                    ("dz", dz),
+                    ("dweight", g.dweight.unwrap()),
+                    ("dbias", g.dbias.unwrap()),
+                    ("running_var", st.running_var.unwrap()),
+                ]
+            };
+            let want = run(&mut CpuReference::new(cfg.clone()).unwrap());
+            let got = with_threads(
+                threads,
+                || run(&mut CpuBatchNorm::new(cfg.clone()).unwrap()),
+            );
+            for ((k, g), (_, w)) in got.iter().zip(&want) {
+                let case = format!("{fusion:?} on {threads} threads: {k}");
+                all_close(&case, g, w, TOL, TOL).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
 fn slice_api_matches_the_ndarray_api() {
     let mut r = rng(15);
     let dims = [4, 5, 6, 3];

@@ -194,6 +194,19 @@ fn normalize_run(
     }
 }
 
+/// `y = act((x - c) * s + b + z)` of one run with one `k = [c, s, b]`:
+/// `v` is `[x]` or `[x, z]`.
+#[inline(never)]
+pub(super) fn normalize_seg(y: &mut [f32], v: &[&[f32]], k: [f32; 3], act: Activation) {
+    let relu = |v| Activation::Relu.apply(v);
+    match (v.get(1).copied(), act) {
+        (None, Activation::Identity) => normalize_run(y, v[0], (), k, |v| v),
+        (None, Activation::Relu) => normalize_run(y, v[0], (), k, relu),
+        (Some(z), Activation::Identity) => normalize_run(y, v[0], z, k, |v| v),
+        (Some(z), Activation::Relu) => normalize_run(y, v[0], z, k, relu),
+    }
+}
+
 /// `dx = a dy + b (x - m) + c` per position, coefficients `[m, a, b, c]`;
 /// where `b = 0` (running statistics) `x` does not enter, so a NaN in `x`
 /// stays out, as in PyTorch's evaluation backward.

@@ -33,6 +33,7 @@
 //! (`f32` lanes, `f64` merges); results are rounded to f16 when stored.
 
 mod backend;
+mod coefs;
 mod convert;
 mod elem;
 mod elementwise;
@@ -43,6 +44,7 @@ mod plan;
 mod reduce;
 mod resident;
 mod rows;
+mod stream;
 mod sync;
 
 pub use elem::CpuElement;
@@ -58,6 +60,7 @@ use crate::state::{BatchNormState, SavedBatchStats, SavedStats};
 use crate::stats::{Moments, backward_stats, update_running};
 use crate::sync::SYNCED_FORWARD;
 use crate::validate;
+use coefs::{grad_coefs, norm_coefs};
 use elementwise::{Coefs, Epilogue, backward_dx, normalize};
 use grad::GradIn;
 use reduce::{grad_sums, local_moments};
@@ -182,9 +185,19 @@ impl CpuBatchNorm {
         }
         validate::slice_len("y", y.len(), &walk)?;
         if batch {
-            let moments = local_moments(x, &walk);
             let running = (mode == Mode::Train).then(|| walk.per_channel());
-            self.apply_batch_stats(x, Some(&walk), dims, &moments, running, epi, y);
+            if resident::fits::<E>(&walk, 1) {
+                let (weight, bias) = self.state.affine(walk.channels);
+                let eps = self.config.eps;
+                let k = |ch, m: Moments| {
+                    norm_coefs(m.mean, 1.0 / (m.var() + eps).sqrt(), weight[ch], bias[ch])
+                };
+                let moments = resident::forward(x, y, &walk, epi, k);
+                self.apply_batch_stats(x, None, dims, &moments, running, epi, y);
+            } else {
+                let moments = local_moments(x, &walk);
+                self.apply_batch_stats(x, Some(&walk), dims, &moments, running, epi, y);
+            }
             self.sync_count = None;
             return Ok(());
         }
@@ -220,19 +233,10 @@ impl CpuBatchNorm {
         let c = self.config.num_features;
         let (weight, bias) = self.state.affine(c);
         let stats = reference::stats_finalize(moments, self.config.eps, &weight, &bias);
-        // y = (x - c32) * s + (b + (c32 - mean) * s): the rounding of the centre
-        // to f32 is folded into the shift, so large means cost no precision.
-        let (mut k0, mut k1, mut k2) = (
-            Vec::with_capacity(c),
-            Vec::with_capacity(c),
-            Vec::with_capacity(c),
-        );
+        let (mut k0, mut k1, mut k2) = (vec![0.0; c], vec![0.0; c], vec![0.0; c]);
         for ch in 0..c {
-            let c32 = stats.mean[ch] as f32;
-            let s = weight[ch] * stats.invstd[ch];
-            k0.push(c32);
-            k1.push(s as f32);
-            k2.push((bias[ch] + (f64::from(c32) - stats.mean[ch]) * s) as f32);
+            let k = norm_coefs(stats.mean[ch], stats.invstd[ch], weight[ch], bias[ch]);
+            (k0[ch], k1[ch], k2[ch]) = (k[0], k[1], k[2]);
         }
         if let Some(walk) = walk {
             let coefs = Coefs::new(walk, [k0, k1, k2, vec![0.0; c]]);
@@ -371,7 +375,7 @@ impl CpuBatchNorm {
         let (y, activation) = gate.unwrap_or((dy, Activation::Identity));
         // Where the dx pass reads the gradient: dy itself, dz, or dx (in place).
         let (sums, g) = match dz {
-            None if activation == Activation::Identity && resident::fits::<E>(&walk) => {
+            None if activation == Activation::Identity && resident::fits::<E>(&walk, 2) => {
                 let (weight, _) = self.state.affine(c);
                 let k =
                     |ch: usize, s| grad_coefs(weight[ch], (center[ch], invstd[ch]), s, m, batch);
@@ -439,29 +443,6 @@ impl CpuBatchNorm {
             backward_dx(x, dy, dx, walk, &Coefs::new(walk, k));
         }
     }
-}
-
-/// `dweight`, `dbias` and the `dx` coefficients `[c32, a, b, c]` of a
-/// channel (`dx = a dy + b (x - c32) + c`) from its sums `(sum(dy),
-/// sum(dy (x - center)))` over `m` values, its `center` and `invstd`.
-fn grad_coefs(
-    weight: f64,
-    (center, invstd): (f64, f64),
-    (s1, s2): (f64, f64),
-    m: usize,
-    batch: bool,
-) -> (f32, f32, [f32; 4]) {
-    let mf = m as f64;
-    let a = weight * invstd;
-    let (b, cc) = if batch {
-        (-a * invstd * invstd * s2 / mf, -a * s1 / mf)
-    } else {
-        (0.0, 0.0)
-    };
-    let c32 = center as f32;
-    let shift = cc + b * (f64::from(c32) - center);
-    let k = [c32, a as f32, b as f32, shift as f32];
-    ((s2 * invstd) as f32, s1 as f32, k)
 }
 
 #[cfg(test)]
