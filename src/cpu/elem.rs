@@ -41,11 +41,6 @@ pub trait CpuElement: Copy + Send + Sync + std::fmt::Debug + sealed::Sealed + 's
     /// The storage type this element is.
     const DTYPE: DType;
 
-    /// Whether [`CpuElement::map`] hands `f` the output slice itself (`f32`)
-    /// rather than a per-thread block that is converted into it (`f16`).
-    #[doc(hidden)]
-    const MAPS_IN_PLACE: bool;
-
     /// The element as `f32` (exact).
     fn load(self) -> f32;
 
@@ -89,7 +84,6 @@ pub trait CpuElement: Copy + Send + Sync + std::fmt::Debug + sealed::Sealed + 's
 
 impl CpuElement for f32 {
     const DTYPE: DType = DType::F32;
-    const MAPS_IN_PLACE: bool = true;
 
     #[inline(always)]
     fn load(self) -> f32 {
@@ -148,7 +142,6 @@ impl CpuElement for f32 {
 
 impl CpuElement for f16 {
     const DTYPE: DType = DType::F16;
-    const MAPS_IN_PLACE: bool = false;
 
     #[inline(always)]
     fn load(self) -> f32 {

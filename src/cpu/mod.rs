@@ -44,7 +44,6 @@ mod plan;
 mod reduce;
 mod resident;
 mod rows;
-mod stream;
 mod sync;
 
 pub use elem::CpuElement;

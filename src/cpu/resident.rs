@@ -7,8 +7,7 @@
 //! backward instead of 20.
 //!
 //! The elementwise part visits the channel's pieces in reverse order: the
-//! pieces read last are the ones still in L2. On tensors too large to stay
-//! in cache, an `f32` output is streamed ([`super::stream`]).
+//! pieces read last are the ones still in L2.
 
 use super::elem::CpuElement;
 use super::elementwise::{Epilogue, normalize_seg};
@@ -16,7 +15,6 @@ use super::grad::Out;
 use super::lanes::{Lanes, add_grad};
 use super::plan::{Plan, for_each_group, for_each_piece, plan};
 use super::reduce::{group_moments, non_finite_channel};
-use super::stream::{STREAM_BYTES, store_fence, stream_into};
 use crate::shape::ChannelWalk;
 use crate::stats::Moments;
 use rayon::prelude::*;
@@ -33,12 +31,6 @@ pub(super) fn fits<E: CpuElement>(walk: &ChannelWalk, inputs: usize) -> bool {
     matches!(plan(walk), Plan::Channels { .. })
         && inputs * size_of::<E>() * walk.per_channel() <= RESIDENT_BYTES
         && walk.channels >= 2 * threads
-}
-
-/// Whether a pass over `tensors` tensors of `len` elements (inputs and
-/// output) streams its output.
-fn streams<E: CpuElement>(tensors: usize, len: usize) -> bool {
-    E::MAPS_IN_PLACE && tensors * size_of::<E>() * len >= STREAM_BYTES
 }
 
 /// Runs `task(channel, pieces)` for every channel in parallel, `pieces` a
@@ -73,7 +65,6 @@ pub(super) fn forward<E: CpuElement>(
     epi: Epilogue<'_, E>,
     coefs: impl Fn(usize, Moments) -> [f32; 3] + Sync,
 ) -> Vec<Moments> {
-    let stream = streams::<E>(2 + usize::from(epi.z.is_some()), walk.len());
     let act = epi.activation;
     let out = Out::new(y);
     let m = walk.per_channel();
@@ -96,23 +87,7 @@ pub(super) fn forward<E: CpuElement>(
                 Some(z) => &[x, z],
                 None => &[x],
             };
-            E::map(ins, o, |_, v, o| {
-                let run = |o: &mut [f32], off: usize| {
-                    let r = off..off + o.len();
-                    match v.get(1) {
-                        Some(z) => normalize_seg(o, &[&v[0][r.clone()], &z[r]], k, act),
-                        None => normalize_seg(o, &[&v[0][r]], k, act),
-                    }
-                };
-                if stream {
-                    stream_into(o, run);
-                } else {
-                    run(o, 0);
-                }
-            });
-        }
-        if stream {
-            store_fence();
+            E::map(ins, o, |_, v, o| normalize_seg(o, v, k, act));
         }
         acc
     })
@@ -130,7 +105,6 @@ pub(super) fn backward<E: CpuElement>(
     center: &[f64],
     coefs: impl Fn(usize, (f64, f64)) -> [f32; 4] + Sync,
 ) -> Vec<(f64, f64)> {
-    let stream = streams::<E>(3, walk.len());
     let out = Out::new(dx);
     let m = walk.per_channel();
     per_channel(walk, |ch, pieces| {
@@ -152,19 +126,8 @@ pub(super) fn backward<E: CpuElement>(
             // channel is one task's.
             let o = unsafe { out.span(s, len) };
             E::map(&[&x[s..s + len], &dy[s..s + len]], o, |_, v, o| {
-                let run = |o: &mut [f32], off: usize| {
-                    let n = o.len();
-                    dx_run(o, &v[0][off..off + n], &v[1][off..off + n], k);
-                };
-                if stream {
-                    stream_into(o, run);
-                } else {
-                    run(o, 0);
-                }
+                dx_run(o, v[0], v[1], k);
             });
-        }
-        if stream {
-            store_fence();
         }
         sums
     })
@@ -215,9 +178,6 @@ mod tests {
                 &walk(&[8, 32, 32, 64], Layout::ChannelsLast),
                 2
             ));
-            assert!(streams::<f32>(3, 32 * 64 * 56 * 56));
-            assert!(!streams::<half::f16>(3, 32 * 64 * 56 * 56));
-            assert!(!streams::<f32>(3, 8 * 64 * 32 * 32));
         });
     }
 }
