@@ -10,8 +10,9 @@
 //! pieces read last are the ones still in L2.
 
 use super::elem::CpuElement;
-use super::elementwise::{Epilogue, normalize_seg};
+use super::elementwise::Epilogue;
 use super::grad::Out;
+use super::kernels::normalize_seg;
 use super::lanes::{Lanes, add_grad};
 use super::plan::{Plan, for_each_group, for_each_piece, plan};
 use super::reduce::{group_moments, non_finite_channel};
