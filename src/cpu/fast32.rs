@@ -3,6 +3,13 @@
 //! and short runs (the block walk's spatial sizes, 7x7 to 31x31) with their
 //! channel's coefficients looked up in the loop instead of a call of
 //! [`super::elementwise::for_each_segment`]'s closure per run.
+//!
+//! Measured on 2 cores of an AMD EPYC, in one process, call by call
+//! against the per-segment passes: training forward 1.05-1.14x at
+//! 32x2048x7x7 channels-last and 1.12-1.22x at `(4096, 1024)` (four
+//! rows); backward 1.09-1.13x and training forward 1.06-1.09x at
+//! 32x2048x7x7 channels-first (short runs). Four rows at a time for the
+//! backward's `dx` (sixteen streams) was slower (0.75-0.91x).
 
 use super::kernels::{Residual, normalize_row, normalize_run};
 use super::lanes::ROWS;
@@ -138,7 +145,7 @@ pub(super) fn normalize_runs<Z: Residual>(
 /// `dx = a dy + b (x - m) + c` of `f32` tensors with short runs (the block
 /// walk's spatial sizes), per-channel coefficients `k = [m, a, b, c]`: in
 /// parallel over tasks of whole runs, each run's coefficients looked up in
-/// the loop (a call per 49-element run, as [`for_each_segment`] makes,
+/// the loop (a call per 49-element run, as [`super::elementwise::for_each_segment`] makes,
 /// cost as much as the run's traffic).
 pub(super) fn backward_dx_runs(
     x: &[f32],

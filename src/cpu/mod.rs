@@ -9,6 +9,12 @@
 //!   given number of threads;
 //! - inner loops over contiguous runs with 16 independent `f32` lanes, which
 //!   the compiler turns into SIMD code;
+//! - channel-major tensors whose channels hold at most 2 MiB of the inputs
+//!   run the training forward and the backward a channel at a time: the
+//!   task reduces its channel, then writes `y` or `dx` while the channel is
+//!   still in cache (`resident.rs`), 8 and 12 bytes of memory traffic per
+//!   `f32` element instead of 12 and 20 (1.06-1.22x and 1.16-1.32x faster
+//!   at 32x64x56x56 and 32x256x56x56 on 2 cores of an AMD EPYC);
 //! - channels-last tensors (and channels-first ones with a spatial size below
 //!   16, such as `(N, C)`) are walked row by row: a row holds every channel
 //!   side by side, and per-channel vectors are accumulated instead of

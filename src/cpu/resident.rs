@@ -7,7 +7,13 @@
 //! backward instead of 20.
 //!
 //! The elementwise part visits the channel's pieces in reverse order: the
-//! pieces read last are the ones still in L2.
+//! pieces read last are the ones still in L2. Measured on 2 cores of an AMD
+//! EPYC against the reduction pass followed by the elementwise pass, in one
+//! process, call by call: training forward 1.06-1.10x (32x64x56x56) and
+//! 1.20-1.22x (32x256x56x56), backward 1.16-1.19x and 1.27-1.32x.
+//! Non-temporal stores of the output made both slower (0.69-1.03x), and
+//! blocks of channels with short runs (7x7 to 28x28) in cache did not pay
+//! (0.80-1.01x, 1.05-1.29x for the backward at 28x28 only).
 
 use super::elem::CpuElement;
 use super::elementwise::Epilogue;
