@@ -62,7 +62,19 @@ fn compare(
     let got = run_ops(&mut fast, x, dy);
     let mut bad = Vec::new();
     for ((k, g), (_, w)) in got.iter().zip(&want) {
-        if let Err(e) = all_close(k, g, w, TOL, TOL) {
+        // Equal infinities match (`all_close` takes `inf - inf` for a miss).
+        let (g, w): (Vec<f32>, Vec<f32>) = g
+            .iter()
+            .zip(w)
+            .map(|(&a, &b)| {
+                if a.is_infinite() && a == b {
+                    (0.0, 0.0)
+                } else {
+                    (a, b)
+                }
+            })
+            .unzip();
+        if let Err(e) = all_close(k, &g, &w, TOL, TOL) {
             bad.push(format!("{case}: {e}"));
         }
     }
@@ -307,6 +319,36 @@ fn channel_resident_backward_matches_the_reference() {
             with_threads(threads, || compare(&case, &cfg, &st, &x, &dy)).unwrap();
         }
     }
+}
+
+#[test]
+fn channel_resident_non_finite_values_match_the_reference() {
+    // A channel-major shape whose passes run a channel at a time in cache:
+    // a NaN (channel 0), +inf (channel 1), +inf and -inf (channel 2) give
+    // PyTorch's statistics there and leave the other channels finite.
+    let dims = [2, 5, 32, 40];
+    let cfg = BatchNormConfig::new(5);
+    let mut r = rng(19);
+    let st = random_state(&mut r, &cfg, 1);
+    let mut x = normal(&mut r, &dims, 1.0, 2.0);
+    let dy = normal(&mut r, &dims, 0.0, 1.0);
+    let at = |c: usize, i: usize| (i / 1280 * 5 + c) * 1280 + i % 1280;
+    let xs = x.as_slice_mut().unwrap();
+    xs[at(0, 1500)] = f32::NAN;
+    xs[at(1, 7)] = f32::INFINITY;
+    xs[at(2, 100)] = f32::INFINITY;
+    xs[at(2, 2000)] = f32::NEG_INFINITY;
+    for threads in [1, 2] {
+        let case = format!("non-finite in cache on {threads} threads");
+        with_threads(threads, || compare(&case, &cfg, &st, &x, &dy)).unwrap();
+    }
+    let mut bn = CpuBatchNorm::new(cfg).unwrap();
+    let y = BatchNormBackend::forward_train(&mut bn, x.view()).unwrap();
+    let s = bn.saved_stats().unwrap();
+    assert!(s.mean[0].is_nan() && s.mean[2].is_nan(), "{:?}", s.mean);
+    assert_eq!(s.mean[1], f32::INFINITY);
+    let ys = y.as_slice().unwrap();
+    assert!((0..2560).all(|i| ys[at(3, i)].is_finite() && ys[at(4, i)].is_finite()));
 }
 
 #[test]
