@@ -73,6 +73,9 @@ fn f16_matches_the_reference_on_f16_rounded_inputs() {
         ("rows_short_spatial", vec![9, 6, 5], first(6), -1.0),
         ("blocks_7x7", vec![6, 40, 7, 7], first(40), 0.0),
         ("channels_long", vec![3, 4, 40, 60], first(4), 2.0),
+        // Two channels a thread and more up to 8 threads: the backward runs
+        // channel by channel in cache.
+        ("channels_resident", vec![2, 16, 32, 40], first(16), 1.0),
         ("one_big_channel", vec![2, 1, 40_000], first(1), 0.25),
         ("nhwc", vec![4, 9, 11, 16], last(16), 0.0),
         ("nlc", vec![5, 33, 7], last(7), 1.0),

@@ -62,7 +62,19 @@ fn compare(
     let got = run_ops(&mut fast, x, dy);
     let mut bad = Vec::new();
     for ((k, g), (_, w)) in got.iter().zip(&want) {
-        if let Err(e) = all_close(k, g, w, TOL, TOL) {
+        // Equal infinities match (`all_close` takes `inf - inf` for a miss).
+        let (g, w): (Vec<f32>, Vec<f32>) = g
+            .iter()
+            .zip(w)
+            .map(|(&a, &b)| {
+                if a.is_infinite() && a == b {
+                    (0.0, 0.0)
+                } else {
+                    (a, b)
+                }
+            })
+            .unzip();
+        if let Err(e) = all_close(k, &g, &w, TOL, TOL) {
             bad.push(format!("{case}: {e}"));
         }
     }
@@ -277,6 +289,113 @@ fn blocks_centred_on_running_means_match_the_reference_on_drifting_data() {
                     )
                 })
                 .unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn channel_resident_backward_matches_the_reference() {
+    // Channel-major shapes with at least two channels per thread, whose
+    // backward runs channel by channel with the channel in cache: every
+    // config (both backward modes), small and large means, data drifting
+    // within a channel.
+    let mut r = rng(17);
+    let cases: &[(&[usize], usize, f32)] = &[
+        (&[6, 8, 40, 40], 4, 0.5),
+        (&[3, 6, 1100], 1, 300.0),
+        (&[5, 4, 33, 50], 2, -3.0),
+    ];
+    for &(dims, threads, mean) in cases {
+        for (name, cfg) in configs(dims[1], Layout::ChannelsFirst) {
+            let st = random_state(&mut r, &cfg, 1);
+            let mut x = normal(&mut r, dims, mean, 1.5);
+            let len = x.len() as f32;
+            for (i, v) in x.iter_mut().enumerate() {
+                *v += 20.0 * i as f32 / len;
+            }
+            let dy = normal(&mut r, dims, 0.2, 1.0);
+            let case = format!("{dims:?} {name} on {threads} threads");
+            with_threads(threads, || compare(&case, &cfg, &st, &x, &dy)).unwrap();
+        }
+    }
+}
+
+#[test]
+fn channel_resident_non_finite_values_match_the_reference() {
+    // A channel-major shape whose passes run a channel at a time in cache:
+    // a NaN (channel 0), +inf (channel 1), +inf and -inf (channel 2) give
+    // PyTorch's statistics there and leave the other channels finite.
+    let dims = [2, 5, 32, 40];
+    let cfg = BatchNormConfig::new(5);
+    let mut r = rng(19);
+    let st = random_state(&mut r, &cfg, 1);
+    let mut x = normal(&mut r, &dims, 1.0, 2.0);
+    let dy = normal(&mut r, &dims, 0.0, 1.0);
+    let at = |c: usize, i: usize| (i / 1280 * 5 + c) * 1280 + i % 1280;
+    let xs = x.as_slice_mut().unwrap();
+    xs[at(0, 1500)] = f32::NAN;
+    xs[at(1, 7)] = f32::INFINITY;
+    xs[at(2, 100)] = f32::INFINITY;
+    xs[at(2, 2000)] = f32::NEG_INFINITY;
+    for threads in [1, 2] {
+        let case = format!("non-finite in cache on {threads} threads");
+        with_threads(threads, || compare(&case, &cfg, &st, &x, &dy)).unwrap();
+    }
+    let mut bn = CpuBatchNorm::new(cfg).unwrap();
+    let y = BatchNormBackend::forward_train(&mut bn, x.view()).unwrap();
+    let s = bn.saved_stats().unwrap();
+    assert!(s.mean[0].is_nan() && s.mean[2].is_nan(), "{:?}", s.mean);
+    assert_eq!(s.mean[1], f32::INFINITY);
+    let ys = y.as_slice().unwrap();
+    assert!((0..2560).all(|i| ys[at(3, i)].is_finite() && ys[at(4, i)].is_finite()));
+}
+
+#[test]
+fn channel_resident_fused_passes_match_the_reference() {
+    // The fused forward (residual, ReLU) and backward where the channels
+    // are walked one at a time in cache, on 1 and 3 threads.
+    let mut r = rng(18);
+    let dims = [3, 6, 30, 40];
+    let cfg = BatchNormConfig::new(6);
+    let st = random_state(&mut r, &cfg, 1);
+    let x = normal(&mut r, &dims, 2.0, 1.5);
+    let z = normal(&mut r, &dims, 0.0, 1.0);
+    let dy = normal(&mut r, &dims, 0.0, 1.0);
+    for threads in [1, 3] {
+        for fusion in [
+            Fusion::new(true, Activation::Relu),
+            Fusion::new(false, Activation::Relu),
+            Fusion::new(true, Activation::Identity),
+        ] {
+            let zv = fusion.residual.then(|| z.view());
+            let run = |b: &mut dyn BatchNormBackend| {
+                b.set_state(&st).unwrap();
+                let y = b
+                    .forward_fused(x.view(), zv.clone(), fusion.activation, Mode::Train)
+                    .unwrap();
+                let g = b
+                    .backward_fused(x.view(), y.view(), dy.view(), fusion, Mode::Train)
+                    .unwrap();
+                let st = b.state().unwrap();
+                let dz = g.dz.map(|d| flat(&d)).unwrap_or_default();
+                [
+                    ("y", flat(&y)),
+                    ("dx", flat(&g.dx)),
+                    ("dz", dz),
+                    ("dweight", g.dweight.unwrap()),
+                    ("dbias", g.dbias.unwrap()),
+                    ("running_var", st.running_var.unwrap()),
+                ]
+            };
+            let want = run(&mut CpuReference::new(cfg.clone()).unwrap());
+            let got = with_threads(
+                threads,
+                || run(&mut CpuBatchNorm::new(cfg.clone()).unwrap()),
+            );
+            for ((k, g), (_, w)) in got.iter().zip(&want) {
+                let case = format!("{fusion:?} on {threads} threads: {k}");
+                all_close(&case, g, w, TOL, TOL).unwrap();
             }
         }
     }

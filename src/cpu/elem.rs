@@ -77,6 +77,14 @@ pub trait CpuElement: Copy + Send + Sync + std::fmt::Debug + sealed::Sealed + 's
     #[doc(hidden)]
     fn from_f32_slice(x: &[f32]) -> Option<&[Self]>;
 
+    /// `x` as `f32`, when this type is `f32` (no copy).
+    #[doc(hidden)]
+    fn as_f32(x: &[Self]) -> Option<&[f32]>;
+
+    /// `x` as `f32`, when this type is `f32` (no copy).
+    #[doc(hidden)]
+    fn as_f32_mut(x: &mut [Self]) -> Option<&mut [f32]>;
+
     /// `v` as a `Vec<f32>`, when this type is `f32` (no copy); else `v` back.
     #[doc(hidden)]
     fn into_f32_vec(v: Vec<Self>) -> Result<Vec<f32>, Vec<Self>>;
@@ -135,6 +143,14 @@ impl CpuElement for f32 {
         Some(x)
     }
 
+    fn as_f32(x: &[f32]) -> Option<&[f32]> {
+        Some(x)
+    }
+
+    fn as_f32_mut(x: &mut [f32]) -> Option<&mut [f32]> {
+        Some(x)
+    }
+
     fn into_f32_vec(v: Vec<f32>) -> Result<Vec<f32>, Vec<f32>> {
         Ok(v)
     }
@@ -182,6 +198,14 @@ impl CpuElement for f16 {
     }
 
     fn from_f32_slice(_: &[f32]) -> Option<&[f16]> {
+        None
+    }
+
+    fn as_f32(_: &[f16]) -> Option<&[f32]> {
+        None
+    }
+
+    fn as_f32_mut(_: &mut [f16]) -> Option<&mut [f32]> {
         None
     }
 

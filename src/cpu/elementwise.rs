@@ -4,7 +4,9 @@
 //! and the CPU's copy roofline.
 
 use super::elem::{CpuElement, MAX_INPUTS};
-use super::plan::{ROW_WALK_BELOW, TASK};
+use super::fast32::{backward_dx_runs, normalize_rows, normalize_runs};
+use super::kernels::{backward_dx_row, normalize_row, normalize_run};
+use super::plan::{BLOCK_WALK_BELOW, ROW_WALK_BELOW, TASK};
 use crate::error::{Error, Result};
 use crate::fused::Activation;
 use crate::shape::ChannelWalk;
@@ -130,87 +132,6 @@ impl<E> Epilogue<'_, E> {
     };
 }
 
-/// A second operand of the normalize loops that may be absent: the
-/// residual `z`, added to the normalized value, or `()`, which adds nothing
-/// (not even `0.0`, which would turn `-0.0` into `0.0`).
-trait Residual: Copy {
-    /// The operand cut to `n` elements (so the loops index without checks).
-    fn cut(self, n: usize) -> Self;
-    /// `v` plus element `j`.
-    fn add(self, v: f32, j: usize) -> f32;
-}
-
-impl Residual for () {
-    #[inline(always)]
-    fn cut(self, _: usize) -> Self {}
-    #[inline(always)]
-    fn add(self, v: f32, _: usize) -> f32 {
-        v
-    }
-}
-
-impl Residual for &[f32] {
-    #[inline(always)]
-    fn cut(self, n: usize) -> Self {
-        &self[..n]
-    }
-    #[inline(always)]
-    fn add(self, v: f32, j: usize) -> f32 {
-        v + self[j]
-    }
-}
-
-/// `y = act((x - c) * s + b + z)`, per position.
-#[inline]
-#[allow(clippy::needless_range_loop)]
-fn normalize_row(
-    y: &mut [f32],
-    x: &[f32],
-    z: impl Residual,
-    [c, s, b]: [&[f32]; 3],
-    act: impl Fn(f32) -> f32,
-) {
-    let n = y.len();
-    let (x, z, c, s, b) = (&x[..n], z.cut(n), &c[..n], &s[..n], &b[..n]);
-    for j in 0..n {
-        y[j] = act(z.add((x[j] - c[j]) * s[j] + b[j], j));
-    }
-}
-
-/// `y = act((x - c) * s + b + z)` with one `c`, `s`, `b`.
-#[inline]
-#[allow(clippy::needless_range_loop)]
-fn normalize_run(
-    y: &mut [f32],
-    x: &[f32],
-    z: impl Residual,
-    [c, s, b]: [f32; 3],
-    act: impl Fn(f32) -> f32,
-) {
-    let n = y.len();
-    let (x, z) = (&x[..n], z.cut(n));
-    for j in 0..n {
-        y[j] = act(z.add((x[j] - c) * s + b, j));
-    }
-}
-
-/// `dx = a dy + b (x - m) + c` per position, coefficients `[m, a, b, c]`;
-/// where `b = 0` (running statistics) `x` does not enter, so a NaN in `x`
-/// stays out, as in PyTorch's evaluation backward.
-#[inline]
-#[allow(clippy::needless_range_loop)]
-pub(super) fn backward_dx_row(dx: &mut [f32], x: &[f32], dy: &[f32], [m, a, b, c]: [&[f32]; 4]) {
-    let n = dx.len();
-    let (x, dy, m, a, b, c) = (&x[..n], &dy[..n], &m[..n], &a[..n], &b[..n], &c[..n]);
-    for j in 0..n {
-        // Both sides computed, then a select: LLVM vectorizes this form (a
-        // branch here kept the loop scalar, 2x slower on `(N, C)` backward).
-        let t = b[j] * (x[j] - m[j]);
-        let xt = if b[j] == 0.0 { 0.0 } else { t };
-        dx[j] = a[j] * dy[j] + xt + c[j];
-    }
-}
-
 /// `y = act((x - center) * scale + shift + z)`, coefficients
 /// `[center, scale, shift, _]`; the residual and the activation of `epi`
 /// ride on the same pass, each fusion a loop of its own.
@@ -239,6 +160,19 @@ fn normalize_with<E: CpuElement>(
     coefs: &Coefs,
     act: impl Fn(f32) -> f32 + Copy + Sync,
 ) {
+    let k = [&coefs.k[0][..], &coefs.k[1][..], &coefs.k[2][..]];
+    let short = walk.inner < BLOCK_WALK_BELOW;
+    if let (Some(xf), Some(yf)) = (E::as_f32(x), E::as_f32_mut(&mut *y)) {
+        match (z.map(E::as_f32), coefs.per_position) {
+            (None, true) => return normalize_rows(xf, |_| (), yf, k, act),
+            (Some(Some(zf)), true) => return normalize_rows(xf, |r| &zf[r], yf, k, act),
+            (None, false) if short => return normalize_runs(xf, |_| (), yf, walk, k, act),
+            (Some(Some(zf)), false) if short => {
+                return normalize_runs(xf, |r| &zf[r], yf, walk, k, act);
+            }
+            _ => {}
+        }
+    }
     let inputs: &[&[E]] = match z {
         Some(z) => &[x, z],
         None => &[x],
@@ -263,6 +197,17 @@ pub(super) fn backward_dx<E: CpuElement>(
     walk: &ChannelWalk,
     coefs: &Coefs,
 ) {
+    if !coefs.per_position
+        && walk.inner < BLOCK_WALK_BELOW
+        && let (Some(xf), Some(dyf), Some(dxf)) = (
+            E::as_f32(x),
+            dy.and_then(E::as_f32),
+            E::as_f32_mut(&mut *dx),
+        )
+    {
+        let k = &coefs.k;
+        return backward_dx_runs(xf, dyf, dxf, walk, [&k[0], &k[1], &k[2], &k[3]]);
+    }
     let (inputs, in_place): (&[&[E]], bool) = match dy {
         Some(dy) => (&[x, dy], false),
         None => (&[x], true),

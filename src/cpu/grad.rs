@@ -22,7 +22,7 @@ pub(super) struct GradIn<'a, E> {
 }
 
 /// A tensor that concurrent tasks write in disjoint spans.
-struct Out<'a, E> {
+pub(super) struct Out<'a, E> {
     ptr: *mut E,
     len: usize,
     _tensor: PhantomData<&'a mut [E]>,
@@ -53,11 +53,7 @@ impl<'a, E: CpuElement> GradIn<'a, E> {
         Self {
             dy,
             mask: (activation == Activation::Relu).then_some(y),
-            out: Some(Out {
-                ptr: out.as_mut_ptr(),
-                len: out.len(),
-                _tensor: PhantomData,
-            }),
+            out: Some(Out::new(out)),
         }
     }
 
@@ -116,11 +112,20 @@ impl<'a, E: CpuElement> GradIn<'a, E> {
 }
 
 impl<'a, E> Out<'a, E> {
+    /// The tensor `out`, borrowed for the spans' lifetime.
+    pub(super) fn new(out: &'a mut [E]) -> Self {
+        Self {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+            _tensor: PhantomData,
+        }
+    }
+
     /// Elements `start..start + len`.
     ///
     /// # Safety
     /// No other reference to these elements may exist while the span lives.
-    unsafe fn span(&self, start: usize, len: usize) -> &'a mut [E] {
+    pub(super) unsafe fn span(&self, start: usize, len: usize) -> &'a mut [E] {
         assert!(start + len <= self.len, "span past the gradient's tensor");
         // SAFETY: in bounds (checked above) of the tensor `out` borrows
         // mutably for 'a; the caller keeps the span unaliased.

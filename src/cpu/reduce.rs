@@ -280,15 +280,25 @@ pub(super) fn grad_sums<E: CpuElement>(
 /// one kind of infinity sits among finite values, else NaN; `M2` is NaN.
 fn non_finite_moments<E: CpuElement>(x: &[E], walk: &ChannelWalk, moments: &mut [Moments]) {
     for (c, m) in moments.iter_mut().enumerate() {
-        if m.mean.is_finite() {
-            continue;
-        }
-        let sum: f64 = (0..walk.per_channel())
-            .map(|i| f64::from(x[walk.index(c, i)].load()))
-            .sum();
-        m.mean = sum / m.n;
-        m.m2 = f64::NAN;
+        non_finite_channel(x, walk, c, m);
     }
+}
+
+/// [`non_finite_moments`] of channel `c`, whose moments are `m`.
+pub(super) fn non_finite_channel<E: CpuElement>(
+    x: &[E],
+    walk: &ChannelWalk,
+    c: usize,
+    m: &mut Moments,
+) {
+    if m.mean.is_finite() {
+        return;
+    }
+    let sum: f64 = (0..walk.per_channel())
+        .map(|i| f64::from(x[walk.index(c, i)].load()))
+        .sum();
+    m.mean = sum / m.n;
+    m.m2 = f64::NAN;
 }
 
 #[cfg(test)]
