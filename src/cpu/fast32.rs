@@ -11,7 +11,7 @@
 //! 32x2048x7x7 channels-first (short runs). Four rows at a time for the
 //! backward's `dx` (sixteen streams) was slower (0.75-0.91x).
 
-use super::kernels::{Residual, normalize_row, normalize_run};
+use super::kernels::{Residual, dx_run, normalize_row, normalize_run};
 use super::lanes::ROWS;
 use super::plan::TASK;
 use crate::shape::ChannelWalk;
@@ -169,24 +169,6 @@ pub(super) fn backward_dx_runs(
                 c = if c + 1 == walk.channels { 0 } else { c + 1 };
             }
         });
-}
-
-/// `dx = a dy + b (x - m) + c` of one run; where `b = 0` (running
-/// statistics) `x` does not enter, as in [`super::elementwise::backward_dx`].
-#[inline(always)]
-#[allow(clippy::needless_range_loop)]
-fn dx_run(dx: &mut [f32], x: &[f32], dy: &[f32], [m, a, b, c]: [f32; 4]) {
-    let n = dx.len();
-    let (x, dy) = (&x[..n], &dy[..n]);
-    if b == 0.0 {
-        for j in 0..n {
-            dx[j] = a * dy[j] + c;
-        }
-    } else {
-        for j in 0..n {
-            dx[j] = a * dy[j] + b * (x[j] - m) + c;
-        }
-    }
 }
 
 #[cfg(test)]

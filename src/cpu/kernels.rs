@@ -98,3 +98,22 @@ pub(super) fn backward_dx_row(dx: &mut [f32], x: &[f32], dy: &[f32], [m, a, b, c
         dx[j] = a[j] * dy[j] + xt + c[j];
     }
 }
+
+/// `dx = a dy + b (x - m) + c` of one run; where `b = 0` (running
+/// statistics) `x` does not enter, so a NaN in `x` stays out, as in
+/// PyTorch's evaluation backward.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+pub(super) fn dx_run(dx: &mut [f32], x: &[f32], dy: &[f32], [m, a, b, c]: [f32; 4]) {
+    let n = dx.len();
+    let (x, dy) = (&x[..n], &dy[..n]);
+    if b == 0.0 {
+        for j in 0..n {
+            dx[j] = a * dy[j] + c;
+        }
+    } else {
+        for j in 0..n {
+            dx[j] = a * dy[j] + b * (x[j] - m) + c;
+        }
+    }
+}

@@ -18,6 +18,7 @@
 use super::elem::CpuElement;
 use super::elementwise::Epilogue;
 use super::grad::Out;
+use super::kernels::dx_run;
 use super::kernels::normalize_seg;
 use super::lanes::{Lanes, add_grad};
 use super::plan::{Plan, for_each_group, for_each_piece, plan};
@@ -138,24 +139,6 @@ pub(super) fn backward<E: CpuElement>(
         }
         sums
     })
-}
-
-/// `dx = a dy + b (x - m) + c`; where `b = 0` (running statistics) `x` does
-/// not enter, so a NaN in `x` stays out, as in PyTorch's evaluation backward.
-#[inline(never)]
-#[allow(clippy::needless_range_loop)]
-fn dx_run(dx: &mut [f32], x: &[f32], dy: &[f32], [m, a, b, c]: [f32; 4]) {
-    let n = dx.len();
-    let (x, dy) = (&x[..n], &dy[..n]);
-    if b == 0.0 {
-        for j in 0..n {
-            dx[j] = a * dy[j] + c;
-        }
-    } else {
-        for j in 0..n {
-            dx[j] = a * dy[j] + b * (x[j] - m) + c;
-        }
-    }
 }
 
 #[cfg(test)]

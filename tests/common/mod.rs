@@ -73,6 +73,8 @@ pub fn all_close(
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let ok = if w.is_nan() || g.is_nan() {
             w.is_nan() && g.is_nan()
+        } else if g == w {
+            true // equal infinities too, where `g - w` is NaN
         } else {
             (g - w).abs() <= atol + rtol * w.abs()
         };
