@@ -8,7 +8,7 @@
 //! time.
 
 use super::measure::{
-    Case, Run, Skip, cpu_copy_gbps, data, gpu_copy_gbps, time_sources, time_wall,
+    Case, Run, Skip, cpu_copy_gbps, data, gpu_copy_gbps, gpu_layer, time_sources, time_wall,
 };
 use super::unfused::{GpuUnfused, cpu_gate, cpu_tail};
 use half::f16;
@@ -213,10 +213,7 @@ pub fn bench_gpu(
     let device = ctx.name().to_string();
     let what = format!("{} {} {}", ctx.label(), case.shape.name(), case.layout);
     let setup = Tensors::new(ctx, case).and_then(|d| {
-        let cfg = BatchNormConfig::new(case.shape.channels()).with_layout(case.layout);
-        let mut bn = GpuBatchNorm::new(ctx, cfg)?;
-        bn.set_single_pass(case.single_pass);
-        let saved = GpuSavedStats::new(&bn)?;
+        let (bn, saved) = gpu_layer(ctx, case)?;
         let tail = GpuUnfused::new(ctx, case.dtype)?;
         Ok((d, bn, saved, tail))
     });

@@ -330,6 +330,19 @@ pub fn cpu_copy_gbps<E: CpuElement>(case: &Case<'_>, x: &[E], y: &mut [E]) -> Re
     Ok(case.shape.len() as f64 * copy_bytes_per_element(case.dtype) / t / 1e9)
 }
 
+/// The layer of `case` on `ctx` (its channels, layout and single-pass
+/// setting) and a handle for its saved statistics.
+///
+/// # Errors
+/// As [`GpuBatchNorm::new`].
+pub fn gpu_layer(ctx: &GpuContext, case: &Case<'_>) -> Result<(GpuBatchNorm, GpuSavedStats)> {
+    let cfg = BatchNormConfig::new(case.shape.channels()).with_layout(case.layout);
+    let mut bn = GpuBatchNorm::new(ctx, cfg)?;
+    bn.set_single_pass(case.single_pass);
+    let saved = GpuSavedStats::new(&bn)?;
+    Ok((bn, saved))
+}
+
 /// Measures one adapter on one shape.
 pub fn bench_gpu(
     ctx: &GpuContext,
@@ -342,10 +355,7 @@ pub fn bench_gpu(
     let device = ctx.name().to_string();
     let what = format!("{} {} {}", ctx.label(), case.shape.name(), case.layout);
     let setup = GpuData::new(ctx, case).and_then(|d| {
-        let cfg = BatchNormConfig::new(case.shape.channels()).with_layout(case.layout);
-        let mut bn = GpuBatchNorm::new(ctx, cfg)?;
-        bn.set_single_pass(case.single_pass);
-        let saved = GpuSavedStats::new(&bn)?;
+        let (bn, saved) = gpu_layer(ctx, case)?;
         Ok((d, bn, saved))
     });
     let (d, mut bn, mut saved) = match setup {

@@ -173,21 +173,18 @@ impl GpuBatchNorm {
         let e = elements(&ctx, x.dtype(), self.packed_f16)?;
         let flags = if update { FLAG_UPDATE_RUNNING } else { 0 } | fused_flags(z, activation);
         let plan = self.plan(&walk, x.dtype(), flags)?;
+        if let Some(grid) = self.single_grid(&plan, e) {
+            let params = self.cache.params(&self.ctx, &plan.chunks[0].p)?;
+            let passes = [
+                self.forward_single(e, grid, &params, (x, z, y), &saved_buffer)?,
+                self.single_finalize(&ctx.kernels().single_finalize, &params, &saved_buffer)?,
+            ];
+            self.finish_batch_forward(enc, &passes, update, saved, walk);
+            return Ok(());
+        }
         let p = plan.whole;
         let params = self.prepare(&p)?;
         let mut passes = Vec::with_capacity(2 * plan.chunks.len() + 1);
-        if let Some(grid) = self.single_grid(&plan, e) {
-            let p = plan.chunks[0].p;
-            let one = self.forward_single(e, (grid, &p), (x, z, y), &saved_buffer)?;
-            if let Some(one) = one {
-                let params = self.cache.params(&self.ctx, &p)?;
-                let finish = &ctx.kernels().single_finalize;
-                passes.push(one);
-                passes.push(self.single_finalize(finish, &params, &saved_buffer)?);
-                self.finish_batch_forward(enc, &passes, update, saved, walk);
-                return Ok(());
-            }
-        }
         for chunk in &plan.chunks {
             passes.push(self.stats_partial(e, chunk, x)?);
         }

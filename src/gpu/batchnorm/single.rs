@@ -10,8 +10,8 @@
 
 use super::plan::Plan;
 use super::{GpuBatchNorm, Pass};
-use crate::error::Result;
-use crate::gpu::kernels::{Kernel, Params};
+use crate::error::{Error, Result};
+use crate::gpu::kernels::Kernel;
 use crate::gpu::pipelines::{ElementKernels, SingleKey, binds_single};
 use crate::gpu::tensor::GpuTensor;
 use crate::shaders::{FLAG_RELU, FLAG_RESIDUAL, WG};
@@ -131,24 +131,28 @@ impl GpuBatchNorm {
     pub(super) fn forward_single<'k>(
         &mut self,
         e: &ElementKernels,
-        (grid, p): (SingleGrid, &Params),
+        grid: SingleGrid,
+        params: &wgpu::Buffer,
         (x, z, y): (&GpuTensor, Option<&GpuTensor>, &GpuTensor),
         saved: &wgpu::Buffer,
-    ) -> Result<Option<Pass<'k>>> {
-        let Some(kernel) = e.single(self.ctx.device(), grid.key)? else {
-            return Ok(None);
-        };
-        let params = self.cache.params(&self.ctx, p)?;
+    ) -> Result<Pass<'k>> {
+        // single_grid never picks items of single elements for packed f16
+        let kernel = e
+            .single(self.ctx.device(), grid.key)?
+            .ok_or_else(|| Error::Unsupported {
+                adapter: self.ctx.label(),
+                what: "the single-pass forward of single elements in packed f16 words".into(),
+            })?;
         let state = self.state.clone();
         let bindings = [
-            Self::whole(&params),
+            Self::whole(params),
             x.binding(),
             Self::whole(&state),
             Self::whole(saved),
             y.binding(),
             z.unwrap_or(x).binding(),
         ];
-        self.group(kernel, &bindings, grid.workgroups).map(Some)
+        self.group(kernel, &bindings, grid.workgroups)
     }
 }
 
