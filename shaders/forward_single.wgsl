@@ -3,28 +3,10 @@
 // 4 long) or one element each of four adjacent channels (ITEMS_LANES: one
 // element per run, channels-last or (N, C), C a multiple of 4). Fused
 // (FUSED): `y = act(BN(x) + z)`; otherwise `z` is not read (an unfused call
-// binds `x` there).
+// binds `x` there). Items: single_vec4.wgsl.
 @group(0) @binding(1) var<storage, read> x: array<Elem4>;
 @group(0) @binding(4) var<storage, read_write> y: array<Elem4>;
 @group(0) @binding(5) var<storage, read> z: array<Elem4>;
-
-// Items of a channel.
-fn items_per_channel() -> u32 {
-    if ITEMS == ITEMS_LANES {
-        return p.per_channel;
-    }
-    return p.per_channel / 4u;
-}
-
-// The index of item `i` of channel group `g`.
-fn item_at(g: u32, i: u32) -> u32 {
-    if ITEMS == ITEMS_LANES {
-        return i * (p.channels / 4u) + g;
-    }
-    let run4 = p.inner / 4u;
-    let o = i / run4;
-    return (o * p.channels + g) * run4 + (i - o * run4);
-}
 
 @compute @workgroup_size(WG)
 fn main(

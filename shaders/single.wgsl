@@ -1,5 +1,7 @@
 // Shared by the single-pass training forward (forward_single,
-// forward_single_scalar), after common.wgsl, special.wgsl and finish.wgsl.
+// forward_single_scalar) and backward (backward_single), after common.wgsl,
+// special.wgsl and finish.wgsl. What follows describes the forward; the
+// backward holds x and dy the same way and merges its two sums the same way.
 //
 // One dispatch does what stats_partial, stats_finalize and normalize do in
 // three, for channels of at most K_MAX * 4 * WG elements: each group of T
@@ -113,32 +115,47 @@ fn lane_seen(packed: u32, k: u32) -> u32 {
     return packed;
 }
 
-fn put_sum(i: u32, v: vec4<f32>) {
+// Workgroup memory is written and read by the components in use: all four
+// lanes for ITEMS_LANES, else .x, or .x and .y for a `pair` of sums (a CPU
+// adapter pays workgroup memory by the component accessed).
+fn put_sum(i: u32, v: vec4<f32>, pair: bool) {
     if ITEMS == ITEMS_LANES {
         sh_sum[i] = v;
     } else {
         sh_sum[i].x = v.x;
+        if pair {
+            sh_sum[i].y = v.y;
+        }
     }
 }
 
-fn get_sum(i: u32) -> vec4<f32> {
+fn get_sum(i: u32, pair: bool) -> vec4<f32> {
     if ITEMS == ITEMS_LANES {
         return sh_sum[i];
+    }
+    if pair {
+        return vec4(sh_sum[i].x, sh_sum[i].y, 0.0, 0.0);
     }
     return vec4(sh_sum[i].x, 0.0, 0.0, 0.0);
 }
 
-fn put_part(i: u32, v: vec4<f32>) {
+fn put_part(i: u32, v: vec4<f32>, pair: bool) {
     if ITEMS == ITEMS_LANES {
         sh_part[i] = v;
     } else {
         sh_part[i].x = v.x;
+        if pair {
+            sh_part[i].y = v.y;
+        }
     }
 }
 
-fn get_part(i: u32) -> vec4<f32> {
+fn get_part(i: u32, pair: bool) -> vec4<f32> {
     if ITEMS == ITEMS_LANES {
         return sh_part[i];
+    }
+    if pair {
+        return vec4(sh_part[i].x, sh_part[i].y, 0.0, 0.0);
     }
     return vec4(sh_part[i].x, 0.0, 0.0, 0.0);
 }
@@ -149,14 +166,16 @@ struct Total {
     seen: u32,
 }
 
-// The sums `v` (folded) and, `with_seen`, the OR of the SEEN_* words `seen`
-// of the threads of the group, on its first thread (`l` = 0); in one
-// barrier for T <= 16, else two (T values into T / 16 partials, then those).
-fn group_total(at: Place, v: vec4<f32>, seen: u32, with_seen: bool) -> Total {
+// The sums `v` (folded; without ITEMS_LANES a `pair` in .x and .y, else
+// .x alone) and, `with_seen`, the OR of the SEEN_* words `seen` of the
+// threads of the group, on its first thread (`l` = 0); in one barrier for
+// T <= 16, else two (T values into T / 16 partials, then those). Its
+// workgroup memory is free again after a barrier.
+fn group_total(at: Place, v: vec4<f32>, seen: u32, with_seen: bool, pair: bool) -> Total {
     let parts = max(T / 16u, 1u);
     let per_part = T / parts;
     let base = at.grp * T;
-    put_sum(base + at.l, v);
+    put_sum(base + at.l, v, pair);
     if with_seen {
         sh_seen[base + at.l] = seen;
     }
@@ -164,13 +183,13 @@ fn group_total(at: Place, v: vec4<f32>, seen: u32, with_seen: bool) -> Total {
     var t = Total(vec4(0.0), 0u);
     if at.l < parts {
         for (var j = 0u; j < per_part; j++) {
-            t.sum += get_sum(base + at.l * per_part + j);
+            t.sum += get_sum(base + at.l * per_part + j, pair);
             if with_seen {
                 t.seen |= sh_seen[base + at.l * per_part + j];
             }
         }
         if parts > 1u {
-            put_part(at.grp * parts + at.l, t.sum);
+            put_part(at.grp * parts + at.l, t.sum, pair);
             if with_seen {
                 sh_part_seen[at.grp * parts + at.l] = t.seen;
             }
@@ -181,7 +200,7 @@ fn group_total(at: Place, v: vec4<f32>, seen: u32, with_seen: bool) -> Total {
         if at.l == 0u {
             t = Total(vec4(0.0), 0u);
             for (var j = 0u; j < parts; j++) {
-                t.sum += get_part(at.grp * parts + j);
+                t.sum += get_part(at.grp * parts + j, pair);
                 if with_seen {
                     t.seen |= sh_part_seen[at.grp * parts + j];
                 }
@@ -200,7 +219,7 @@ struct Mean {
 }
 
 fn group_mean(at: Place, s: vec4<f32>, seen: vec4<u32>) -> Mean {
-    let t = group_total(at, fold(s), pack_seen(seen), true);
+    let t = group_total(at, fold(s), pack_seen(seen), true, false);
     if at.l == 0u {
         var d = t.sum * p.inv_m;
         if ITEMS != ITEMS_LANES {
@@ -235,7 +254,7 @@ struct Coefs {
 // adapter runs a branch's code on every thread, masked, so the first
 // thread alone would cost as much).
 fn group_coefs(at: Place, shift: vec4<f32>, mean: Mean, q: vec4<f32>) -> Coefs {
-    let t = group_total(at, fold(q), 0u, false);
+    let t = group_total(at, fold(q), 0u, false, false);
     if at.l == 0u {
         sh_res[at.grp] = t.sum * p.inv_m;
         sh_res_seen[at.grp] = mean.seen;

@@ -204,6 +204,7 @@ pub const PARTS: &[(&str, &str)] = &[
     ("counter", include_str!("../shaders/counter.wgsl")),
     ("finish", include_str!("../shaders/finish.wgsl")),
     ("single", include_str!("../shaders/single.wgsl")),
+    ("single_vec4", include_str!("../shaders/single_vec4.wgsl")),
     ("stats_io", include_str!("../shaders/stats_io.wgsl")),
     ("upstream", include_str!("../shaders/upstream.wgsl")),
     (
@@ -402,7 +403,13 @@ variants!(
     "Single-pass training forward, vec4 items (statistics, running statistics \
      and y in one dispatch; pipelines per `ITEMS`, `T`, `K` override)",
     FORWARD_SINGLE, FORWARD_SINGLE_F16, FORWARD_SINGLE_F16_PACKED =
-    "forward_single", uses "special", uses "finish", uses "single"
+    "forward_single", uses "special", uses "finish", uses "single", uses "single_vec4"
+);
+variants!(
+    "Single-pass backward with batch statistics, vec4 items (sums, dweight, \
+     dbias and dx in one dispatch; pipelines per `ITEMS`, `T`, `K`, `FUSED` override)",
+    BACKWARD_SINGLE, BACKWARD_SINGLE_F16, BACKWARD_SINGLE_F16_PACKED =
+    "backward_single", uses "special", uses "finish", uses "single", uses "single_vec4"
 );
 /// Single-pass training forward, items of four single elements.
 pub const FORWARD_SINGLE_SCALAR: Shader = shader!(
@@ -454,6 +461,7 @@ pub const ALL: &[Shader] = &[
     SINGLE_FINALIZE,
     FORWARD_SINGLE,
     FORWARD_SINGLE_SCALAR,
+    BACKWARD_SINGLE,
     STATS_PARTIAL_F16,
     STATS_PARTIAL_VEC4_F16,
     NORMALIZE_F16,
@@ -468,6 +476,7 @@ pub const ALL: &[Shader] = &[
     BACKWARD_DX_VEC4_IN_PLACE_F16,
     FORWARD_SINGLE_F16,
     FORWARD_SINGLE_SCALAR_F16,
+    BACKWARD_SINGLE_F16,
     STATS_PARTIAL_F16_PACKED,
     STATS_PARTIAL_VEC4_F16_PACKED,
     NORMALIZE_F16_PACKED,
@@ -481,4 +490,5 @@ pub const ALL: &[Shader] = &[
     BACKWARD_DX_IN_PLACE_F16_PACKED,
     BACKWARD_DX_VEC4_IN_PLACE_F16_PACKED,
     FORWARD_SINGLE_F16_PACKED,
+    BACKWARD_SINGLE_F16_PACKED,
 ];

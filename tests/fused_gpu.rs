@@ -451,7 +451,7 @@ fn f16_chunks_fuse_like_f16_whole_for(dims: &[usize], layout: Layout) {
                 .unwrap();
             let chunks = kernels(&bn)
                 .iter()
-                .filter(|k| k.starts_with("backward_partial"))
+                .filter(|k| k.starts_with("backward_partial") || k.starts_with("backward_single"))
                 .count();
             (flat(&y), g, chunks)
         };

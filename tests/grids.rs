@@ -199,8 +199,11 @@ fn f16_chunks_match_f16_whole() {
                 };
                 let whole = run(None);
                 let chunked = run(Some(cap));
+                // the whole tensor's backward: its reduction, or the single pass
                 let chunks = |d: &[GpuDispatch]| {
-                    of(d, "backward_partial").len() + of(d, "backward_partial_vec4").len()
+                    of(d, "backward_partial").len()
+                        + of(d, "backward_partial_vec4").len()
+                        + of(d, "backward_single").len()
                 };
                 assert_eq!(chunks(&whole.3), 1, "{on}");
                 assert!(chunks(&chunked.3) >= 2, "{on}: {:?}", chunked.3);

@@ -165,7 +165,7 @@ fn only_the_native_f16_variants_need_shader_f16() {
         }
     }
     assert_eq!(
-        packed, 13,
+        packed, 14,
         "every element kernel and fused variant, packed, but NO_PACKED's"
     );
 }

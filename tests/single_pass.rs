@@ -1,16 +1,17 @@
-//! The single-pass training forward (`GpuBatchNorm::set_single_pass`):
-//! where it runs, seen in `last_dispatches`, and that it gives the
-//! reference's results and those of the forward in passes, for every kind
-//! of item (vec4 runs, vec4 lanes of four channels, single elements), the
-//! fused forward and f16 storage. The parity, property and fixture tests
-//! run it too, on CPU adapters, where it is the default.
+//! The single-pass training forward and backward
+//! (`GpuBatchNorm::set_single_pass`): where they run, seen in
+//! `last_dispatches`, and that they give the reference's results and those
+//! of the passes, for every kind of item (vec4 runs, vec4 lanes of four
+//! channels, single elements: the forward only), the fused forward and
+//! backward and f16 storage. The parity, property and fixture tests run
+//! them too, on CPU adapters, where they are the default.
 
 mod common;
 use common::*;
 use ndarray::ArrayD;
 use wgpu_batchnorm::{
-    Activation, BatchNormBackend, BatchNormConfig, DType, GpuBatchNorm, GpuContext, GpuTensor,
-    Layout,
+    Activation, BatchNormBackend, BatchNormConfig, DType, Fusion, GpuBatchNorm, GpuContext,
+    GpuTensor, Layout, Mode,
 };
 
 /// `(name, shape, layout, the single pass's kernel)`.
@@ -105,12 +106,45 @@ fn it_runs_where_it_applies_and_not_elsewhere() {
             eval.set_single_pass(Some(true));
             eval.run_forward_eval(&gx).unwrap();
             assert_eq!(kernels(&eval), [kernel, "single_finalize"], "{on}");
+            // the backward: in one pass for vec4 items
+            let fwd = bn.run_forward_train(&gx).unwrap();
+            bn.run_backward(&gx, &gx, &fwd.saved).unwrap();
+            if kernel == "forward_single" {
+                assert_eq!(kernels(&bn), ["backward_single"], "{on}");
+            } else {
+                assert_eq!(kernels(&bn).len(), 3, "{on}: {:?}", kernels(&bn));
+            }
+            let eval_fwd = eval.run_forward_eval(&gx).unwrap();
+            eval.run_backward(&gx, &gx, &eval_fwd.saved).unwrap();
+            assert_eq!(
+                kernels(&eval).len() == 1,
+                kernel == "forward_single",
+                "{on}"
+            );
             bn.set_single_pass(Some(false));
-            bn.run_forward_train(&gx).unwrap();
+            let fwd = bn.run_forward_train(&gx).unwrap();
             let passes = kernels(&bn);
             assert!(passes[0].starts_with("stats_partial"), "{on}: {passes:?}");
             assert_eq!(passes.len(), 3, "{on}: {passes:?}");
+            bn.run_backward(&gx, &gx, &fwd.saved).unwrap();
+            let passes = kernels(&bn);
+            assert!(
+                passes[0].starts_with("backward_partial"),
+                "{on}: {passes:?}"
+            );
+            assert_eq!(passes.len(), 3, "{on}: {passes:?}");
         }
+    }
+    // an evaluation-mode backward from the running statistics takes the passes
+    let x = normal(&mut rng(10), &[4, 6, 8, 8], 0.0, 1.0);
+    for ctx in gpu_contexts() {
+        let gx = GpuTensor::from_array(ctx, x.view(), Layout::ChannelsFirst).unwrap();
+        let mut bn = GpuBatchNorm::new(ctx, BatchNormConfig::new(6)).unwrap();
+        bn.set_single_pass(Some(true));
+        let fwd = bn.run_forward_eval(&gx).unwrap();
+        bn.run_backward(&gx, &gx, &fwd.saved).unwrap();
+        let ran = kernels(&bn);
+        assert!(!ran.contains(&"backward_single"), "{ran:?}");
     }
     // a tensor bound in chunks (here two of 32 rows) takes the passes
     let x = normal(&mut rng(9), &[64, 12], 0.0, 1.0);
@@ -298,6 +332,111 @@ fn non_finite_values_stay_in_their_channel() {
                         ctx.label()
                     );
                 }
+            }
+        }
+    }
+}
+
+/// `dx`, `dz`, `dweight` and `dbias` of the backward of a fused training
+/// forward of `x` + `z` with `fusion`, in one pass or in passes.
+fn fused_backward(
+    ctx: &GpuContext,
+    config: &BatchNormConfig,
+    (x, z, dy): (&ArrayD<f32>, &ArrayD<f32>, &ArrayD<f32>),
+    fusion: Fusion,
+    single: bool,
+) -> Vec<Vec<f32>> {
+    let mut bn = GpuBatchNorm::new(ctx, config.clone()).unwrap();
+    bn.set_single_pass(Some(single));
+    let zv = fusion.residual.then(|| z.view());
+    let y = bn
+        .forward_fused(x.view(), zv, fusion.activation, Mode::Train)
+        .unwrap();
+    let g = bn
+        .backward_fused(x.view(), y.view(), dy.view(), fusion, Mode::Train)
+        .unwrap();
+    let ran = kernels(&bn);
+    assert_eq!(ran == ["backward_single"], single, "{ran:?}");
+    vec![
+        flat(&g.dx),
+        g.dz.as_ref().map(flat).unwrap_or_default(),
+        g.dweight.unwrap(),
+        g.dbias.unwrap(),
+    ]
+}
+
+#[test]
+fn fused_backwards_in_one_pass_match_those_in_passes() {
+    let vec4_cases = cases()
+        .into_iter()
+        .filter(|c| c.3 == "forward_single")
+        .take(3);
+    for (i, (name, dims, layout, _)) in vec4_cases.enumerate() {
+        let config = config_of(&dims, layout);
+        let mut r = rng(700 + i as u64);
+        let x = normal(&mut r, &dims, -1.0, 2.0);
+        let z = normal(&mut r, &dims, 0.5, 1.0);
+        let dy = normal(&mut r, &dims, 0.0, 1.0);
+        for ctx in gpu_contexts() {
+            for fusion in [
+                Fusion::new(false, Activation::Identity),
+                Fusion::new(false, Activation::Relu),
+                Fusion::new(true, Activation::Relu),
+                Fusion::new(true, Activation::Identity),
+            ] {
+                let t = (&x, &z, &dy);
+                let one = fused_backward(ctx, &config, t, fusion, true);
+                let passes = fused_backward(ctx, &config, t, fusion, false);
+                assert_eq!(one[1].is_empty(), !fusion.residual);
+                for (what, (a, b)) in ["dx", "dz", "dweight", "dbias"]
+                    .iter()
+                    .zip(one.iter().zip(&passes))
+                {
+                    all_close(what, a, b, TOL, TOL).unwrap_or_else(|e| {
+                        panic!("{name} {} on {}: {e}", fusion.name(), ctx.label())
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn f16_backward_in_one_pass_matches_f16_in_passes() {
+    let vec4_cases = cases()
+        .into_iter()
+        .filter(|c| c.3 == "forward_single")
+        .take(3);
+    for (i, (name, dims, layout, _)) in vec4_cases.enumerate() {
+        let config = config_of(&dims, layout);
+        let mut r = rng(800 + i as u64);
+        let x = normal(&mut r, &dims, 1.0, 2.0);
+        let dy = normal(&mut r, &dims, 0.0, 1.0);
+        for ctx in gpu_contexts() {
+            let shader_f16 = ctx.features().contains(wgpu::Features::SHADER_F16);
+            for packed in [false, true] {
+                if packed && !shader_f16 {
+                    continue; // the adapter's own f16 kernels are the packed ones
+                }
+                let on = format!("{name} on {} (packed {packed})", ctx.label());
+                let run = |single: bool| {
+                    let mut bn = GpuBatchNorm::new(ctx, config.clone()).unwrap();
+                    bn.set_storage_dtype(DType::F16).unwrap();
+                    bn.set_packed_f16(packed).unwrap();
+                    bn.set_single_pass(Some(single));
+                    bn.forward_train(x.view()).unwrap();
+                    let g = bn.backward(x.view(), dy.view(), Mode::Train).unwrap();
+                    assert_eq!(kernels(&bn) == ["backward_single"], single, "{on}");
+                    (flat(&g.dx), g.dweight.unwrap(), g.dbias.unwrap())
+                };
+                let (one, passes) = (run(true), run(false));
+                // dx is rounded to f16: one unit in the last place of 2^-10
+                all_close("dx", &one.0, &passes.0, 2e-3, 2e-3)
+                    .unwrap_or_else(|e| panic!("{on}: {e}"));
+                all_close("dweight", &one.1, &passes.1, 1e-3, 1e-3)
+                    .unwrap_or_else(|e| panic!("{on}: {e}"));
+                all_close("dbias", &one.2, &passes.2, 1e-3, 1e-3)
+                    .unwrap_or_else(|e| panic!("{on}: {e}"));
             }
         }
     }

@@ -36,12 +36,14 @@ pub(crate) struct ElementKernels {
     single: Mutex<HashMap<SingleKey, Arc<Kernel>>>,
 }
 
-/// The overrides of one single-pass forward pipeline
-/// (shaders/single.wgsl): what an item is (`ITEMS`), threads per channel
-/// group (`T`), items per thread (`K`) and the fusion (`FUSED`: the
+/// One single-pass pipeline (shaders/single.wgsl): the forward or the
+/// backward, and its overrides: what an item is (`ITEMS`), threads per
+/// channel group (`T`), items per thread (`K`) and the fusion (`FUSED`: the
 /// `FLAG_RESIDUAL` and `FLAG_RELU` bits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct SingleKey {
+    /// The backward (`backward_single`) rather than the forward.
+    pub backward: bool,
     /// `ITEMS_RUN4` (0), `ITEMS_LANES` (1) or `ITEMS_SCALAR` (2).
     pub items: u32,
     pub t: u32,
@@ -58,13 +60,25 @@ impl SingleKey {
 /// single-pass forward: `x`, the state, the saved statistics, `y`, `z`.
 pub(crate) const SINGLE_STORAGE_BUFFERS: u32 = 5;
 
-/// Bytes of workgroup memory of the single-pass forward (shaders/single.wgsl).
-pub(crate) const SINGLE_WORKGROUP_BYTES: u32 = 20 * shaders::WG + 40 * (shaders::WG / 16);
+/// Storage buffers per stage (and bindings per group, one more) of the
+/// single-pass backward: `x`, the state, the saved statistics, `dx`, `dy`,
+/// `y` and `dz` (stand-ins where unfused).
+pub(crate) const SINGLE_BACKWARD_STORAGE_BUFFERS: u32 = 7;
 
-/// Whether `device` can run the single-pass forward.
-pub(crate) fn binds_single(limits: &wgpu::Limits) -> bool {
-    limits.max_storage_buffers_per_shader_stage >= SINGLE_STORAGE_BUFFERS
-        && limits.max_bindings_per_bind_group > SINGLE_STORAGE_BUFFERS
+/// Bytes of workgroup memory of the single passes (shaders/single.wgsl;
+/// the backward's, 16 bytes a partial more than the forward's).
+pub(crate) const SINGLE_WORKGROUP_BYTES: u32 = 20 * shaders::WG + 56 * (shaders::WG / 16);
+
+/// Whether `device` can run the single-pass forward (or, `backward`, the
+/// single-pass backward).
+pub(crate) fn binds_single(limits: &wgpu::Limits, backward: bool) -> bool {
+    let storage = if backward {
+        SINGLE_BACKWARD_STORAGE_BUFFERS
+    } else {
+        SINGLE_STORAGE_BUFFERS
+    };
+    limits.max_storage_buffers_per_shader_stage >= storage
+        && limits.max_bindings_per_bind_group > storage
         && limits.max_compute_workgroup_storage_size >= SINGLE_WORKGROUP_BYTES
 }
 
@@ -188,15 +202,20 @@ impl ElementKernels {
         }
     }
 
-    /// The single-pass forward pipeline of `key`, built on its first use.
-    /// `None` for items of single elements in packed f16 (see
-    /// [`shaders::NO_PACKED`]).
+    /// The single-pass pipeline of `key`, built on its first use. `None`
+    /// for items of single elements in packed f16 (see
+    /// [`shaders::NO_PACKED`]) or in a backward (vec4 items only).
     ///
     /// # Errors
     /// [`crate::Error::Wgpu`] when the pipeline cannot be built.
     pub fn single(&self, device: &wgpu::Device, key: SingleKey) -> Result<Option<Arc<Kernel>>> {
         use shaders::*;
-        let shader = match (key.items == SingleKey::SCALAR, self.storage) {
+        let scalar = key.items == SingleKey::SCALAR;
+        let shader = match (scalar, self.storage) {
+            (true, _) if key.backward => return Ok(None),
+            (false, Storage::F32) if key.backward => BACKWARD_SINGLE,
+            (false, Storage::F16) if key.backward => BACKWARD_SINGLE_F16,
+            (false, Storage::F16Packed) if key.backward => BACKWARD_SINGLE_F16_PACKED,
             (false, Storage::F32) => FORWARD_SINGLE,
             (false, Storage::F16) => FORWARD_SINGLE_F16,
             (false, Storage::F16Packed) => FORWARD_SINGLE_F16_PACKED,
@@ -210,10 +229,15 @@ impl ElementKernels {
         }
         use Slot::{Read as R, Uniform as U, Write as W};
         let scope = ErrorScopes::push(device);
+        let slots: &[Slot] = if key.backward {
+            &[U, R, W, W, W, R, R, W]
+        } else {
+            &[U, R, W, W, W, R]
+        };
         let kernel = Kernel::with_constants(
             device,
             shader,
-            &[U, R, W, W, W, R],
+            slots,
             &[
                 ("ITEMS", f64::from(key.items)),
                 ("T", f64::from(key.t)),

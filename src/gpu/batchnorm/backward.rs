@@ -17,7 +17,7 @@ use crate::fused::{Activation, Fusion};
 use crate::gpu::kernels::{Kernel, Params};
 use crate::gpu::pipelines::{self, ElementKernels, FusedKernels};
 use crate::gpu::tensor::GpuTensor;
-use crate::shaders::{FLAG_BATCH_STATS, FLAG_RELU, WG_CHANNEL};
+use crate::shaders::{FLAG_BATCH_STATS, FLAG_RELU, FLAG_RESIDUAL, WG_CHANNEL};
 use crate::shape::ChannelWalk;
 use crate::validate;
 
@@ -220,6 +220,17 @@ impl GpuBatchNorm {
             gated = Some((g.y, g.dz.unwrap_or(dx)));
         }
         let plan = self.plan(walk, x.dtype(), flags)?;
+        if let Some(mut grid) = batch.then(|| self.single_grid(&plan, e, true)).flatten() {
+            let (y, dz) = gate
+                .filter(Gate::fused)
+                .map_or((None, None), |g| (Some(g.y), g.dz));
+            grid.key.fused = (flags & FLAG_RELU) | if dz.is_some() { FLAG_RESIDUAL } else { 0 };
+            let params = self.cache.params(&self.ctx, &plan.chunks[0].p)?;
+            let mut passes: Vec<Pass<'_>> = before.into_iter().collect();
+            passes.push(self.backward_single(e, grid, &params, (x, dy, dx), (y, dz), saved)?);
+            self.record(enc, "batchnorm.backward", &passes);
+            return Ok(());
+        }
         let p = plan.whole;
         let params = self.prepare(&p)?;
         let k = &ctx.kernels().backward_finalize;

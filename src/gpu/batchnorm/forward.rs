@@ -173,7 +173,7 @@ impl GpuBatchNorm {
         let e = elements(&ctx, x.dtype(), self.packed_f16)?;
         let flags = if update { FLAG_UPDATE_RUNNING } else { 0 } | fused_flags(z, activation);
         let plan = self.plan(&walk, x.dtype(), flags)?;
-        if let Some(grid) = self.single_grid(&plan, e) {
+        if let Some(grid) = self.single_grid(&plan, e, false) {
             let params = self.cache.params(&self.ctx, &plan.chunks[0].p)?;
             let passes = [
                 self.forward_single(e, grid, &params, (x, z, y), &saved_buffer)?,

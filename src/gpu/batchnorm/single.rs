@@ -1,12 +1,15 @@
-//! The single-pass training forward (`shaders/single.wgsl`): statistics,
-//! running statistics and `y` in one dispatch that reads `x` once, for
-//! channels small enough that a group of threads holds one in registers.
+//! The single passes (`shaders/single.wgsl`), for channels small enough
+//! that a group of threads holds one in registers: the training forward
+//! (statistics, running statistics and `y` in one dispatch that reads `x`
+//! once) and the backward with batch statistics (`dweight`, `dbias` and
+//! `dx` in one dispatch that reads `x` and `dy` once).
 //!
-//! The multi-pass forward reads `x` twice (statistics, then normalize). On
-//! Mesa's lavapipe a load of `x` costs about 0.75 of a copy of it and a
-//! store 0.25 (BENCHMARKS.md, "What a load costs on lavapipe"), so the
-//! multi-pass forward cannot pass 0.86 of the copy there; the single pass
-//! moves the traffic of a copy.
+//! The multi-pass forward reads `x` twice (statistics, then normalize), and
+//! the multi-pass backward `x` and `dy` twice (sums, then `dx`). On Mesa's
+//! lavapipe a load of `x` costs about 0.75 of a copy of it and a store 0.25
+//! (BENCHMARKS.md, "What a load costs on lavapipe"), so the passes cannot
+//! pass 0.86 (forward) and 0.77 (backward) of the copy there; the single
+//! passes read each input once.
 
 use super::plan::Plan;
 use super::{GpuBatchNorm, Pass};
@@ -57,6 +60,7 @@ impl SingleGrid {
         let k = per.div_ceil(u64::from(t)) as u32;
         Some(Self {
             key: SingleKey {
+                backward: false,
                 items,
                 t,
                 k,
@@ -69,7 +73,7 @@ impl SingleGrid {
 
 impl GpuBatchNorm {
     /// Chooses how a training forward (and an evaluation forward with batch
-    /// statistics) runs. `None`, the default: in one pass that reads `x`
+    /// statistics) and the backward of either run. `None`, the default: in one pass that reads `x`
     /// once where it applies on a CPU adapter (lavapipe, llvmpipe) and its
     /// items are vec4s (runs a multiple of 4 long, or one element per run
     /// and C a multiple of 4), where it was measured to pay, else in the
@@ -77,31 +81,49 @@ impl GpuBatchNorm {
     /// in one pass wherever it applies, on any adapter; `Some(false)`:
     /// never in one pass.
     ///
-    /// It applies when a channel has at most 32768 elements (32 vec4s for
-    /// each of 256 threads), the tensor fits one storage binding, the device
-    /// binds 5 storage buffers per stage, and, for f16 stored in `u32`
-    /// words (devices without `SHADER_F16`), a channel's runs are a multiple
-    /// of 4 long (or, one element per run, C is a multiple of 4).
-    /// [`GpuBatchNorm::last_dispatches`] shows which ran: `forward_single`
-    /// (or `forward_single_scalar`) and `single_finalize`, or the passes above.
+    /// The forward applies when a channel has at most 32768 elements (32
+    /// vec4s for each of 256 threads), the tensor fits one storage binding,
+    /// the device binds 5 storage buffers per stage, and, for f16 stored in
+    /// `u32` words (devices without `SHADER_F16`), a channel's runs are a
+    /// multiple of 4 long (or, one element per run, C is a multiple of 4).
+    /// The backward with batch statistics (of a training forward, or of an
+    /// evaluation forward without tracked statistics), plain or fused,
+    /// applies on the same terms for vec4 items, on a device that binds 7
+    /// storage buffers per stage; a backward from the running statistics
+    /// always takes the passes. [`GpuBatchNorm::last_dispatches`] shows
+    /// which ran: `forward_single` (or `forward_single_scalar`) and
+    /// `single_finalize`, `backward_single`, or the passes
+    /// (`backward_partial`, `backward_finalize`, `backward_dx` for the
+    /// backward).
     pub fn set_single_pass(&mut self, single: Option<bool>) {
         self.single_pass = single;
     }
 
-    /// The grid of a single-pass forward of `plan` with the kernels `e`, when
-    /// it runs in one pass.
-    pub(super) fn single_grid(&self, plan: &Plan, e: &ElementKernels) -> Option<SingleGrid> {
+    /// The grid of a single-pass forward (or, `backward`, of a single-pass
+    /// backward) of `plan` with the kernels `e`, when it runs in one pass.
+    /// The key's fusion is the plan's `FLAG_RESIDUAL` and `FLAG_RELU`.
+    pub(super) fn single_grid(
+        &self,
+        plan: &Plan,
+        e: &ElementKernels,
+        backward: bool,
+    ) -> Option<SingleGrid> {
         let cpu = self.ctx.adapter_info().device_type == wgpu::DeviceType::Cpu;
         if !self.single_pass.unwrap_or(cpu)
             || plan.chunks.len() != 1
-            || !binds_single(self.ctx.limits())
+            || !binds_single(self.ctx.limits(), backward)
         {
             return None;
         }
         let p = &plan.chunks[0].p;
         let mut grid = SingleGrid::new(p.outer, p.channels, p.inner)?;
         grid.key.fused = p.flags & (FLAG_RESIDUAL | FLAG_RELU);
+        grid.key.backward = backward;
         let scalar = grid.key.items == SingleKey::SCALAR;
+        if backward && scalar {
+            // the single-pass backward has vec4 items only
+            return None;
+        }
         let packed = e.storage == crate::shaders::Storage::F16Packed;
         // items of single elements: slower than the passes on lavapipe
         // (BENCHMARKS.md), so only on request
@@ -154,6 +176,42 @@ impl GpuBatchNorm {
         ];
         self.group(kernel, &bindings, grid.workgroups)
     }
+
+    /// The single-pass backward with batch statistics
+    /// (`shaders/backward_single.wgsl`): `dx`, `dweight` and `dbias` of
+    /// the upstream gradient `dy`, gated by `y` with `FLAG_RELU` in the
+    /// grid's fusion and written into `dz` with `FLAG_RESIDUAL`. Stand-ins
+    /// fill the slots of `y` (`x`) and `dz` (the scratch buffer) where the
+    /// fusion leaves them unread.
+    pub(super) fn backward_single<'k>(
+        &mut self,
+        e: &ElementKernels,
+        grid: SingleGrid,
+        params: &wgpu::Buffer,
+        (x, dy, dx): (&GpuTensor, &GpuTensor, &GpuTensor),
+        (y, dz): (Option<&GpuTensor>, Option<&GpuTensor>),
+        saved: &wgpu::Buffer,
+    ) -> Result<Pass<'k>> {
+        // single_grid never picks items of single elements for the backward
+        let kernel = e
+            .single(self.ctx.device(), grid.key)?
+            .ok_or_else(|| Error::Unsupported {
+                adapter: self.ctx.label(),
+                what: "the single-pass backward of single elements".into(),
+            })?;
+        let (state, scratch) = (self.state.clone(), self.scratch.clone());
+        let bindings = [
+            Self::whole(params),
+            x.binding(),
+            Self::whole(&state),
+            Self::whole(saved),
+            dx.binding(),
+            dy.binding(),
+            y.unwrap_or(x).binding(),
+            dz.map_or_else(|| Self::whole(&scratch), GpuTensor::binding),
+        ];
+        self.group(kernel, &bindings, grid.workgroups)
+    }
 }
 
 #[cfg(test)]
@@ -162,6 +220,7 @@ mod tests {
 
     fn key(items: u32, t: u32, k: u32) -> SingleKey {
         SingleKey {
+            backward: false,
             items,
             t,
             k,
