@@ -1,5 +1,5 @@
 // Single-pass backward with batch statistics (single.wgsl's groups, vec4
-// items of single_vec4.wgsl): what backward_partial, backward_finalize and
+// items of single_vec4.wgsl: ITEMS_RUN4, ITEMS_LANES or ITEMS_QUADS): what backward_partial, backward_finalize and
 // backward_dx do in three dispatches, reading `x` and `dy` once. Each thread
 // holds its items of `x - K` and of the upstream gradient `g` in registers:
 //   1. S1 = sum(g), S2 = sum(g * (x - K)), merged over the group,
@@ -40,7 +40,7 @@ struct Stats {
 }
 
 fn stats_of(g: u32) -> Stats {
-    if ITEMS == ITEMS_LANES {
+    if four_lanes() {
         let s0 = saved[g * 4u];
         let s1 = saved[g * 4u + 1u];
         let s2 = saved[g * 4u + 2u];
@@ -66,38 +66,41 @@ fn main(
     var xv: array<vec4<f32>, K_MAX>;
     var gv: array<vec4<f32>, K_MAX>;
     var ix: array<u32, K_MAX>;
+    var quad: array<u32, K_MAX>;
     var st = Stats(vec4(0.0), vec4(0.0), vec4(0.0));
-    var s1 = vec4(0.0);
-    var s2 = vec4(0.0);
+    var s1 = acc_new();
+    var s2 = acc_new();
     if at.live {
         st = stats_of(at.g);
         for (var k = 0u; k < K; k++) {
             let i = at.l + k * T;
             if i < items {
-                ix[k] = item_at(at.g, i);
+                let it = item_of(at.g, i);
+                ix[k] = it.x;
+                quad[k] = it.y;
                 let g = gradient(ix[k]);
                 if (FUSED & FLAG_RESIDUAL) != 0u {
                     dz[ix[k]] = store4(g);
                 }
-                let e = load4(x[ix[k]]) - st.center;
+                let e = load4(x[ix[k]]) - spread(st.center, quad[k]);
                 gv[k] = g;
                 xv[k] = e;
-                s1 += g;
-                s2 += g * e;
+                s1 = acc_add(s1, g, quad[k]);
+                s2 = acc_add(s2, g * e, quad[k]);
             }
         }
     }
     // S1 and S2 per lane on the group's first thread: one merge of the pair
-    // for a channel, two merges of four lanes for ITEMS_LANES
+    // for a channel, two merges of four lanes for four_lanes()
     var t1: vec4<f32>;
     var t2: vec4<f32>;
-    if ITEMS == ITEMS_LANES {
-        t1 = group_total(at, s1, 0u, false, false).sum;
+    if four_lanes() {
+        t1 = group_total(at, acc_total(s1), 0u, false, false).sum;
         workgroupBarrier();
-        t2 = group_total(at, s2, 0u, false, false).sum;
+        t2 = group_total(at, acc_total(s2), 0u, false, false).sum;
     } else {
-        let f1 = fold(s1).x;
-        let f2 = fold(s2).x;
+        let f1 = fold(acc_total(s1)).x;
+        let f2 = fold(acc_total(s2)).x;
         let t = group_total(at, vec4(f1, f2, 0.0, 0.0), 0u, false, true).sum;
         t1 = vec4(t.x);
         t2 = vec4(t.y);
@@ -130,11 +133,12 @@ fn main(
     let b = -(a * st.invstd) * (sum2 * p.inv_m * st.invstd);
     let c = -a * sum1 * p.inv_m - b * st.d;
     // b = 0 drops the x term, as backward_dx: a NaN in x stays out of dx
-    let keep = b != vec4(0.0);
     for (var k = 0u; k < K; k++) {
         if at.l + k * T < items {
-            let xt = select(vec4(0.0), b * xv[k], keep);
-            dx[ix[k]] = store4(a * gv[k] + xt + c);
+            let r = quad[k];
+            let bl = spread(b, r);
+            let xt = select(vec4(0.0), bl * xv[k], bl != vec4(0.0));
+            dx[ix[k]] = store4(spread(a, r) * gv[k] + xt + spread(c, r));
         }
     }
 }

@@ -1,7 +1,8 @@
 // Single-pass training forward (single.wgsl) for vec4 items: four elements
 // of one run of one channel (ITEMS_RUN4: channels-first, runs a multiple of
-// 4 long) or one element each of four adjacent channels (ITEMS_LANES: one
-// element per run, channels-last or (N, C), C a multiple of 4). Fused
+// 4 long), one element each of four adjacent channels (ITEMS_LANES: one
+// element per run, channels-last or (N, C), C a multiple of 4), or four
+// elements of the runs of four adjacent channels (ITEMS_QUADS). Fused
 // (FUSED): `y = act(BN(x) + z)`; otherwise `z` is not read (an unfused call
 // binds `x` there). Items: single_vec4.wgsl.
 @group(0) @binding(1) var<storage, read> x: array<Elem4>;
@@ -18,32 +19,34 @@ fn main(
     let items = items_per_channel();
     var v: array<vec4<f32>, K_MAX>;
     var ix: array<u32, K_MAX>;
+    var quad: array<u32, K_MAX>;
     var shift = vec4(0.0);
-    var s = vec4(0.0);
+    var s = acc_new();
     var seen = vec4(0u);
     if at.live {
-        let first = load4(x[item_at(at.g, 0u)]);
-        shift = select(vec4(first.x), first, ITEMS == ITEMS_LANES);
+        shift = shift_of(at.g);
         for (var k = 0u; k < K; k++) {
             let i = at.l + k * T;
             if i < items {
-                ix[k] = item_at(at.g, i);
+                let it = item_of(at.g, i);
+                ix[k] = it.x;
+                quad[k] = it.y;
                 let raw = load4(x[ix[k]]);
                 v[k] = raw;
-                seen |= non_finite(bitcast<vec4<u32>>(raw));
-                s += raw - shift;
+                seen |= collect_seen(non_finite(bitcast<vec4<u32>>(raw)), quad[k]);
+                s = acc_add(s, raw - spread(shift, quad[k]), quad[k]);
             }
         }
     }
-    let mean = group_mean(at, s, seen);
-    var q = vec4(0.0);
+    let mean = group_mean(at, acc_total(s), seen);
+    var q = acc_new();
     for (var k = 0u; k < K; k++) {
         if at.live && at.l + k * T < items {
-            let e = (v[k] - shift) - mean.d;
-            q += e * e;
+            let e = (v[k] - spread(shift, quad[k])) - spread(mean.d, quad[k]);
+            q = acc_add(q, e * e, quad[k]);
         }
     }
-    let co = group_coefs(at, shift, mean, q);
+    let co = group_coefs(at, shift, mean, acc_total(q));
     if !at.live {
         return;
     }
@@ -53,7 +56,9 @@ fn main(
             if (FUSED & FLAG_RESIDUAL) != 0u {
                 zv = load4(z[ix[k]]);
             }
-            y[ix[k]] = store4(output(v[k], co, zv));
+            let r = quad[k];
+            let lane = Coefs(spread(co.center, r), spread(co.scale, r), spread(co.shift, r));
+            y[ix[k]] = store4(output(v[k], lane, zv));
         }
     }
 }

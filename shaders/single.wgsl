@@ -6,7 +6,7 @@
 // One dispatch does what stats_partial, stats_finalize and normalize do in
 // three, for channels of at most K_MAX * 4 * WG elements: each group of T
 // threads of a workgroup (WG / T groups) owns one channel (or, with
-// ITEMS_LANES, four adjacent channels: a vec4 of lanes), and each of its
+// four_lanes(), four adjacent channels: a vec4 of lanes), and each of its
 // threads holds up to K items (vec4s) of it in registers, items
 // `l, l + T, l + 2T, ...` of the channel for thread `l`. So x is read once:
 //   1. sum of x - K over the group -> d (mean of x - K; K the channel's
@@ -37,7 +37,7 @@ const K_MAX: u32 = 32u;
 override K: u32 = 1u;
 // Threads per channel group: 16, 32, 64, 128 or 256.
 override T: u32 = WG;
-// What an item is: ITEMS_RUN4, ITEMS_LANES or ITEMS_SCALAR.
+// What an item is: ITEMS_RUN4, ITEMS_LANES, ITEMS_SCALAR or ITEMS_QUADS.
 override ITEMS: u32 = 0u;
 // The fusion, FLAG_RESIDUAL and FLAG_RELU bits: an override rather than
 // Params.flags, so that an unfused pipeline holds no code for them (a CPU
@@ -49,6 +49,16 @@ const ITEMS_RUN4: u32 = 0u;
 const ITEMS_LANES: u32 = 1u;
 // Four successive elements of one channel, loaded one by one (forward_single_scalar).
 const ITEMS_SCALAR: u32 = 2u;
+// Four successive elements of the runs of four adjacent channels, which lie
+// one after the other in each sample (channels-first, C a multiple of 4,
+// runs longer than 4 and not a multiple of 4 long): a lane's channel
+// depends on its place in the run (single_vec4.wgsl).
+const ITEMS_QUADS: u32 = 3u;
+
+// Whether a group holds four adjacent channels, one a lane of its sums.
+fn four_lanes() -> bool {
+    return ITEMS == ITEMS_LANES || ITEMS == ITEMS_QUADS;
+}
 
 const PARTS_MAX: u32 = WG / 16u;
 
@@ -67,7 +77,7 @@ var<workgroup> sh_res_seen: array<u32, PARTS_MAX>;
 struct Place {
     grp: u32,  // its group in the workgroup
     l: u32,    // its place in the group
-    g: u32,    // the group's channel (ITEMS_LANES: block of four channels)
+    g: u32,    // the group's channel (four_lanes(): block of four channels)
     live: bool // the channel is in the tensor
 }
 
@@ -75,7 +85,7 @@ fn place(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> Place {
     let grp = lid / T;
     let g = linear_workgroup(wid, nwg) * (WG / T) + grp;
     var groups = p.channels;
-    if ITEMS == ITEMS_LANES {
+    if four_lanes() {
         groups = p.channels / 4u;
     }
     return Place(grp, lid - grp * T, g, g < groups);
@@ -83,25 +93,25 @@ fn place(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> Place {
 
 // Channels of a group.
 fn lanes() -> u32 {
-    if ITEMS == ITEMS_LANES {
+    if four_lanes() {
         return 4u;
     }
     return 1u;
 }
 
 // The per-lane sums of a thread as the group merges them: per lane for
-// ITEMS_LANES (four channels), else the lanes added up into .x (one channel).
+// four_lanes() (four channels), else the lanes added up into .x (one channel).
 fn fold(s: vec4<f32>) -> vec4<f32> {
-    if ITEMS == ITEMS_LANES {
+    if four_lanes() {
         return s;
     }
     return vec4(s.x + s.y + s.z + s.w, 0.0, 0.0, 0.0);
 }
 
-// A thread's SEEN_* bits as one word: three bits per lane for ITEMS_LANES,
+// A thread's SEEN_* bits as one word: three bits per lane for four_lanes(),
 // else the lanes' together (one channel).
 fn pack_seen(seen: vec4<u32>) -> u32 {
-    if ITEMS == ITEMS_LANES {
+    if four_lanes() {
         return seen.x | (seen.y << 3u) | (seen.z << 6u) | (seen.w << 9u);
     }
     return seen.x | seen.y | seen.z | seen.w;
@@ -109,17 +119,17 @@ fn pack_seen(seen: vec4<u32>) -> u32 {
 
 // The SEEN_* bits of lane `k` of a packed word.
 fn lane_seen(packed: u32, k: u32) -> u32 {
-    if ITEMS == ITEMS_LANES {
+    if four_lanes() {
         return (packed >> (3u * k)) & 7u;
     }
     return packed;
 }
 
 // Workgroup memory is written and read by the components in use: all four
-// lanes for ITEMS_LANES, else .x, or .x and .y for a `pair` of sums (a CPU
+// lanes for four_lanes(), else .x, or .x and .y for a `pair` of sums (a CPU
 // adapter pays workgroup memory by the component accessed).
 fn put_sum(i: u32, v: vec4<f32>, pair: bool) {
-    if ITEMS == ITEMS_LANES {
+    if four_lanes() {
         sh_sum[i] = v;
     } else {
         sh_sum[i].x = v.x;
@@ -130,7 +140,7 @@ fn put_sum(i: u32, v: vec4<f32>, pair: bool) {
 }
 
 fn get_sum(i: u32, pair: bool) -> vec4<f32> {
-    if ITEMS == ITEMS_LANES {
+    if four_lanes() {
         return sh_sum[i];
     }
     if pair {
@@ -140,7 +150,7 @@ fn get_sum(i: u32, pair: bool) -> vec4<f32> {
 }
 
 fn put_part(i: u32, v: vec4<f32>, pair: bool) {
-    if ITEMS == ITEMS_LANES {
+    if four_lanes() {
         sh_part[i] = v;
     } else {
         sh_part[i].x = v.x;
@@ -151,7 +161,7 @@ fn put_part(i: u32, v: vec4<f32>, pair: bool) {
 }
 
 fn get_part(i: u32, pair: bool) -> vec4<f32> {
-    if ITEMS == ITEMS_LANES {
+    if four_lanes() {
         return sh_part[i];
     }
     if pair {
@@ -166,7 +176,7 @@ struct Total {
     seen: u32,
 }
 
-// The sums `v` (folded; without ITEMS_LANES a `pair` in .x and .y, else
+// The sums `v` (folded; without four_lanes() a `pair` in .x and .y, else
 // .x alone) and, `with_seen`, the OR of the SEEN_* words `seen` of the
 // threads of the group, on its first thread (`l` = 0); in one barrier for
 // T <= 16, else two (T values into T / 16 partials, then those). Its
@@ -222,7 +232,7 @@ fn group_mean(at: Place, s: vec4<f32>, seen: vec4<u32>) -> Mean {
     let t = group_total(at, fold(s), pack_seen(seen), true, false);
     if at.l == 0u {
         var d = t.sum * p.inv_m;
-        if ITEMS != ITEMS_LANES {
+        if !four_lanes() {
             d = vec4(d.x);
         }
         sh_res[at.grp] = d;
@@ -233,7 +243,7 @@ fn group_mean(at: Place, s: vec4<f32>, seen: vec4<u32>) -> Mean {
 
 // The channel of lane `q` of group `g`.
 fn lane_channel(g: u32, q: u32) -> u32 {
-    if ITEMS == ITEMS_LANES {
+    if four_lanes() {
         return g * 4u + q;
     }
     return g;

@@ -44,7 +44,7 @@ pub(crate) struct ElementKernels {
 pub(crate) struct SingleKey {
     /// The backward (`backward_single`) rather than the forward.
     pub backward: bool,
-    /// `ITEMS_RUN4` (0), `ITEMS_LANES` (1) or `ITEMS_SCALAR` (2).
+    /// `ITEMS_RUN4` (0), `ITEMS_LANES` (1), `ITEMS_SCALAR` (2) or `ITEMS_QUADS` (3).
     pub items: u32,
     pub t: u32,
     pub k: u32,
@@ -54,6 +54,8 @@ pub(crate) struct SingleKey {
 impl SingleKey {
     /// `ITEMS_SCALAR`: items of four single elements (forward_single_scalar).
     pub const SCALAR: u32 = 2;
+    /// `ITEMS_QUADS`: vec4s of the runs of four adjacent channels.
+    pub const QUADS: u32 = 3;
 }
 
 /// Storage buffers per stage (and bindings per group, one more) of the

@@ -48,6 +48,9 @@ impl SingleGrid {
             (0, m / 4, channels)
         } else if inner == 1 && channels.is_multiple_of(4) {
             (1, m, channels / 4)
+        } else if inner > 4 && channels.is_multiple_of(4) {
+            // ITEMS_QUADS: the runs of four adjacent channels, in vec4s
+            (SingleKey::QUADS, m, channels / 4)
         } else {
             (SingleKey::SCALAR, m.div_ceil(4), channels)
         };
@@ -73,19 +76,21 @@ impl SingleGrid {
 
 impl GpuBatchNorm {
     /// Chooses how a training forward (and an evaluation forward with batch
-    /// statistics) and the backward of either run. `None`, the default: in one pass that reads `x`
-    /// once where it applies on a CPU adapter (lavapipe, llvmpipe) and its
-    /// items are vec4s (runs a multiple of 4 long, or one element per run
-    /// and C a multiple of 4), where it was measured to pay, else in the
-    /// passes `stats_partial`, `stats_finalize`, `normalize`; `Some(true)`:
-    /// in one pass wherever it applies, on any adapter; `Some(false)`:
-    /// never in one pass.
+    /// statistics) and the backward of either run. `None`, the default: in
+    /// one pass that reads `x` (and `dy`) once where it applies on a CPU
+    /// adapter (lavapipe, llvmpipe) and its items are vec4s (runs a
+    /// multiple of 4 long; one element per run and C a multiple of 4; for
+    /// the backward also runs longer than 4 and C a multiple of 4, four
+    /// channels' runs one after the other), where it was measured to pay,
+    /// else in the passes
+    /// `stats_partial`, `stats_finalize`, `normalize`; `Some(true)`: in one
+    /// pass wherever it applies, on any adapter; `Some(false)`: never in
+    /// one pass.
     ///
     /// The forward applies when a channel has at most 32768 elements (32
     /// vec4s for each of 256 threads), the tensor fits one storage binding,
     /// the device binds 5 storage buffers per stage, and, for f16 stored in
-    /// `u32` words (devices without `SHADER_F16`), a channel's runs are a
-    /// multiple of 4 long (or, one element per run, C is a multiple of 4).
+    /// `u32` words (devices without `SHADER_F16`), its items are vec4s.
     /// The backward with batch statistics (of a training forward, or of an
     /// evaluation forward without tracked statistics), plain or fused,
     /// applies on the same terms for vec4 items, on a device that binds 7
@@ -125,10 +130,27 @@ impl GpuBatchNorm {
             return None;
         }
         let packed = e.storage == crate::shaders::Storage::F16Packed;
-        // items of single elements: slower than the passes on lavapipe
-        // (BENCHMARKS.md), so only on request
-        let chosen = self.single_pass.is_some() || !scalar;
+        // items of single elements, and the forward's items of four channels'
+        // runs: slower than the passes on lavapipe (BENCHMARKS.md), so only
+        // on request
+        let quads = grid.key.items == SingleKey::QUADS;
+        let chosen = self.single_pass.is_some() || !(scalar || (quads && !backward));
         (chosen && !(packed && scalar)).then_some(grid)
+    }
+
+    /// The pipeline of `grid`, or the error naming `what` for a key that has
+    /// none (see [`ElementKernels::single`]).
+    fn single_kernel(
+        &self,
+        e: &ElementKernels,
+        grid: SingleGrid,
+        what: &str,
+    ) -> Result<std::sync::Arc<Kernel>> {
+        e.single(self.ctx.device(), grid.key)?
+            .ok_or_else(|| Error::Unsupported {
+                adapter: self.ctx.label(),
+                what: what.into(),
+            })
     }
 
     /// Finishes a single-pass forward (`shaders/single_finalize.wgsl`, one
@@ -159,12 +181,8 @@ impl GpuBatchNorm {
         saved: &wgpu::Buffer,
     ) -> Result<Pass<'k>> {
         // single_grid never picks items of single elements for packed f16
-        let kernel = e
-            .single(self.ctx.device(), grid.key)?
-            .ok_or_else(|| Error::Unsupported {
-                adapter: self.ctx.label(),
-                what: "the single-pass forward of single elements in packed f16 words".into(),
-            })?;
+        let what = "the single-pass forward of single elements in packed f16 words";
+        let kernel = self.single_kernel(e, grid, what)?;
         let state = self.state.clone();
         let bindings = [
             Self::whole(params),
@@ -193,12 +211,8 @@ impl GpuBatchNorm {
         saved: &wgpu::Buffer,
     ) -> Result<Pass<'k>> {
         // single_grid never picks items of single elements for the backward
-        let kernel = e
-            .single(self.ctx.device(), grid.key)?
-            .ok_or_else(|| Error::Unsupported {
-                adapter: self.ctx.label(),
-                what: "the single-pass backward of single elements".into(),
-            })?;
+        let what = "the single-pass backward of single elements";
+        let kernel = self.single_kernel(e, grid, what)?;
         let (state, scratch) = (self.state.clone(), self.scratch.clone());
         let bindings = [
             Self::whole(params),
@@ -237,10 +251,17 @@ mod tests {
         // 32x512x28x28: 6272 vec4s, past 16 * 256: 256 threads of 25
         let g = SingleGrid::new(32, 512, 784).unwrap();
         assert_eq!(g.key, key(0, 256, 25));
-        // 32x2048x7x7 NCHW: single elements, 392 items of four, 32 threads of 13
+        // 32x2048x7x7 NCHW: four channels' runs of 49, 1568 vec4s a group of
+        // four channels, 128 threads of 13
         let g = SingleGrid::new(32, 2048, 49).unwrap();
+        assert_eq!(g.key, key(3, 128, 13));
+        assert_eq!(g.workgroups, 256);
+        // C not a multiple of 4: single elements, 392 items of four, 32 threads of 13
+        let g = SingleGrid::new(32, 2047, 49).unwrap();
         assert_eq!(g.key, key(2, 32, 13));
         assert_eq!(g.workgroups, 256);
+        // runs of 2: single elements
+        assert_eq!(SingleGrid::new(32, 8, 2).unwrap().key.items, 2);
         // (N, C) = 4096x1024: four channels a lane, 4096 items, 256 threads of 16
         let g = SingleGrid::new(4096, 1024, 1).unwrap();
         assert_eq!(g.key, key(1, 256, 16));
