@@ -4,7 +4,7 @@
 //! of the passes, for every kind of item (vec4 runs, vec4 lanes of four
 //! channels, single elements: the forward only), the fused forward and
 //! backward and f16 storage. The parity, property and fixture tests run
-//! them too, on CPU adapters, where they are the default.
+//! them too, on lavapipe (a CPU adapter on Vulkan), where they are the default.
 
 mod common;
 use common::*;
@@ -64,8 +64,11 @@ fn kernels(bn: &GpuBatchNorm) -> Vec<&'static str> {
         .collect()
 }
 
-fn is_cpu(ctx: &GpuContext) -> bool {
-    ctx.adapter_info().device_type == wgpu::DeviceType::Cpu
+/// Whether the single passes are the default on `ctx`: a CPU adapter on
+/// Vulkan (lavapipe).
+fn by_default(ctx: &GpuContext) -> bool {
+    let info = ctx.adapter_info();
+    info.device_type == wgpu::DeviceType::Cpu && info.backend == wgpu::Backend::Vulkan
 }
 
 #[test]
@@ -96,8 +99,8 @@ fn it_runs_where_it_applies_and_not_elsewhere() {
             let on = format!("{name} on {}", ctx.label());
             bn.run_forward_train(&gx).unwrap();
             let quads = name.starts_with("quads");
-            if is_cpu(ctx) && kernel == "forward_single" && !quads {
-                // the default on CPU adapters, for vec4 items (but the
+            if by_default(ctx) && kernel == "forward_single" && !quads {
+                // the default on lavapipe, for vec4 items (but the
                 // forward's items of four channels' runs)
                 assert_eq!(kernels(&bn), [kernel, "single_finalize"], "{on}");
             } else {
@@ -112,8 +115,8 @@ fn it_runs_where_it_applies_and_not_elsewhere() {
             eval.set_single_pass(Some(true));
             eval.run_forward_eval(&gx).unwrap();
             assert_eq!(kernels(&eval), [kernel, "single_finalize"], "{on}");
-            // the backward: in one pass for vec4 items, by default on CPU
-            // adapters (items of four channels' runs included)
+            // the backward: in one pass for vec4 items, by default on
+            // lavapipe (items of four channels' runs included)
             let fwd = bn.run_forward_train(&gx).unwrap();
             bn.run_backward(&gx, &gx, &fwd.saved).unwrap();
             if kernel == "forward_single" {
@@ -121,11 +124,15 @@ fn it_runs_where_it_applies_and_not_elsewhere() {
             } else {
                 assert_eq!(kernels(&bn).len(), 3, "{on}: {:?}", kernels(&bn));
             }
-            let mut by_default = GpuBatchNorm::new(ctx, config.clone()).unwrap();
-            let fwd = by_default.run_forward_train(&gx).unwrap();
-            by_default.run_backward(&gx, &gx, &fwd.saved).unwrap();
-            let single = kernels(&by_default) == ["backward_single"];
-            assert_eq!(single, is_cpu(ctx) && kernel == "forward_single", "{on}");
+            let mut plain = GpuBatchNorm::new(ctx, config.clone()).unwrap();
+            let fwd = plain.run_forward_train(&gx).unwrap();
+            plain.run_backward(&gx, &gx, &fwd.saved).unwrap();
+            let single = kernels(&plain) == ["backward_single"];
+            assert_eq!(
+                single,
+                by_default(ctx) && kernel == "forward_single",
+                "{on}"
+            );
             let eval_fwd = eval.run_forward_eval(&gx).unwrap();
             eval.run_backward(&gx, &gx, &eval_fwd.saved).unwrap();
             assert_eq!(

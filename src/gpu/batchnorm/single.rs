@@ -78,7 +78,8 @@ impl GpuBatchNorm {
     /// Chooses how a training forward (and an evaluation forward with batch
     /// statistics) and the backward of either run. `None`, the default: in
     /// one pass that reads `x` (and `dy`) once where it applies on a CPU
-    /// adapter (lavapipe, llvmpipe) and its items are vec4s (runs a
+    /// adapter on Vulkan (lavapipe; not llvmpipe's GL, where the passes ran
+    /// faster) and its items are vec4s (runs a
     /// multiple of 4 long; one element per run and C a multiple of 4; for
     /// the backward also runs longer than 4 and C a multiple of 4, four
     /// channels' runs one after the other), where it was measured to pay,
@@ -113,8 +114,12 @@ impl GpuBatchNorm {
         e: &ElementKernels,
         backward: bool,
     ) -> Option<SingleGrid> {
-        let cpu = self.ctx.adapter_info().device_type == wgpu::DeviceType::Cpu;
-        if !self.single_pass.unwrap_or(cpu)
+        // measured to pay on lavapipe (a CPU adapter on Vulkan); on llvmpipe's
+        // GL the passes ran faster (BENCHMARKS.md)
+        let info = self.ctx.adapter_info();
+        let lavapipe =
+            info.device_type == wgpu::DeviceType::Cpu && info.backend == wgpu::Backend::Vulkan;
+        if !self.single_pass.unwrap_or(lavapipe)
             || plan.chunks.len() != 1
             || !binds_single(self.ctx.limits(), backward)
         {
