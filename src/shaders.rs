@@ -252,8 +252,10 @@ impl Storage {
     }
 
     /// The storage of f16 tensors on a device with `features`: WGSL's `f16`
-    /// with `SHADER_F16`, else packed (the choice of this crate's kernels,
-    /// for an app's own kernels on the same tensors).
+    /// with `SHADER_F16`, else packed (the choice of this crate's kernels
+    /// but on lavapipe, which runs the packed ones; the bytes are the same
+    /// either way, so an app's own kernels on the same tensors may use
+    /// either).
     pub fn f16_on(features: wgpu::Features) -> Self {
         if features.contains(wgpu::Features::SHADER_F16) {
             Self::F16

@@ -34,6 +34,15 @@ fn f16_sets(ctx: &GpuContext) -> Vec<bool> {
     }
 }
 
+/// The suffix of the element kernels a layer runs on `ctx` by default: the
+/// packed ones without SHADER_F16, and on lavapipe (a CPU adapter on Vulkan).
+fn default_suffix(ctx: &GpuContext) -> &'static str {
+    let info = ctx.adapter_info();
+    let lavapipe =
+        info.device_type == wgpu::DeviceType::Cpu && info.backend == wgpu::Backend::Vulkan;
+    suffix(ctx, lavapipe)
+}
+
 /// The suffix of the element kernels a layer with `packed` runs on `ctx`.
 fn suffix(ctx: &GpuContext, packed: bool) -> &'static str {
     if packed || !has_shader_f16(ctx) {
@@ -210,7 +219,8 @@ fn f16_parity_both_layouts_every_rank() {
 }
 
 /// Every adapter stores f16: the kernels are WGSL's `f16` where it has
-/// SHADER_F16, else the packed ones, which `set_packed_f16` also forces.
+/// SHADER_F16 (but lavapipe), else the packed ones; `set_packed_f16` forces
+/// either.
 #[test]
 fn every_adapter_stores_f16_with_its_kernels() {
     let mut r = rng(3);
@@ -223,7 +233,7 @@ fn every_adapter_stores_f16_with_its_kernels() {
         let h = GpuTensor::from_array_as(ctx, x.view(), Layout::ChannelsFirst, DType::F16).unwrap();
         let fwd = bn.run_forward_train(&h).unwrap();
         assert_eq!(fwd.y.dtype(), DType::F16);
-        assert_kernels(&bn, suffix(ctx, false), &on);
+        assert_kernels(&bn, default_suffix(ctx), &on);
         for packed in [true, false] {
             bn.set_packed_f16(packed).unwrap();
             bn.run_backward(&h, &fwd.y, &fwd.saved).unwrap();

@@ -162,7 +162,7 @@ impl From<LayoutArg> for Layout {
 pub enum DTypeArg {
     /// f32 storage.
     F32,
-    /// f16 storage (the CPU backend, and every GPU adapter: WGSL `f16` with `SHADER_F16`, else packed words).
+    /// f16 storage (the CPU backend, and every GPU adapter: WGSL `f16` with `SHADER_F16`, else packed words; packed words on lavapipe).
     F16,
 }
 

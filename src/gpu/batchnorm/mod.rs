@@ -194,7 +194,7 @@ pub struct GpuBatchNorm {
     storage: DType,
     /// f16 tensors go through the packed f16 kernels even where the device
     /// has `SHADER_F16` ([`GpuBatchNorm::set_packed_f16`]).
-    packed_f16: bool,
+    packed_f16: Option<bool>,
     /// The dispatches of the last recorded call.
     dispatches: Vec<GpuDispatch>,
     /// What the last synchronized forward keeps for its backward.
@@ -256,7 +256,7 @@ impl GpuBatchNorm {
             max_per_dim: None,
             single_pass: None,
             storage: DType::F32,
-            packed_f16: false,
+            packed_f16: None,
             own_saved: None,
             last_saved: None,
             dispatches: Vec::new(),

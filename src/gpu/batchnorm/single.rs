@@ -116,10 +116,7 @@ impl GpuBatchNorm {
     ) -> Option<SingleGrid> {
         // measured to pay on lavapipe (a CPU adapter on Vulkan); on llvmpipe's
         // GL the passes ran faster (BENCHMARKS.md)
-        let info = self.ctx.adapter_info();
-        let lavapipe =
-            info.device_type == wgpu::DeviceType::Cpu && info.backend == wgpu::Backend::Vulkan;
-        if !self.single_pass.unwrap_or(lavapipe)
+        if !self.single_pass.unwrap_or(self.ctx.cpu_vulkan())
             || plan.chunks.len() != 1
             || !binds_single(self.ctx.limits(), backward)
         {

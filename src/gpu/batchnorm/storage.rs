@@ -13,7 +13,9 @@ impl GpuBatchNorm {
     /// Device-resident calls take the type of the tensors they are given.
     /// f16 runs with WGSL's `f16` where the adapter has `SHADER_F16`, else
     /// as pairs of f16 in `u32` words (the same bytes), computing in f32
-    /// either way.
+    /// either way. On lavapipe (a CPU adapter on Vulkan) f16 runs as pairs
+    /// in words even with `SHADER_F16`: there the kernels pay by the
+    /// component loaded, and the words halve the components (BENCHMARKS.md).
     ///
     /// # Errors
     /// [`Error::Unsupported`] for f16 on a device that compiles neither
@@ -26,9 +28,11 @@ impl GpuBatchNorm {
     }
 
     /// Sends f16 tensors through the packed f16 kernels (pairs of f16 in
-    /// `u32` words, the kernels of adapters without `SHADER_F16`) even where
-    /// the adapter has `SHADER_F16`, so that tests compare the two on one
-    /// device. Builds the packed pipelines on the first call of the context.
+    /// `u32` words, the kernels of adapters without `SHADER_F16`; `true`)
+    /// or through WGSL's `f16` where the adapter has `SHADER_F16` (`false`),
+    /// instead of the default of [`GpuBatchNorm::set_storage_dtype`], so
+    /// that tests compare the two on one device. Builds the packed pipelines
+    /// on the first call of the context.
     ///
     /// # Errors
     /// [`crate::Error::Wgpu`] when the pipelines cannot be built.
@@ -37,19 +41,29 @@ impl GpuBatchNorm {
         if packed {
             self.ctx.kernels().f16_packed(self.ctx.device())?;
         }
-        self.packed_f16 = packed;
+        self.packed_f16 = Some(packed);
         Ok(())
     }
 }
 
 /// The element kernels of `ctx` for tensors stored as `dtype`; `packed`:
-/// the packed f16 kernels where they were built
-/// ([`GpuBatchNorm::set_packed_f16`]).
+/// the packed f16 kernels where they were built, as set
+/// ([`GpuBatchNorm::set_packed_f16`]), by default on lavapipe (built on
+/// first use there).
 ///
 /// # Errors
-/// [`Error::Unsupported`] for f16 on a device without f16 kernels.
-pub(super) fn elements(ctx: &GpuContext, dtype: DType, packed: bool) -> Result<&ElementKernels> {
+/// [`Error::Unsupported`] for f16 on a device without f16 kernels;
+/// [`Error::Wgpu`] when the packed pipelines cannot be built.
+pub(super) fn elements(
+    ctx: &GpuContext,
+    dtype: DType,
+    packed: Option<bool>,
+) -> Result<&ElementKernels> {
     let k = ctx.kernels();
+    let packed = dtype == DType::F16 && packed.unwrap_or_else(|| ctx.cpu_vulkan());
+    if packed {
+        k.f16_packed(ctx.device())?;
+    }
     match dtype {
         DType::F32 => Ok(&k.f32),
         DType::F16 => k.f16(packed).map_err(|why| Error::Unsupported {
