@@ -213,18 +213,18 @@ impl GpuBatchNorm {
             if g.fusion.activation == Activation::Relu {
                 flags |= FLAG_RELU;
             }
+            // FLAG_RESIDUAL: read by the single pass alone (it writes dz)
             match g.dz {
-                Some(dz) => upstream = dz,
+                Some(dz) => (upstream, flags) = (dz, flags | FLAG_RESIDUAL),
                 None => in_place = true,
             }
             gated = Some((g.y, g.dz.unwrap_or(dx)));
         }
         let plan = self.plan(walk, x.dtype(), flags)?;
-        if let Some(mut grid) = batch.then(|| self.single_grid(&plan, e, true)).flatten() {
+        if let Some(grid) = batch.then(|| self.single_grid(&plan, e, true)).flatten() {
             let (y, dz) = gate
                 .filter(Gate::fused)
                 .map_or((None, None), |g| (Some(g.y), g.dz));
-            grid.key.fused = (flags & FLAG_RELU) | if dz.is_some() { FLAG_RESIDUAL } else { 0 };
             let params = self.cache.params(&self.ctx, &plan.chunks[0].p)?;
             let mut passes: Vec<Pass<'_>> = before.into_iter().collect();
             passes.push(self.backward_single(e, grid, &params, (x, dy, dx), (y, dz), saved)?);
