@@ -1,6 +1,7 @@
 // Single-pass backward with batch statistics (single.wgsl's groups, vec4
-// items of single_vec4.wgsl: ITEMS_RUN4, ITEMS_LANES or ITEMS_QUADS): what backward_partial, backward_finalize and
-// backward_dx do in three dispatches, reading `x` and `dy` once. Each thread
+// items of single_vec4.wgsl: ITEMS_RUN4, ITEMS_LANES or ITEMS_QUADS): what
+// backward_partial, backward_finalize and backward_dx do in three
+// dispatches, reading `x` and `dy` once. Each thread
 // holds its items of `x - K` and of the upstream gradient `g` in registers:
 //   1. S1 = sum(g), S2 = sum(g * (x - K)), merged over the group,
 //   2. dweight = (S2 - d S1) invstd and dbias = S1 into the layer's state,

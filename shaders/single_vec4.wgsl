@@ -56,7 +56,7 @@ fn spread(a: vec4<f32>, r: u32) -> vec4<f32> {
 // Sums over items by channel: for ITEMS_QUADS one vec4 per channel of the
 // group (a lane's value goes to the sum of its channel: selects, so that a
 // non-finite lane stays in its channel), added up across lanes at the end
-// (`total`); for the other items `c0` alone, the sums of the item's lanes.
+// (`acc_total`); for the other items `c0` alone, the sums of the item's lanes.
 struct Acc {
     c0: vec4<f32>,
     c1: vec4<f32>,

@@ -37,10 +37,7 @@ fn f16_sets(ctx: &GpuContext) -> Vec<bool> {
 /// The suffix of the element kernels a layer runs on `ctx` by default: the
 /// packed ones without SHADER_F16, and on lavapipe (a CPU adapter on Vulkan).
 fn default_suffix(ctx: &GpuContext) -> &'static str {
-    let info = ctx.adapter_info();
-    let lavapipe =
-        info.device_type == wgpu::DeviceType::Cpu && info.backend == wgpu::Backend::Vulkan;
-    suffix(ctx, lavapipe)
+    suffix(ctx, is_lavapipe(ctx))
 }
 
 /// The suffix of the element kernels a layer with `packed` runs on `ctx`.

@@ -67,13 +67,6 @@ fn kernels(bn: &GpuBatchNorm) -> Vec<&'static str> {
         .collect()
 }
 
-/// Whether the single passes are the default on `ctx`: a CPU adapter on
-/// Vulkan (lavapipe).
-fn by_default(ctx: &GpuContext) -> bool {
-    let info = ctx.adapter_info();
-    info.device_type == wgpu::DeviceType::Cpu && info.backend == wgpu::Backend::Vulkan
-}
-
 #[test]
 fn the_single_pass_matches_the_reference_and_the_passes() {
     for (i, (name, dims, layout, _)) in cases().into_iter().enumerate() {
@@ -102,7 +95,7 @@ fn it_runs_where_it_applies_and_not_elsewhere() {
             let on = format!("{name} on {}", ctx.label());
             bn.run_forward_train(&gx).unwrap();
             let quads = name.starts_with("quads");
-            if by_default(ctx) && kernel == "forward_single" && !quads {
+            if is_lavapipe(ctx) && kernel == "forward_single" && !quads {
                 // the default on lavapipe, for vec4 items (but the
                 // forward's items of four channels' runs)
                 assert_eq!(kernels(&bn), [kernel, "single_finalize"], "{on}");
@@ -133,7 +126,7 @@ fn it_runs_where_it_applies_and_not_elsewhere() {
             let single = kernels(&plain) == ["backward_single"];
             assert_eq!(
                 single,
-                by_default(ctx) && kernel == "forward_single",
+                is_lavapipe(ctx) && kernel == "forward_single",
                 "{on}"
             );
             let eval_fwd = eval.run_forward_eval(&gx).unwrap();

@@ -105,6 +105,13 @@ fn rank(info: &wgpu::AdapterInfo, pref: wgpu::PowerPreference) -> (u8, u8) {
     (kind, backend)
 }
 
+/// Whether `info` names a CPU adapter on Vulkan (Mesa's lavapipe), where
+/// the single passes and the packed f16 kernels measured faster
+/// (BENCHMARKS.md).
+pub(crate) fn cpu_vulkan(info: &wgpu::AdapterInfo) -> bool {
+    info.device_type == wgpu::DeviceType::Cpu && info.backend == wgpu::Backend::Vulkan
+}
+
 /// Adapters that match `selection` and can run compute shaders, best first.
 pub(crate) fn matching_adapters(selection: &AdapterSelection) -> Vec<wgpu::Adapter> {
     let instance = instance(selection.backends);

@@ -287,14 +287,6 @@ impl GpuContext {
         &self.inner.info.name
     }
 
-    /// Whether the adapter is a CPU adapter on Vulkan (Mesa's lavapipe),
-    /// where the single passes and the packed f16 kernels measured faster
-    /// (BENCHMARKS.md).
-    pub(crate) fn cpu_vulkan(&self) -> bool {
-        let info = self.adapter_info();
-        info.device_type == wgpu::DeviceType::Cpu && info.backend == wgpu::Backend::Vulkan
-    }
-
     /// Adapter description from wgpu.
     pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
         &self.inner.info

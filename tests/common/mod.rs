@@ -20,6 +20,14 @@ pub fn gpu_required() -> bool {
     set("CI") || set("BNORM_REQUIRE_GPU")
 }
 
+/// Whether `ctx` is a CPU adapter on Vulkan (Mesa's lavapipe), where the
+/// library takes the single passes and the packed f16 kernels by default.
+pub fn is_lavapipe(ctx: &GpuContext) -> bool {
+    use wgpu_batchnorm::wgpu::{Backend, DeviceType};
+    let info = ctx.adapter_info();
+    info.device_type == DeviceType::Cpu && info.backend == Backend::Vulkan
+}
+
 /// Every adapter wgpu finds (once per test binary). Without one, the test
 /// fails when a GPU is required and says SKIPPED loudly otherwise.
 pub fn gpu_contexts() -> &'static [GpuContext] {

@@ -14,6 +14,7 @@
 use super::plan::Plan;
 use super::{GpuBatchNorm, Pass};
 use crate::error::{Error, Result};
+use crate::gpu::adapter::cpu_vulkan;
 use crate::gpu::kernels::Kernel;
 use crate::gpu::pipelines::{ElementKernels, SingleKey, binds_single};
 use crate::gpu::tensor::GpuTensor;
@@ -116,7 +117,9 @@ impl GpuBatchNorm {
     ) -> Option<SingleGrid> {
         // measured to pay on lavapipe (a CPU adapter on Vulkan); on llvmpipe's
         // GL the passes ran faster (BENCHMARKS.md)
-        if !self.single_pass.unwrap_or(self.ctx.cpu_vulkan())
+        if !self
+            .single_pass
+            .unwrap_or(cpu_vulkan(self.ctx.adapter_info()))
             || plan.chunks.len() != 1
             || !binds_single(self.ctx.limits(), backward)
         {

@@ -3,6 +3,7 @@
 
 use super::GpuBatchNorm;
 use crate::error::{Error, Result};
+use crate::gpu::adapter::cpu_vulkan;
 use crate::gpu::context::GpuContext;
 use crate::gpu::pipelines::ElementKernels;
 use crate::layout::DType;
@@ -60,7 +61,7 @@ pub(super) fn elements(
     packed: Option<bool>,
 ) -> Result<&ElementKernels> {
     let k = ctx.kernels();
-    let packed = dtype == DType::F16 && packed.unwrap_or_else(|| ctx.cpu_vulkan());
+    let packed = dtype == DType::F16 && packed.unwrap_or_else(|| cpu_vulkan(ctx.adapter_info()));
     if packed {
         k.f16_packed(ctx.device())?;
     }
