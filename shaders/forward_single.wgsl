@@ -2,7 +2,8 @@
 // of one run of one channel (ITEMS_RUN4: channels-first, runs a multiple of
 // 4 long), one element each of four adjacent channels (ITEMS_LANES: one
 // element per run, channels-last or (N, C), C a multiple of 4), or four
-// elements of the runs of four adjacent channels (ITEMS_QUADS). Fused
+// elements of the runs of four adjacent channels (ITEMS_QUADS). With EVAL
+// an evaluation forward from the running statistics instead. Fused
 // (FUSED): `y = act(BN(x) + z)`; otherwise `z` is not read (an unfused call
 // binds `x` there). Items: single_vec4.wgsl.
 @group(0) @binding(1) var<storage, read> x: array<Elem4>;
@@ -15,8 +16,26 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    count_alone(lid);
     let at = place(wid, nwg, lid);
     let items = items_per_channel();
+    if EVAL {
+        let co = eval_coefs(at);
+        for (var k = 0u; k < K; k++) {
+            let i = at.l + k * T;
+            if at.live && i < items {
+                let it = item_of(at.g, i);
+                var zv = vec4(0.0);
+                if (FUSED & FLAG_RESIDUAL) != 0u {
+                    zv = load4(z[it.x]);
+                }
+                let r = it.y;
+                let lane = Coefs(spread(co.center, r), spread(co.scale, r), spread(co.shift, r));
+                y[it.x] = store4(output(load4(x[it.x]), lane, zv));
+            }
+        }
+        return;
+    }
     var v: array<vec4<f32>, K_MAX>;
     var ix: array<u32, K_MAX>;
     var quad: array<u32, K_MAX>;

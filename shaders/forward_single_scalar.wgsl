@@ -24,6 +24,7 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    count_alone(lid);
     let at = place(wid, nwg, lid);
     let items = (p.per_channel + 3u) / 4u;
     var v: array<vec4<f32>, K_MAX>;

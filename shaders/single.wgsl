@@ -16,7 +16,8 @@
 //   3. y from the registers.
 // The group's first thread leaves (K, d, var, SEEN_* bits) in `saved`, and
 // single_finalize.wgsl, dispatched after, counts the batch, turns them into
-// the saved statistics and moves the running statistics. A group merges its
+// the saved statistics and moves the running statistics; a grid of one
+// workgroup (ALONE) does both itself, in one dispatch. A group merges its
 // threads' sums in two steps through workgroup memory (T values into T / 16
 // partials, then those), few barriers: on a CPU adapter each barrier
 // switches every invocation of the workgroup.
@@ -25,7 +26,7 @@
 // item to item ran the pass 1.2 to 1.3 times slower on lavapipe.
 //
 // The host picks T and K from the shape (src/gpu/batchnorm/single.rs) and
-// builds one pipeline per (ITEMS, T, K, FUSED) with these overrides.
+// builds one pipeline per (ITEMS, T, K, FUSED, ALONE) with these overrides.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(2) var<storage, read_write> state: array<u32>;        // sections: see common.wgsl
@@ -43,6 +44,14 @@ override ITEMS: u32 = 0u;
 // Params.flags, so that an unfused pipeline holds no code for them (a CPU
 // adapter runs both sides of a branch, masked).
 override FUSED: u32 = 0u;
+// The forward's grid is this one workgroup: it counts the batch
+// (count_alone) and finishes its channels itself (save_channel), so no
+// single_finalize dispatch follows. Small tensors pay per dispatch more
+// than for their traffic (BENCHMARKS.md).
+override ALONE: bool = false;
+// An evaluation forward (forward_single.wgsl): y from the running
+// statistics, no sums, one dispatch in place of eval_coeffs and normalize.
+override EVAL: bool = false;
 // Four elements of one run of one channel (channels-first, runs a multiple of 4 long).
 const ITEMS_RUN4: u32 = 0u;
 // One element each of four adjacent channels (one element per run, C a multiple of 4).
@@ -89,6 +98,18 @@ fn place(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> Place {
         groups = p.channels / 4u;
     }
     return Place(grp, lid - grp * T, g, g < groups);
+}
+
+// With ALONE: counts the batch (FLAG_UPDATE_RUNNING) before any channel of
+// the workgroup reads the step's momentum factor. Every invocation calls it
+// first.
+fn count_alone(lid: u32) {
+    if ALONE {
+        if lid == 0u && (p.flags & FLAG_UPDATE_RUNNING) != 0u {
+            count_batch_now();
+        }
+        storageBarrier();
+    }
 }
 
 // Channels of a group.
@@ -270,9 +291,14 @@ fn group_coefs(at: Place, shift: vec4<f32>, mean: Mean, q: vec4<f32>) -> Coefs {
         sh_res_seen[at.grp] = mean.seen;
         if at.live {
             for (var k = 0u; k < lanes(); k++) {
+                let c = lane_channel(at.g, k);
                 let var_biased = t.sum[k] * p.inv_m;
-                let seen = bitcast<f32>(lane_seen(mean.seen, k));
-                saved[lane_channel(at.g, k)] = vec4(shift[k], mean.d[k], var_biased, seen);
+                let seen = lane_seen(mean.seen, k);
+                if ALONE {
+                    save_channel(c, shift[k], mean.d[k], var_biased, invstd_of(var_biased), seen);
+                } else {
+                    saved[c] = vec4(shift[k], mean.d[k], var_biased, bitcast<f32>(seen));
+                }
             }
         }
     }
@@ -286,6 +312,32 @@ fn group_coefs(at: Place, shift: vec4<f32>, mean: Mean, q: vec4<f32>) -> Coefs {
         out.center[k] = co.x;
         out.scale[k] = co.y;
         out.shift[k] = co.z;
+    }
+    if lanes() == 1u {
+        out = Coefs(vec4(out.center.x), vec4(out.scale.x), vec4(out.shift.x));
+    }
+    return out;
+}
+
+// With EVAL: the coefficients of the group's lanes from the running
+// statistics (as eval_coeffs.wgsl), and the group's first thread saves
+// (running_mean, 0, invstd) per channel for a backward of this forward.
+fn eval_coefs(at: Place) -> Coefs {
+    var out: Coefs;
+    if !at.live {
+        return out;
+    }
+    let s = p.state_stride;
+    for (var k = 0u; k < lanes(); k++) {
+        let c = lane_channel(at.g, k);
+        let mean = state_f32(RUNNING_MEAN * s + c);
+        let root = sqrt(state_f32(RUNNING_VAR * s + c) + p.eps);
+        if at.l == 0u {
+            saved[c] = vec4<f32>(mean, 0.0, 1.0 / root, 0.0);
+        }
+        out.center[k] = mean;
+        out.scale[k] = state_f32(WEIGHT * s + c) / root;
+        out.shift[k] = state_f32(BIAS * s + c);
     }
     if lanes() == 1u {
         out = Coefs(vec4(out.center.x), vec4(out.scale.x), vec4(out.shift.x));

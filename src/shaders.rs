@@ -405,24 +405,26 @@ variants!(
     "Single-pass training forward, vec4 items (statistics, running statistics \
      and y in one dispatch; pipelines per `ITEMS`, `T`, `K` override)",
     FORWARD_SINGLE, FORWARD_SINGLE_F16, FORWARD_SINGLE_F16_PACKED =
-    "forward_single", uses "special", uses "finish", uses "single", uses "single_vec4"
+    "forward_single", uses "special", uses "counter", uses "finish", uses "single",
+    uses "single_vec4"
 );
 variants!(
     "Single-pass backward with batch statistics, vec4 items (sums, dweight, \
      dbias and dx in one dispatch; pipelines per `ITEMS`, `T`, `K`, `FUSED` override)",
     BACKWARD_SINGLE, BACKWARD_SINGLE_F16, BACKWARD_SINGLE_F16_PACKED =
-    "backward_single", uses "special", uses "finish", uses "single", uses "single_vec4"
+    "backward_single", uses "special", uses "counter", uses "finish", uses "single",
+    uses "single_vec4"
 );
 /// Single-pass training forward, items of four single elements.
 pub const FORWARD_SINGLE_SCALAR: Shader = shader!(
-    "forward_single_scalar", uses "special", uses "finish", uses "single"
+    "forward_single_scalar", uses "special", uses "counter", uses "finish", uses "single"
 );
 /// Single-pass training forward, items of four single elements, f16
 /// storage. It writes single elements, so it has no packed variant
 /// ([`NO_PACKED`]).
 pub const FORWARD_SINGLE_SCALAR_F16: Shader = shader!(
     @ "forward_single_scalar_f16", "forward_single_scalar", prelude_f16!();
-    "special", "finish", "single"
+    "special", "counter", "finish", "single"
 );
 /// The files whose kernels write single elements of the big tensors one
 /// thread each, which packed f16 (two elements per word) cannot do: they

@@ -1,10 +1,11 @@
-//! The single-pass training forward and backward
+//! The single-pass training forward, evaluation forward and backward
 //! (`GpuBatchNorm::set_single_pass`): where they run, seen in
 //! `last_dispatches`, and that they give the reference's results and those
 //! of the passes, for every kind of item (vec4 runs, vec4 lanes of four
 //! channels, single elements: the forward only), the fused forward and
 //! backward and f16 storage. The parity, property and fixture tests run
-//! them too, on lavapipe (a CPU adapter on Vulkan), where they are the default.
+//! them too: by default on every adapter for tensors of at most 2^17
+//! elements, and on lavapipe (a CPU adapter on Vulkan) for larger ones.
 
 mod common;
 use common::*;
@@ -67,6 +68,17 @@ fn kernels(bn: &GpuBatchNorm) -> Vec<&'static str> {
         .collect()
 }
 
+/// The dispatches of a single-pass forward of `kernel`, as the last call of
+/// `bn` ran it: `kernel`, then `single_finalize`, unless its grid is one
+/// workgroup, which counts the batch and finishes its channels itself.
+fn single_forward(bn: &GpuBatchNorm, kernel: &'static str) -> Vec<&'static str> {
+    if bn.last_dispatches()[0].grid == [1, 1] {
+        vec![kernel]
+    } else {
+        vec![kernel, "single_finalize"]
+    }
+}
+
 #[test]
 fn the_single_pass_matches_the_reference_and_the_passes() {
     for (i, (name, dims, layout, _)) in cases().into_iter().enumerate() {
@@ -86,6 +98,8 @@ fn the_single_pass_matches_the_reference_and_the_passes() {
 #[test]
 fn it_runs_where_it_applies_and_not_elsewhere() {
     assert!(!gpu_contexts().is_empty() || !gpu_required());
+    // forced single-pass forwards with and without single_finalize
+    let mut alone = [0, 0];
     for (name, dims, layout, kernel) in cases() {
         let config = config_of(&dims, layout);
         let x = normal(&mut rng(7), &dims, 0.0, 1.0);
@@ -93,24 +107,27 @@ fn it_runs_where_it_applies_and_not_elsewhere() {
             let gx = GpuTensor::from_array(ctx, x.view(), layout).unwrap();
             let mut bn = GpuBatchNorm::new(ctx, config.clone()).unwrap();
             let on = format!("{name} on {}", ctx.label());
+            // the default on every adapter for tensors this small
             bn.run_forward_train(&gx).unwrap();
-            let quads = name.starts_with("quads");
-            if is_lavapipe(ctx) && kernel == "forward_single" && !quads {
-                // the default on lavapipe, for vec4 items (but the
-                // forward's items of four channels' runs)
-                assert_eq!(kernels(&bn), [kernel, "single_finalize"], "{on}");
+            assert_eq!(kernels(&bn), single_forward(&bn, kernel), "{on}");
+            let vec4 = kernel == "forward_single";
+            bn.run_forward_eval(&gx).unwrap();
+            let eval_kernels = kernels(&bn);
+            if vec4 {
+                assert_eq!(eval_kernels, ["forward_single"], "{on}");
             } else {
-                assert!(kernels(&bn).contains(&"stats_finalize"), "{on}");
+                assert_eq!(eval_kernels[0], "eval_coeffs", "{on}");
             }
             bn.set_single_pass(Some(true));
             bn.run_forward_train(&gx).unwrap();
-            assert_eq!(kernels(&bn), [kernel, "single_finalize"], "{on}");
+            assert_eq!(kernels(&bn), single_forward(&bn, kernel), "{on}");
+            alone[usize::from(kernels(&bn).len() == 1)] += 1;
             // an evaluation forward with batch statistics (counts nothing)
             let mut eval =
                 GpuBatchNorm::new(ctx, config.clone().with_track_running_stats(false)).unwrap();
             eval.set_single_pass(Some(true));
             eval.run_forward_eval(&gx).unwrap();
-            assert_eq!(kernels(&eval), [kernel, "single_finalize"], "{on}");
+            assert_eq!(kernels(&eval), single_forward(&eval, kernel), "{on}");
             // the backward: in one pass for vec4 items, by default on
             // lavapipe (items of four channels' runs included)
             let fwd = bn.run_forward_train(&gx).unwrap();
@@ -123,12 +140,7 @@ fn it_runs_where_it_applies_and_not_elsewhere() {
             let mut plain = GpuBatchNorm::new(ctx, config.clone()).unwrap();
             let fwd = plain.run_forward_train(&gx).unwrap();
             plain.run_backward(&gx, &gx, &fwd.saved).unwrap();
-            let single = kernels(&plain) == ["backward_single"];
-            assert_eq!(
-                single,
-                is_lavapipe(ctx) && kernel == "forward_single",
-                "{on}"
-            );
+            assert_eq!(kernels(&plain) == ["backward_single"], vec4, "{on}");
             let eval_fwd = eval.run_forward_eval(&gx).unwrap();
             eval.run_backward(&gx, &gx, &eval_fwd.saved).unwrap();
             assert_eq!(
@@ -137,6 +149,8 @@ fn it_runs_where_it_applies_and_not_elsewhere() {
                 "{on}"
             );
             bn.set_single_pass(Some(false));
+            bn.run_forward_eval(&gx).unwrap();
+            assert_eq!(kernels(&bn)[0], "eval_coeffs", "{on}");
             let fwd = bn.run_forward_train(&gx).unwrap();
             let passes = kernels(&bn);
             assert!(passes[0].starts_with("stats_partial"), "{on}: {passes:?}");
@@ -149,6 +163,28 @@ fn it_runs_where_it_applies_and_not_elsewhere() {
             );
             assert_eq!(passes.len(), 3, "{on}: {passes:?}");
         }
+    }
+    if !gpu_contexts().is_empty() {
+        assert!(alone[0] > 0 && alone[1] > 0, "{alone:?}");
+    }
+    // past 2^17 elements, the default on lavapipe only, and not for the
+    // evaluation forward
+    let dims = [4, 8, 64, 65];
+    let x = normal(&mut rng(11), &dims, 0.0, 1.0);
+    for ctx in gpu_contexts() {
+        let on = ctx.label();
+        let gx = GpuTensor::from_array(ctx, x.view(), Layout::ChannelsFirst).unwrap();
+        let mut bn = GpuBatchNorm::new(ctx, BatchNormConfig::new(8)).unwrap();
+        let fwd = bn.run_forward_train(&gx).unwrap();
+        let lavapipe = is_lavapipe(ctx);
+        assert_eq!(kernels(&bn)[0] == "forward_single", lavapipe, "{on}");
+        bn.run_backward(&gx, &gx, &fwd.saved).unwrap();
+        assert_eq!(kernels(&bn) == ["backward_single"], lavapipe, "{on}");
+        bn.run_forward_eval(&gx).unwrap();
+        assert_eq!(kernels(&bn)[0], "eval_coeffs", "{on}");
+        bn.set_single_pass(Some(true));
+        bn.run_forward_eval(&gx).unwrap();
+        assert_eq!(kernels(&bn), ["forward_single"], "{on}");
     }
     // an evaluation-mode backward from the running statistics takes the passes
     let x = normal(&mut rng(10), &[4, 6, 8, 8], 0.0, 1.0);
@@ -195,7 +231,8 @@ fn it_runs_where_it_applies_and_not_elsewhere() {
 }
 
 /// `y`, saved statistics and running statistics of a fused training forward
-/// of `x` + `z` with `act`, in one pass or in passes.
+/// of `x` + `z` with `act`, in one pass or in passes, then `y` and the saved
+/// statistics of a fused evaluation forward.
 fn fused_forward(
     ctx: &GpuContext,
     config: &BatchNormConfig,
@@ -216,12 +253,18 @@ fn fused_forward(
     );
     let s = bn.state().unwrap();
     let saved = fwd.saved.read().unwrap().unwrap();
+    // and the fused evaluation forward from the running statistics moved
+    let eval = bn.run_forward_eval_fused(&gx, Some(&gz), act).unwrap();
+    let eval_saved = eval.saved.read().unwrap().unwrap();
     vec![
         fwd.y.to_vec().unwrap(),
         saved.mean,
         saved.invstd,
         s.running_mean.unwrap(),
         s.running_var.unwrap(),
+        eval.y.to_vec().unwrap(),
+        eval_saved.mean,
+        eval_saved.invstd,
     ]
 }
 
@@ -236,10 +279,17 @@ fn fused_forwards_in_one_pass_match_those_in_passes() {
             for act in [Activation::Identity, Activation::Relu] {
                 let one = fused_forward(ctx, &config, (&x, &z), act, true);
                 let passes = fused_forward(ctx, &config, (&x, &z), act, false);
-                for (what, (a, b)) in ["y", "mean", "invstd", "running_mean", "running_var"]
-                    .iter()
-                    .zip(one.iter().zip(&passes))
-                {
+                let names = [
+                    "y",
+                    "mean",
+                    "invstd",
+                    "running_mean",
+                    "running_var",
+                    "y_eval",
+                    "mean_eval",
+                    "invstd_eval",
+                ];
+                for (what, (a, b)) in names.iter().zip(one.iter().zip(&passes)) {
                     all_close(what, a, b, TOL, TOL)
                         .unwrap_or_else(|e| panic!("{name} {act:?} on {}: {e}", ctx.label()));
                 }
@@ -271,7 +321,7 @@ fn f16_in_one_pass_matches_f16_in_passes() {
                     bn.set_single_pass(Some(single));
                     let y = flat(&bn.forward_train(x.view()).unwrap());
                     let rm = bn.state().unwrap().running_mean.unwrap();
-                    let ran = kernels(&bn);
+                    let ran = (kernels(&bn), single_forward(&bn, kernel));
                     let g = bn.backward(x.view(), dy.view(), Mode::Train).unwrap();
                     let vec4 = kernel == "forward_single";
                     assert_eq!(kernels(&bn) == ["backward_single"], single && vec4, "{on}");
@@ -281,11 +331,12 @@ fn f16_in_one_pass_matches_f16_in_passes() {
                 let (one, rm1, ran, g1) = run(true);
                 let (passes, rm2, _, g2) = run(false);
                 let packed_words = packed || !shader_f16;
+                let (ran, want) = ran;
                 if packed_words && kernel == "forward_single_scalar" {
                     // single elements cannot be written into shared words
                     assert!(ran[0].starts_with("stats_partial"), "{on}: {ran:?}");
                 } else {
-                    assert_eq!(ran, [kernel, "single_finalize"], "{on}");
+                    assert_eq!(ran, want, "{on}");
                 }
                 // y is rounded to f16: one unit in the last place of 2^-10
                 all_close("y", &one, &passes, 2e-3, 2e-3).unwrap_or_else(|e| panic!("{on}: {e}"));

@@ -36,19 +36,33 @@ pub(crate) struct ElementKernels {
     single: Mutex<HashMap<SingleKey, Arc<Kernel>>>,
 }
 
-/// One single-pass pipeline (shaders/single.wgsl): the forward or the
-/// backward, and its overrides: what an item is (`ITEMS`), threads per
-/// channel group (`T`), items per thread (`K`) and the fusion (`FUSED`: the
-/// `FLAG_RESIDUAL` and `FLAG_RELU` bits).
+/// What a single pass computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum SingleOp {
+    /// The forward with batch statistics (`forward_single*`).
+    Train,
+    /// The evaluation forward from the running statistics (`forward_single`
+    /// with `EVAL`).
+    Eval,
+    /// The backward with batch statistics (`backward_single`).
+    Backward,
+}
+
+/// One single-pass pipeline (shaders/single.wgsl): what it computes, and
+/// its overrides: what an item is (`ITEMS`), threads per
+/// channel group (`T`), items per thread (`K`), the fusion (`FUSED`: the
+/// `FLAG_RESIDUAL` and `FLAG_RELU` bits) and whether a forward's grid is one
+/// workgroup that finishes its channels itself (`ALONE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct SingleKey {
-    /// The backward (`backward_single`) rather than the forward.
-    pub backward: bool,
+    pub op: SingleOp,
     /// `ITEMS_RUN4` (0), `ITEMS_LANES` (1), `ITEMS_SCALAR` (2) or `ITEMS_QUADS` (3).
     pub items: u32,
     pub t: u32,
     pub k: u32,
     pub fused: u32,
+    /// A forward of one workgroup, with no `single_finalize` after it.
+    pub alone: bool,
 }
 
 impl SingleKey {
@@ -206,18 +220,20 @@ impl ElementKernels {
 
     /// The single-pass pipeline of `key`, built on its first use. `None`
     /// for items of single elements in packed f16 (see
-    /// [`shaders::NO_PACKED`]) or in a backward (vec4 items only).
+    /// [`shaders::NO_PACKED`]), an evaluation or a backward (vec4 items
+    /// only).
     ///
     /// # Errors
     /// [`crate::Error::Wgpu`] when the pipeline cannot be built.
     pub fn single(&self, device: &wgpu::Device, key: SingleKey) -> Result<Option<Arc<Kernel>>> {
         use shaders::*;
         let scalar = key.items == SingleKey::SCALAR;
+        let backward = key.op == SingleOp::Backward;
         let shader = match (scalar, self.storage) {
-            (true, _) if key.backward => return Ok(None),
-            (false, Storage::F32) if key.backward => BACKWARD_SINGLE,
-            (false, Storage::F16) if key.backward => BACKWARD_SINGLE_F16,
-            (false, Storage::F16Packed) if key.backward => BACKWARD_SINGLE_F16_PACKED,
+            (true, _) if key.op != SingleOp::Train => return Ok(None),
+            (false, Storage::F32) if backward => BACKWARD_SINGLE,
+            (false, Storage::F16) if backward => BACKWARD_SINGLE_F16,
+            (false, Storage::F16Packed) if backward => BACKWARD_SINGLE_F16_PACKED,
             (false, Storage::F32) => FORWARD_SINGLE,
             (false, Storage::F16) => FORWARD_SINGLE_F16,
             (false, Storage::F16Packed) => FORWARD_SINGLE_F16_PACKED,
@@ -231,7 +247,7 @@ impl ElementKernels {
         }
         use Slot::{Read as R, Uniform as U, Write as W};
         let scope = ErrorScopes::push(device);
-        let slots: &[Slot] = if key.backward {
+        let slots: &[Slot] = if backward {
             &[U, R, W, W, W, R, R, W]
         } else {
             &[U, R, W, W, W, R]
@@ -245,6 +261,8 @@ impl ElementKernels {
                 ("T", f64::from(key.t)),
                 ("K", f64::from(key.k)),
                 ("FUSED", f64::from(key.fused)),
+                ("ALONE", f64::from(u8::from(key.alone))),
+                ("EVAL", f64::from(u8::from(key.op == SingleOp::Eval))),
             ],
         );
         scope.pop(&format!("building the pipeline {}", kernel.label))?;

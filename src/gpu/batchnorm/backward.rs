@@ -15,7 +15,7 @@ use super::{GpuBatchNorm, GpuSavedStats, Pass};
 use crate::error::{Error, Result};
 use crate::fused::{Activation, Fusion};
 use crate::gpu::kernels::{Kernel, Params};
-use crate::gpu::pipelines::{self, ElementKernels, FusedKernels};
+use crate::gpu::pipelines::{self, ElementKernels, FusedKernels, SingleOp};
 use crate::gpu::tensor::GpuTensor;
 use crate::shaders::{FLAG_BATCH_STATS, FLAG_RELU, FLAG_RESIDUAL, WG_CHANNEL};
 use crate::shape::ChannelWalk;
@@ -221,7 +221,10 @@ impl GpuBatchNorm {
             gated = Some((g.y, g.dz.unwrap_or(dx)));
         }
         let plan = self.plan(walk, x.dtype(), flags)?;
-        if let Some(grid) = batch.then(|| self.single_grid(&plan, e, true)).flatten() {
+        if let Some(grid) = batch
+            .then(|| self.single_grid(&plan, e, SingleOp::Backward))
+            .flatten()
+        {
             let (y, dz) = gate
                 .filter(Gate::fused)
                 .map_or((None, None), |g| (Some(g.y), g.dz));

@@ -102,8 +102,11 @@ impl Cache {
         Ok(group)
     }
 
-    /// Forgets the bind groups (after a buffer they hold was replaced).
-    pub fn forget_groups(&mut self) {
-        self.groups.clear();
+    /// Forgets the bind groups that hold `buffer` (after it was replaced);
+    /// the others stay, so that a call that grows the scratch buffer does
+    /// not make the bind groups of other passes anew on the next call.
+    pub fn forget_groups_of(&mut self, buffer: &wgpu::Buffer) {
+        self.groups
+            .retain(|key, _| key.slots.iter().all(|(b, _, _)| b != buffer));
     }
 }

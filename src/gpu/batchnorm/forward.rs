@@ -9,7 +9,7 @@ use crate::config::Mode;
 use crate::error::Result;
 use crate::fused::Activation;
 use crate::gpu::kernels::Params;
-use crate::gpu::pipelines::ElementKernels;
+use crate::gpu::pipelines::{ElementKernels, SingleOp};
 use crate::gpu::tensor::GpuTensor;
 use crate::shaders::{FLAG_RELU, FLAG_RESIDUAL, FLAG_UPDATE_RUNNING, WG_CHANNEL};
 use crate::shape::ChannelWalk;
@@ -173,12 +173,17 @@ impl GpuBatchNorm {
         let e = elements(&ctx, x.dtype(), self.packed_f16)?;
         let flags = if update { FLAG_UPDATE_RUNNING } else { 0 } | fused_flags(z, activation);
         let plan = self.plan(&walk, x.dtype(), flags)?;
-        if let Some(grid) = self.single_grid(&plan, e, false) {
+        if let Some(grid) = self.single_grid(&plan, e, SingleOp::Train) {
             let params = self.cache.params(&self.ctx, &plan.chunks[0].p)?;
-            let passes = [
-                self.forward_single(e, grid, &params, (x, z, y), &saved_buffer)?,
-                self.single_finalize(&ctx.kernels().single_finalize, &params, &saved_buffer)?,
-            ];
+            let mut passes =
+                vec![self.forward_single(e, grid, &params, (x, z, y), &saved_buffer)?];
+            if !grid.key.alone {
+                passes.push(self.single_finalize(
+                    &ctx.kernels().single_finalize,
+                    &params,
+                    &saved_buffer,
+                )?);
+            }
             self.finish_batch_forward(enc, &passes, update, saved, walk);
             return Ok(());
         }
@@ -331,6 +336,13 @@ impl GpuBatchNorm {
         let ctx = self.ctx.clone();
         let e = elements(&ctx, x.dtype(), self.packed_f16)?;
         let plan = self.plan(&walk, x.dtype(), fused_flags(z, activation))?;
+        if let Some(grid) = self.single_grid(&plan, e, SingleOp::Eval) {
+            let params = self.cache.params(&self.ctx, &plan.chunks[0].p)?;
+            let pass = self.forward_single(e, grid, &params, (x, z, y), &saved_buffer)?;
+            self.record(enc, "batchnorm.forward_eval", &[pass]);
+            mark_written(saved, walk.dims, false);
+            return Ok(());
+        }
         let p = plan.whole;
         let params = self.prepare(&p)?;
         let mut passes =

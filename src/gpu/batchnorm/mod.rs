@@ -381,10 +381,13 @@ impl GpuBatchNorm {
         let bytes = u64::from(p.channels) * u64::from(p.slices) * 16;
         if bytes > self.scratch_bytes {
             self.ctx.check_storage_size("partial statistics", bytes)?;
-            self.scratch = self.ctx.storage_buffer("batchnorm.partials", bytes)?;
+            let old = std::mem::replace(
+                &mut self.scratch,
+                self.ctx.storage_buffer("batchnorm.partials", bytes)?,
+            );
             self.scratch_bytes = bytes;
             self.cache.counts.buffers += 1;
-            self.cache.forget_groups();
+            self.cache.forget_groups_of(&old);
         }
         self.cache.params(&self.ctx, p)
     }

@@ -1,8 +1,14 @@
 //! The single passes (`shaders/single.wgsl`), for channels small enough
 //! that a group of threads holds one in registers: the training forward
 //! (statistics, running statistics and `y` in one dispatch that reads `x`
-//! once) and the backward with batch statistics (`dweight`, `dbias` and
+//! once, and a second, `single_finalize`, unless the grid is one
+//! workgroup), the evaluation forward (coefficients and `y` in one
+//! dispatch) and the backward with batch statistics (`dweight`, `dbias` and
 //! `dx` in one dispatch that reads `x` and `dy` once).
+//!
+//! Small tensors take them on every adapter by default: each dispatch
+//! saved weighs more there than the traffic (on lavapipe and llvmpipe's
+//! GL a dispatch costs 100 to 250 µs of host wall time, BENCHMARKS.md).
 //!
 //! The multi-pass forward reads `x` twice (statistics, then normalize), and
 //! the multi-pass backward `x` and `dy` twice (sums, then `dx`). On Mesa's
@@ -16,7 +22,7 @@ use super::{GpuBatchNorm, Pass};
 use crate::error::{Error, Result};
 use crate::gpu::adapter::cpu_vulkan;
 use crate::gpu::kernels::Kernel;
-use crate::gpu::pipelines::{ElementKernels, SingleKey, binds_single};
+use crate::gpu::pipelines::{ElementKernels, SingleKey, SingleOp, binds_single};
 use crate::gpu::tensor::GpuTensor;
 use crate::shaders::{FLAG_RELU, FLAG_RESIDUAL, WG};
 
@@ -28,6 +34,12 @@ const GROUP_THREADS: [u32; 5] = [16, 32, 64, 128, 256];
 const K_AIM: u64 = 16;
 /// The most items a thread holds (`K_MAX` of single.wgsl).
 const K_MAX: u64 = 32;
+/// Tensors of at most this many elements take the single passes by
+/// default on every adapter: one dispatch instead of two or three weighs
+/// more than their traffic. On llvmpipe's GL the training forward and
+/// backward in one pass were faster up to 2^17 elements and slower from
+/// 2^18, on lavapipe faster at both (BENCHMARKS.md).
+const SMALL_TENSOR: u64 = 1 << 17;
 
 /// The grid of a single-pass forward: its pipeline's overrides and its
 /// workgroups (each `WG / T` groups of `T` threads, a group per channel or
@@ -64,11 +76,12 @@ impl SingleGrid {
         let k = per.div_ceil(u64::from(t)) as u32;
         Some(Self {
             key: SingleKey {
-                backward: false,
+                op: SingleOp::Train,
                 items,
                 t,
                 k,
                 fused: 0,
+                alone: false,
             },
             workgroups: groups.div_ceil(WG / t),
         })
@@ -77,70 +90,88 @@ impl SingleGrid {
 
 impl GpuBatchNorm {
     /// Chooses how a training forward (and an evaluation forward with batch
-    /// statistics) and the backward of either run. `None`, the default: in
-    /// one pass that reads `x` (and `dy`) once where it applies on a CPU
-    /// adapter on Vulkan (lavapipe; not llvmpipe's GL, where the passes ran
-    /// faster) and its items are vec4s (runs a
-    /// multiple of 4 long; one element per run and C a multiple of 4; for
-    /// the backward also runs longer than 4 and C a multiple of 4, four
-    /// channels' runs one after the other), where it was measured to pay,
-    /// else in the passes
-    /// `stats_partial`, `stats_finalize`, `normalize`; `Some(true)`: in one
-    /// pass wherever it applies, on any adapter; `Some(false)`: never in
-    /// one pass.
+    /// statistics), an evaluation forward from the running statistics and
+    /// the backward with batch statistics run: in one pass that reads `x`
+    /// (and `dy`) once, or in passes (`stats_partial`, `stats_finalize`,
+    /// `normalize`; `eval_coeffs`, `normalize`; `backward_partial`,
+    /// `backward_finalize`, `backward_dx`).
     ///
-    /// The forward applies when a channel has at most 32768 elements (32
-    /// vec4s for each of 256 threads), the tensor fits one storage binding,
-    /// the device binds 5 storage buffers per stage, and, for f16 stored in
-    /// `u32` words (devices without `SHADER_F16`), its items are vec4s.
-    /// The backward with batch statistics (of a training forward, or of an
-    /// evaluation forward without tracked statistics), plain or fused,
-    /// applies on the same terms for vec4 items, on a device that binds 7
-    /// storage buffers per stage; a backward from the running statistics
-    /// always takes the passes. [`GpuBatchNorm::last_dispatches`] shows
-    /// which ran: `forward_single` (or `forward_single_scalar`) and
-    /// `single_finalize`, `backward_single`, or the passes
-    /// (`backward_partial`, `backward_finalize`, `backward_dx` for the
-    /// backward).
+    /// - `None`, the default: in one pass where it applies and was
+    ///   measured to pay (BENCHMARKS.md):
+    ///   - on every adapter, for tensors of at most 2^17 elements, where
+    ///     the dispatches saved weigh more than the traffic (on lavapipe
+    ///     and llvmpipe's GL each dispatch cost 100 to 250 µs, the
+    ///     training forward of a 32x64 tensor ran 2.4x faster in one pass);
+    ///   - on a CPU adapter on Vulkan (lavapipe) also for larger tensors,
+    ///     the training forward and the backward, with vec4 items (runs a
+    ///     multiple of 4 long; one element per run and C a multiple of 4;
+    ///     for the backward also four channels' runs one after the other).
+    ///     On llvmpipe's GL, and for the evaluation forward on lavapipe,
+    ///     the passes ran faster there.
+    /// - `Some(true)`: in one pass wherever it applies, on any adapter.
+    /// - `Some(false)`: never in one pass.
+    ///
+    /// The training forward applies when a channel has at most 32768
+    /// elements (32 vec4s for each of 256 threads), the tensor fits one
+    /// storage binding, the device binds 5 storage buffers per stage, and,
+    /// for f16 stored in `u32` words (devices without `SHADER_F16`), its
+    /// items are vec4s. The evaluation forward applies on the same terms
+    /// for vec4 items. The backward with batch statistics (of a training
+    /// forward, or of an evaluation forward without tracked statistics),
+    /// plain or fused, applies on the same terms for vec4 items, on a
+    /// device that binds 7 storage buffers per stage; a backward from the
+    /// running statistics always takes the passes.
+    /// [`GpuBatchNorm::last_dispatches`] shows which ran: `forward_single`
+    /// (or `forward_single_scalar`), followed by `single_finalize` unless
+    /// its grid is one workgroup (which then counts the batch and moves
+    /// the running statistics itself), `backward_single`, or the passes.
     pub fn set_single_pass(&mut self, single: Option<bool>) {
         self.single_pass = single;
     }
 
-    /// The grid of a single-pass forward (or, `backward`, of a single-pass
-    /// backward) of `plan` with the kernels `e`, when it runs in one pass.
-    /// The key's fusion is the plan's `FLAG_RESIDUAL` and `FLAG_RELU`.
+    /// The grid of the single pass `op` of `plan` with the kernels `e`,
+    /// when it runs in one pass. The key's fusion is the plan's
+    /// `FLAG_RESIDUAL` and `FLAG_RELU`.
     pub(super) fn single_grid(
         &self,
         plan: &Plan,
         e: &ElementKernels,
-        backward: bool,
+        op: SingleOp,
     ) -> Option<SingleGrid> {
-        // measured to pay on lavapipe (a CPU adapter on Vulkan); on llvmpipe's
-        // GL the passes ran faster (BENCHMARKS.md)
-        if !self
-            .single_pass
-            .unwrap_or(cpu_vulkan(self.ctx.adapter_info()))
+        if self.single_pass == Some(false)
             || plan.chunks.len() != 1
-            || !binds_single(self.ctx.limits(), backward)
+            || !binds_single(self.ctx.limits(), op == SingleOp::Backward)
         {
             return None;
         }
         let p = &plan.chunks[0].p;
         let mut grid = SingleGrid::new(p.outer, p.channels, p.inner)?;
         grid.key.fused = p.flags & (FLAG_RESIDUAL | FLAG_RELU);
-        grid.key.backward = backward;
+        grid.key.op = op;
+        // one workgroup counts the batch and finishes its channels itself
+        grid.key.alone = op == SingleOp::Train && grid.workgroups == 1;
         let scalar = grid.key.items == SingleKey::SCALAR;
-        if backward && scalar {
-            // the single-pass backward has vec4 items only
+        if op != SingleOp::Train && scalar {
+            // the single-pass evaluation and backward have vec4 items only
             return None;
         }
-        let packed = e.storage == crate::shaders::Storage::F16Packed;
-        // items of single elements, and the forward's items of four channels'
-        // runs: slower than the passes on lavapipe (BENCHMARKS.md), so only
-        // on request
+        if scalar && e.storage == crate::shaders::Storage::F16Packed {
+            // single elements cannot be written into shared words
+            return None;
+        }
+        let elements = u64::from(p.outer) * u64::from(p.channels) * u64::from(p.inner);
         let quads = grid.key.items == SingleKey::QUADS;
-        let chosen = self.single_pass.is_some() || !(scalar || (quads && !backward));
-        (chosen && !(packed && scalar)).then_some(grid)
+        // measured on lavapipe (a CPU adapter on Vulkan): the training
+        // forward of single elements or of four channels' runs, and the
+        // evaluation forward, ran slower in one pass than in passes
+        let large_pays = cpu_vulkan(self.ctx.adapter_info())
+            && match op {
+                SingleOp::Train => !(scalar || quads),
+                SingleOp::Eval => false,
+                SingleOp::Backward => true,
+            };
+        let chosen = self.single_pass == Some(true) || elements <= SMALL_TENSOR || large_pays;
+        chosen.then_some(grid)
     }
 
     /// The pipeline of `grid`, or the error naming `what` for a key that has
@@ -175,8 +206,12 @@ impl GpuBatchNorm {
     /// The single pass (`shaders/forward_single.wgsl`, or
     /// `forward_single_scalar.wgsl` for items of single elements): `y =
     /// act(BN(x) + z)`, and each channel's `(K, d, var)` into `saved` for
-    /// [`GpuBatchNorm::single_finalize`]. Without `z` the pass binds `x` in its place and
-    /// does not read it.
+    /// [`GpuBatchNorm::single_finalize`], or, for a grid of one workgroup
+    /// (`key.alone`), the batch counted and the saved and running
+    /// statistics written as that pass would. With [`SingleOp::Eval`] the
+    /// evaluation forward from the running statistics instead (the saved
+    /// statistics of `eval_coeffs`). Without `z` the pass binds `x` in its
+    /// place and does not read it.
     pub(super) fn forward_single<'k>(
         &mut self,
         e: &ElementKernels,
@@ -239,11 +274,12 @@ mod tests {
 
     fn key(items: u32, t: u32, k: u32) -> SingleKey {
         SingleKey {
-            backward: false,
+            op: SingleOp::Train,
             items,
             t,
             k,
             fused: 0,
+            alone: false,
         }
     }
 
