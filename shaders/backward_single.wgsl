@@ -1,7 +1,8 @@
-// Single-pass backward with batch statistics (single.wgsl's groups, vec4
-// items of single_vec4.wgsl: ITEMS_RUN4, ITEMS_LANES or ITEMS_QUADS): what
+// Single-pass backward (single.wgsl's groups, vec4 items of
+// single_vec4.wgsl: ITEMS_RUN4, ITEMS_LANES or ITEMS_QUADS): what
 // backward_partial, backward_finalize and backward_dx do in three
-// dispatches, reading `x` and `dy` once. Each thread
+// dispatches, reading `x` and `dy` once, with the batch statistics
+// (FLAG_BATCH_STATS) or the running ones (then dx = a g). Each thread
 // holds its items of `x - K` and of the upstream gradient `g` in registers:
 //   1. S1 = sum(g), S2 = sum(g * (x - K)), merged over the group,
 //   2. dweight = (S2 - d S1) invstd and dbias = S1 into the layer's state,
@@ -71,8 +72,20 @@ fn main(
     var st = Stats(vec4(0.0), vec4(0.0), vec4(0.0));
     var s1 = acc_new();
     var s2 = acc_new();
+    let batch = (p.flags & FLAG_BATCH_STATS) != 0u;
+    // the sums are taken about `shift`: the forward's K with batch
+    // statistics; from the running statistics a (finite) value of the
+    // channel, not the running mean, which may lie far from the batch (S2 is
+    // moved to the running mean after the merge)
+    var shift = vec4(0.0);
     if at.live {
         st = stats_of(at.g);
+        shift = st.center;
+        if !batch {
+            let v = shift_of(at.g);
+            let finite = (bitcast<vec4<u32>>(v) & vec4(EXP_BITS)) != vec4(EXP_BITS);
+            shift = select(st.center, v, finite);
+        }
         for (var k = 0u; k < K; k++) {
             let i = at.l + k * T;
             if i < items {
@@ -83,7 +96,7 @@ fn main(
                 if (FUSED & FLAG_RESIDUAL) != 0u {
                     dz[ix[k]] = store4(g);
                 }
-                let e = load4(x[ix[k]]) - spread(st.center, quad[k]);
+                let e = load4(x[ix[k]]) - spread(shift, quad[k]);
                 gv[k] = g;
                 xv[k] = e;
                 s1 = acc_add(s1, g, quad[k]);
@@ -115,8 +128,9 @@ fn main(
         return;
     }
     let sum1 = sh_res1[at.grp];
-    // sum(g * (x - mean)): the mean is K + d
-    let sum2 = sh_res[at.grp] - st.d * sum1;
+    // sum(g * (x - mean)): the mean is K + d, or the running mean
+    let about = sh_res[at.grp];
+    let sum2 = select(about - st.d * sum1, about + (shift - st.center) * sum1, !batch);
     var w = vec4(0.0);
     for (var k = 0u; k < lanes(); k++) {
         let c = lane_channel(at.g, k);
@@ -129,10 +143,11 @@ fn main(
     if lanes() == 1u {
         w = vec4(w.x);
     }
-    // backward_finalize's coefficients, in its order
+    // backward_finalize's coefficients, in its order; from the running
+    // statistics (no FLAG_BATCH_STATS) dx = a g alone
     let a = w * st.invstd;
-    let b = -(a * st.invstd) * (sum2 * p.inv_m * st.invstd);
-    let c = -a * sum1 * p.inv_m - b * st.d;
+    let b = select(vec4(0.0), -(a * st.invstd) * (sum2 * p.inv_m * st.invstd), batch);
+    let c = select(vec4(0.0), -a * sum1 * p.inv_m - b * st.d, batch);
     // b = 0 drops the x term, as backward_dx: a NaN in x stays out of dx
     for (var k = 0u; k < K; k++) {
         if at.l + k * T < items {

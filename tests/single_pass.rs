@@ -168,7 +168,7 @@ fn it_runs_where_it_applies_and_not_elsewhere() {
         assert!(alone[0] > 0 && alone[1] > 0, "{alone:?}");
     }
     // past 2^17 elements, the default on lavapipe only, and not for the
-    // evaluation forward
+    // evaluation forward or a backward from the running statistics
     let dims = [4, 8, 64, 65];
     let x = normal(&mut rng(11), &dims, 0.0, 1.0);
     for ctx in gpu_contexts() {
@@ -180,22 +180,26 @@ fn it_runs_where_it_applies_and_not_elsewhere() {
         assert_eq!(kernels(&bn)[0] == "forward_single", lavapipe, "{on}");
         bn.run_backward(&gx, &gx, &fwd.saved).unwrap();
         assert_eq!(kernels(&bn) == ["backward_single"], lavapipe, "{on}");
-        bn.run_forward_eval(&gx).unwrap();
+        let eval = bn.run_forward_eval(&gx).unwrap();
         assert_eq!(kernels(&bn)[0], "eval_coeffs", "{on}");
+        // from the running statistics: the passes on every adapter
+        bn.run_backward(&gx, &gx, &eval.saved).unwrap();
+        assert_eq!(kernels(&bn)[0], "backward_partial_vec4", "{on}");
         bn.set_single_pass(Some(true));
         bn.run_forward_eval(&gx).unwrap();
         assert_eq!(kernels(&bn), ["forward_single"], "{on}");
+        bn.run_backward(&gx, &gx, &eval.saved).unwrap();
+        assert_eq!(kernels(&bn), ["backward_single"], "{on}");
     }
-    // an evaluation-mode backward from the running statistics takes the passes
+    // an evaluation-mode backward from the running statistics: one pass for
+    // a small tensor by default
     let x = normal(&mut rng(10), &[4, 6, 8, 8], 0.0, 1.0);
     for ctx in gpu_contexts() {
         let gx = GpuTensor::from_array(ctx, x.view(), Layout::ChannelsFirst).unwrap();
         let mut bn = GpuBatchNorm::new(ctx, BatchNormConfig::new(6)).unwrap();
-        bn.set_single_pass(Some(true));
         let fwd = bn.run_forward_eval(&gx).unwrap();
         bn.run_backward(&gx, &gx, &fwd.saved).unwrap();
-        let ran = kernels(&bn);
-        assert!(!ran.contains(&"backward_single"), "{ran:?}");
+        assert_eq!(kernels(&bn), ["backward_single"], "{}", ctx.label());
     }
     // a tensor bound in chunks (here two of 32 rows) takes the passes
     let x = normal(&mut rng(9), &[64, 12], 0.0, 1.0);

@@ -221,10 +221,7 @@ impl GpuBatchNorm {
             gated = Some((g.y, g.dz.unwrap_or(dx)));
         }
         let plan = self.plan(walk, x.dtype(), flags)?;
-        if let Some(grid) = batch
-            .then(|| self.single_grid(&plan, e, SingleOp::Backward))
-            .flatten()
-        {
+        if let Some(grid) = self.single_grid(&plan, e, SingleOp::Backward) {
             let (y, dz) = gate
                 .filter(Gate::fused)
                 .map_or((None, None), |g| (Some(g.y), g.dz));

@@ -3,8 +3,8 @@
 //! (statistics, running statistics and `y` in one dispatch that reads `x`
 //! once, and a second, `single_finalize`, unless the grid is one
 //! workgroup), the evaluation forward (coefficients and `y` in one
-//! dispatch) and the backward with batch statistics (`dweight`, `dbias` and
-//! `dx` in one dispatch that reads `x` and `dy` once).
+//! dispatch) and the backward (`dweight`, `dbias` and `dx` in one dispatch
+//! that reads `x` and `dy` once).
 //!
 //! Small tensors take them on every adapter by default: each dispatch
 //! saved weighs more there than the traffic (on lavapipe and llvmpipe's
@@ -24,7 +24,7 @@ use crate::gpu::adapter::cpu_vulkan;
 use crate::gpu::kernels::Kernel;
 use crate::gpu::pipelines::{ElementKernels, SingleKey, SingleOp, binds_single};
 use crate::gpu::tensor::GpuTensor;
-use crate::shaders::{FLAG_RELU, FLAG_RESIDUAL, WG};
+use crate::shaders::{FLAG_BATCH_STATS, FLAG_RELU, FLAG_RESIDUAL, WG};
 
 /// Threads per channel group the single pass may use (`T`).
 const GROUP_THREADS: [u32; 5] = [16, 32, 64, 128, 256];
@@ -103,11 +103,11 @@ impl GpuBatchNorm {
     ///     and llvmpipe's GL each dispatch cost 100 to 250 µs, the
     ///     training forward of a 32x64 tensor ran 2.4x faster in one pass);
     ///   - on a CPU adapter on Vulkan (lavapipe) also for larger tensors,
-    ///     the training forward and the backward, with vec4 items (runs a
-    ///     multiple of 4 long; one element per run and C a multiple of 4;
-    ///     for the backward also four channels' runs one after the other).
-    ///     On llvmpipe's GL, and for the evaluation forward on lavapipe,
-    ///     the passes ran faster there.
+    ///     the training forward and the backward with batch statistics,
+    ///     with vec4 items (runs a multiple of 4 long; one element per run
+    ///     and C a multiple of 4; for the backward also four channels' runs
+    ///     one after the other). On llvmpipe's GL, and for the evaluation
+    ///     forward on lavapipe, the passes ran faster there.
     /// - `Some(true)`: in one pass wherever it applies, on any adapter.
     /// - `Some(false)`: never in one pass.
     ///
@@ -116,11 +116,11 @@ impl GpuBatchNorm {
     /// storage binding, the device binds 5 storage buffers per stage, and,
     /// for f16 stored in `u32` words (devices without `SHADER_F16`), its
     /// items are vec4s. The evaluation forward applies on the same terms
-    /// for vec4 items. The backward with batch statistics (of a training
-    /// forward, or of an evaluation forward without tracked statistics),
-    /// plain or fused, applies on the same terms for vec4 items, on a
-    /// device that binds 7 storage buffers per stage; a backward from the
-    /// running statistics always takes the passes.
+    /// for vec4 items. The backward, plain or fused, with the batch
+    /// statistics (of a training forward, or of an evaluation forward
+    /// without tracked statistics) or the running ones, applies on the same
+    /// terms for vec4 items, on a device that binds 7 storage buffers per
+    /// stage.
     /// [`GpuBatchNorm::last_dispatches`] shows which ran: `forward_single`
     /// (or `forward_single_scalar`), followed by `single_finalize` unless
     /// its grid is one workgroup (which then counts the batch and moves
@@ -168,7 +168,10 @@ impl GpuBatchNorm {
             && match op {
                 SingleOp::Train => !(scalar || quads),
                 SingleOp::Eval => false,
-                SingleOp::Backward => true,
+                // from the running statistics the passes may skip the sums
+                // and need no x (no affine, no fusion): one pass only where
+                // it saves dispatches
+                SingleOp::Backward => p.flags & FLAG_BATCH_STATS != 0,
             };
         let chosen = self.single_pass == Some(true) || elements <= SMALL_TENSOR || large_pays;
         chosen.then_some(grid)
