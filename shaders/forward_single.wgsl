@@ -10,6 +10,18 @@
 @group(0) @binding(4) var<storage, read_write> y: array<Elem4>;
 @group(0) @binding(5) var<storage, read> z: array<Elem4>;
 
+// Stores item `w` of `y` from its values `v` of `x`, with the group's
+// coefficients spread onto the lanes by `quad` (single_vec4.wgsl) and `z`
+// added with FLAG_RESIDUAL in FUSED.
+fn store_y(w: u32, quad: u32, v: vec4<f32>, co: Coefs) {
+    var zv = vec4(0.0);
+    if (FUSED & FLAG_RESIDUAL) != 0u {
+        zv = load4(z[w]);
+    }
+    let lane = Coefs(spread(co.center, quad), spread(co.scale, quad), spread(co.shift, quad));
+    y[w] = store4(output(v, lane, zv));
+}
+
 @compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -25,13 +37,7 @@ fn main(
             let i = at.l + k * T;
             if at.live && i < items {
                 let it = item_of(at.g, i);
-                var zv = vec4(0.0);
-                if (FUSED & FLAG_RESIDUAL) != 0u {
-                    zv = load4(z[it.x]);
-                }
-                let r = it.y;
-                let lane = Coefs(spread(co.center, r), spread(co.scale, r), spread(co.shift, r));
-                y[it.x] = store4(output(load4(x[it.x]), lane, zv));
+                store_y(it.x, it.y, load4(x[it.x]), co);
             }
         }
         return;
@@ -71,13 +77,7 @@ fn main(
     }
     for (var k = 0u; k < K; k++) {
         if at.l + k * T < items {
-            var zv = vec4(0.0);
-            if (FUSED & FLAG_RESIDUAL) != 0u {
-                zv = load4(z[ix[k]]);
-            }
-            let r = quad[k];
-            let lane = Coefs(spread(co.center, r), spread(co.scale, r), spread(co.shift, r));
-            y[ix[k]] = store4(output(v[k], lane, zv));
+            store_y(ix[k], quad[k], v[k], co);
         }
     }
 }

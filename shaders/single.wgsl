@@ -26,7 +26,8 @@
 // item to item ran the pass 1.2 to 1.3 times slower on lavapipe.
 //
 // The host picks T and K from the shape (src/gpu/batchnorm/single.rs) and
-// builds one pipeline per (ITEMS, T, K, FUSED, ALONE) with these overrides.
+// builds one pipeline per (ITEMS, T, K, FUSED, ALONE, EVAL) with these
+// overrides.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(2) var<storage, read_write> state: array<u32>;        // sections: see common.wgsl
