@@ -8,7 +8,8 @@
 //!
 //! Small tensors take them on every adapter by default: each dispatch
 //! saved weighs more there than the traffic (on lavapipe and llvmpipe's
-//! GL a dispatch costs 100 to 250 µs of host wall time, BENCHMARKS.md).
+//! GL a dispatch costs 190 to 250 µs of host wall time at the median,
+//! BENCHMARKS.md).
 //!
 //! The multi-pass forward reads `x` twice (statistics, then normalize), and
 //! the multi-pass backward `x` and `dy` twice (sums, then `dx`). On Mesa's
@@ -100,7 +101,7 @@ impl GpuBatchNorm {
     ///   measured to pay (BENCHMARKS.md):
     ///   - on every adapter, for tensors of at most 2^17 elements, where
     ///     the dispatches saved weigh more than the traffic (on lavapipe
-    ///     and llvmpipe's GL each dispatch cost 100 to 250 µs, the
+    ///     and llvmpipe's GL each dispatch cost 190 to 250 µs, the
     ///     training forward of a 32x64 tensor ran 2.4x faster in one pass);
     ///   - on a CPU adapter on Vulkan (lavapipe) also for larger tensors,
     ///     the training forward and the backward with batch statistics,
