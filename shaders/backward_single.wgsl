@@ -18,9 +18,6 @@
 @group(0) @binding(6) var<storage, read> y: array<Elem4>;
 @group(0) @binding(7) var<storage, read_write> dz: array<Elem4>;
 
-// Per group its S1 (sh_res holds S2): out of the way of group_total's memory.
-var<workgroup> sh_res1: array<vec4<f32>, PARTS_MAX>;
-
 // The upstream gradient of item `w`, gated by `y` with FLAG_RELU in FUSED.
 fn gradient(w: u32) -> vec4<f32> {
     let g = load4(dy[w]);
@@ -104,41 +101,35 @@ fn main(
             }
         }
     }
-    // S1 and S2 per lane on the group's first thread: one merge of the pair
+    // S1, and sum(g * (x - mean)) about K, per lane on every thread of the
+    // group (the mean is K + d, or the running mean): one merge of the pair
     // for a channel, two merges of four lanes for four_lanes()
-    var t1: vec4<f32>;
-    var t2: vec4<f32>;
+    var sum1: vec4<f32>;
+    var about: vec4<f32>;
     if four_lanes() {
-        t1 = group_total(at, acc_total(s1), 0u, false, false).sum;
-        workgroupBarrier();
-        t2 = group_total(at, acc_total(s2), 0u, false, false).sum;
+        sum1 = group_total(at, acc_total(s1), 0u, false, false).sum;
+        about = group_total(at, acc_total(s2), 0u, false, false).sum;
     } else {
         let f1 = fold(acc_total(s1)).x;
         let f2 = fold(acc_total(s2)).x;
         let t = group_total(at, vec4(f1, f2, 0.0, 0.0), 0u, false, true).sum;
-        t1 = vec4(t.x);
-        t2 = vec4(t.y);
+        sum1 = vec4(t.x);
+        about = vec4(t.y);
     }
-    if at.l == 0u {
-        sh_res1[at.grp] = t1;
-        sh_res[at.grp] = t2;
-    }
-    workgroupBarrier();
     if !at.live {
         return;
     }
-    let sum1 = sh_res1[at.grp];
-    // sum(g * (x - mean)): the mean is K + d, or the running mean
-    let about = sh_res[at.grp];
     let sum2 = select(about - st.d * sum1, about + (shift - st.center) * sum1, !batch);
     var w = vec4(0.0);
     for (var k = 0u; k < lanes(); k++) {
+        w[k] = bitcast<f32>(state[WEIGHT * p.state_stride + lane_channel(at.g, k)]);
+    }
+    // thread k of the group writes lane k's dweight and dbias
+    if at.l < lanes() {
+        let k = at.l;
         let c = lane_channel(at.g, k);
-        w[k] = bitcast<f32>(state[WEIGHT * p.state_stride + c]);
-        if at.l == 0u {
-            state[DWEIGHT * p.state_stride + c] = bitcast<u32>(sum2[k] * st.invstd[k]);
-            state[DBIAS * p.state_stride + c] = bitcast<u32>(sum1[k]);
-        }
+        state[DWEIGHT * p.state_stride + c] = bitcast<u32>(sum2[k] * st.invstd[k]);
+        state[DBIAS * p.state_stride + c] = bitcast<u32>(sum1[k]);
     }
     if lanes() == 1u {
         w = vec4(w.x);

@@ -42,12 +42,13 @@ fn main(
         }
         return;
     }
+    // x - K, kept
     var v: array<vec4<f32>, K_MAX>;
     var ix: array<u32, K_MAX>;
     var quad: array<u32, K_MAX>;
     var shift = vec4(0.0);
     var s = acc_new();
-    var seen = vec4(0u);
+    var seen = seen_new();
     if at.live {
         shift = shift_of(at.g);
         for (var k = 0u; k < K; k++) {
@@ -57,17 +58,17 @@ fn main(
                 ix[k] = it.x;
                 quad[k] = it.y;
                 let raw = load4(x[ix[k]]);
-                v[k] = raw;
-                seen |= collect_seen(non_finite(bitcast<vec4<u32>>(raw)), quad[k]);
-                s = acc_add(s, raw - spread(shift, quad[k]), quad[k]);
+                seen = seen_add(seen, raw, quad[k]);
+                v[k] = raw - spread(shift, quad[k]);
+                s = acc_add(s, v[k], quad[k]);
             }
         }
     }
-    let mean = group_mean(at, acc_total(s), seen);
+    let mean = group_mean(at, acc_total(s), seen_total(seen));
     var q = acc_new();
     for (var k = 0u; k < K; k++) {
         if at.live && at.l + k * T < items {
-            let e = (v[k] - spread(shift, quad[k])) - spread(mean.d, quad[k]);
+            let e = v[k] - spread(mean.d, quad[k]);
             q = acc_add(q, e * e, quad[k]);
         }
     }

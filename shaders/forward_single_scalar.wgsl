@@ -27,11 +27,12 @@ fn main(
     count_alone(lid);
     let at = place(wid, nwg, lid);
     let items = (p.per_channel + 3u) / 4u;
+    // x - K, kept
     var v: array<vec4<f32>, K_MAX>;
     var ix: array<vec4<u32>, K_MAX>;
     var shift = vec4(0.0);
     var s = vec4(0.0);
-    var seen = vec4(0u);
+    var seen = extremes_new();
     if at.live {
         shift = vec4(load(x[at.g * p.inner]));
         for (var k = 0u; k < K; k++) {
@@ -44,18 +45,18 @@ fn main(
                     ix[k][q] = element_at(at.g, select(0u, 4u * i + q, live[q]));
                     raw[q] = load(x[ix[k][q]]);
                 }
-                v[k] = raw;
-                seen |= non_finite(bitcast<vec4<u32>>(raw));
-                s += select(vec4(0.0), raw - shift, live);
+                v[k] = raw - shift;
+                seen = extremes_add(seen, raw);
+                s += select(vec4(0.0), v[k], live);
             }
         }
     }
-    let mean = group_mean(at, s, seen);
+    let mean = group_mean(at, s, extremes_seen(seen));
     var q2 = vec4(0.0);
     for (var k = 0u; k < K; k++) {
         let i = at.l + k * T;
         if at.live && i < items {
-            let e = (v[k] - shift) - mean.d;
+            let e = v[k] - mean.d;
             q2 += select(vec4(0.0), e * e, live_of(i));
         }
     }

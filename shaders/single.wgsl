@@ -72,16 +72,13 @@ fn four_lanes() -> bool {
 
 const PARTS_MAX: u32 = WG / 16u;
 
-// The threads' sums and SEEN_* bits, then the partials of a merge; per
-// group its d, then its variance and SEEN_* bits. Sums of one
-// channel use lane .x alone: a CPU adapter pays workgroup memory by the
-// component accessed.
-var<workgroup> sh_sum: array<vec4<f32>, WG>;
-var<workgroup> sh_seen: array<u32, WG>;
-var<workgroup> sh_part: array<vec4<f32>, PARTS_MAX>;
-var<workgroup> sh_part_seen: array<u32, PARTS_MAX>;
-var<workgroup> sh_res: array<vec4<f32>, PARTS_MAX>;
-var<workgroup> sh_res_seen: array<u32, PARTS_MAX>;
+// Workgroup memory of the merges (single_merge.wgsl,
+// single_merge_subgroup.wgsl), one vec4 of sums and a SEEN_* word a slot.
+// Sums of one channel use lane .x (and .y for a pair) alone: a CPU adapter
+// pays workgroup memory by the component accessed, and every invocation
+// pays for a branch that one of them takes.
+var<workgroup> sh: array<vec4<f32>, WG + 2u * PARTS_MAX>;
+var<workgroup> sh_seen: array<u32, WG + 2u * PARTS_MAX>;
 
 // Where a thread works.
 struct Place {
@@ -147,104 +144,48 @@ fn lane_seen(packed: u32, k: u32) -> u32 {
     return packed;
 }
 
-// Workgroup memory is written and read by the components in use: all four
-// lanes for four_lanes(), else .x, or .x and .y for a `pair` of sums (a CPU
-// adapter pays workgroup memory by the component accessed).
-fn put_sum(i: u32, v: vec4<f32>, pair: bool) {
+// Slot `i` of `sh` is written and read by the components in use: all four
+// lanes for four_lanes(), else .x, or .x and .y for a `pair` of sums.
+fn sh_put(i: u32, v: vec4<f32>, pair: bool) {
     if four_lanes() {
-        sh_sum[i] = v;
+        sh[i] = v;
     } else {
-        sh_sum[i].x = v.x;
+        sh[i].x = v.x;
         if pair {
-            sh_sum[i].y = v.y;
+            sh[i].y = v.y;
         }
     }
 }
 
-fn get_sum(i: u32, pair: bool) -> vec4<f32> {
+fn sh_get(i: u32, pair: bool) -> vec4<f32> {
     if four_lanes() {
-        return sh_sum[i];
+        return sh[i];
     }
     if pair {
-        return vec4(sh_sum[i].x, sh_sum[i].y, 0.0, 0.0);
+        return vec4(sh[i].x, sh[i].y, 0.0, 0.0);
     }
-    return vec4(sh_sum[i].x, 0.0, 0.0, 0.0);
+    return vec4(sh[i].x, 0.0, 0.0, 0.0);
 }
 
-fn put_part(i: u32, v: vec4<f32>, pair: bool) {
+// A value per lane of the group from merged sums `v` (one channel: its .x
+// on every lane).
+fn on_lanes(v: vec4<f32>) -> vec4<f32> {
     if four_lanes() {
-        sh_part[i] = v;
-    } else {
-        sh_part[i].x = v.x;
-        if pair {
-            sh_part[i].y = v.y;
-        }
+        return v;
     }
+    return vec4(v.x);
 }
 
-fn get_part(i: u32, pair: bool) -> vec4<f32> {
-    if four_lanes() {
-        return sh_part[i];
-    }
-    if pair {
-        return vec4(sh_part[i].x, sh_part[i].y, 0.0, 0.0);
-    }
-    return vec4(sh_part[i].x, 0.0, 0.0, 0.0);
-}
-
-// A group's merged sums and (with `with_seen`) SEEN_* bits.
+// A group's merged sums and (with `with_seen`) SEEN_* bits, from
+// group_total (single_merge.wgsl or single_merge_subgroup.wgsl).
 struct Total {
     sum: vec4<f32>,
     seen: u32,
 }
 
-// The sums `v` (folded; without four_lanes() a `pair` in .x and .y, else
-// .x alone) and, `with_seen`, the OR of the SEEN_* words `seen` of the
-// threads of the group, on its first thread (`l` = 0); in one barrier for
-// T <= 16, else two (T values into T / 16 partials, then those). Its
-// workgroup memory is free again after a barrier.
-fn group_total(at: Place, v: vec4<f32>, seen: u32, with_seen: bool, pair: bool) -> Total {
-    let parts = max(T / 16u, 1u);
-    let per_part = T / parts;
-    let base = at.grp * T;
-    put_sum(base + at.l, v, pair);
-    if with_seen {
-        sh_seen[base + at.l] = seen;
-    }
-    workgroupBarrier();
-    var t = Total(vec4(0.0), 0u);
-    if at.l < parts {
-        for (var j = 0u; j < per_part; j++) {
-            t.sum += get_sum(base + at.l * per_part + j, pair);
-            if with_seen {
-                t.seen |= sh_seen[base + at.l * per_part + j];
-            }
-        }
-        if parts > 1u {
-            put_part(at.grp * parts + at.l, t.sum, pair);
-            if with_seen {
-                sh_part_seen[at.grp * parts + at.l] = t.seen;
-            }
-        }
-    }
-    if parts > 1u {
-        workgroupBarrier();
-        if at.l == 0u {
-            t = Total(vec4(0.0), 0u);
-            for (var j = 0u; j < parts; j++) {
-                t.sum += get_part(at.grp * parts + j, pair);
-                if with_seen {
-                    t.seen |= sh_part_seen[at.grp * parts + j];
-                }
-            }
-        }
-    }
-    return t;
-}
-
 // d: the mean of x - K of the group's lanes, from the sums `s` of x - K of
-// its threads, on every thread of the group; with the group's SEEN_* word
-// (from the threads' `seen`) on its first thread.
+// its threads, and the group's SEEN_* word (from the threads' `seen`), on
+// every thread of the group.
 struct Mean {
     d: vec4<f32>,
     seen: u32,
@@ -252,15 +193,7 @@ struct Mean {
 
 fn group_mean(at: Place, s: vec4<f32>, seen: vec4<u32>) -> Mean {
     let t = group_total(at, fold(s), pack_seen(seen), true, false);
-    if at.l == 0u {
-        var d = t.sum * p.inv_m;
-        if !four_lanes() {
-            d = vec4(d.x);
-        }
-        sh_res[at.grp] = d;
-    }
-    workgroupBarrier();
-    return Mean(sh_res[at.grp], t.seen);
+    return Mean(on_lanes(t.sum * p.inv_m), t.seen);
 }
 
 // The channel of lane `q` of group `g`.
@@ -271,51 +204,44 @@ fn lane_channel(g: u32, q: u32) -> u32 {
     return g;
 }
 
-// The normalize step of the group's lanes: y = (x - center) * scale + shift.
+// The normalize step of the group's lanes: y = (v - center) * scale + shift
+// for values v of x (EVAL), or of x - K (the training forward: center 0).
 struct Coefs {
     center: vec4<f32>,
     scale: vec4<f32>,
     shift: vec4<f32>,
 }
 
-// The coefficients of the group's lanes, on every thread of the group, from
-// `mean` and the sums `q` of (x - K - d)^2 of its threads. The group's
-// first thread merges the sums into the biased variance and writes
-// (K, d, var, SEEN_* bits) of each lane's channel into `saved`, for
-// single_finalize.wgsl; every thread then works out the coefficients (a CPU
-// adapter runs a branch's code on every thread, masked, so the first
-// thread alone would cost as much).
+// The coefficients of the group's lanes for values of x - K (center 0), on
+// every thread of the group, from `mean` and the sums `q` of (x - K - d)^2
+// of its threads. Thread k of the group writes (K, d, var, SEEN_* bits) of
+// its lane k's channel into `saved`, for single_finalize.wgsl (with ALONE
+// it finishes the channel itself): a CPU adapter runs a branch's code on
+// every thread, masked, so one thread per channel costs a store of one
+// channel, not of four.
 fn group_coefs(at: Place, shift: vec4<f32>, mean: Mean, q: vec4<f32>) -> Coefs {
     let t = group_total(at, fold(q), 0u, false, false);
-    if at.l == 0u {
-        sh_res[at.grp] = t.sum * p.inv_m;
-        sh_res_seen[at.grp] = mean.seen;
-        if at.live {
-            for (var k = 0u; k < lanes(); k++) {
-                let c = lane_channel(at.g, k);
-                let var_biased = t.sum[k] * p.inv_m;
-                let seen = lane_seen(mean.seen, k);
-                if ALONE {
-                    save_channel(c, shift[k], mean.d[k], var_biased, invstd_of(var_biased), seen);
-                } else {
-                    saved[c] = vec4(shift[k], mean.d[k], var_biased, bitcast<f32>(seen));
-                }
-            }
+    let var_biased = on_lanes(t.sum * p.inv_m);
+    // thread k of the group saves lane k's channel
+    if at.live && at.l < lanes() {
+        let k = at.l;
+        let c = lane_channel(at.g, k);
+        let seen = lane_seen(mean.seen, k);
+        if ALONE {
+            save_channel(c, shift[k], mean.d[k], var_biased[k], invstd_of(var_biased[k]), seen);
+        } else {
+            saved[c] = vec4(shift[k], mean.d[k], var_biased[k], bitcast<f32>(seen));
         }
     }
-    workgroupBarrier();
-    let var_biased = sh_res[at.grp];
-    let seen = sh_res_seen[at.grp];
-    var out: Coefs;
+    var out = Coefs(vec4(0.0), vec4(0.0), vec4(0.0));
     for (var k = 0u; k < lanes(); k++) {
         let invstd = invstd_of(var_biased[k]);
-        let co = coef_of(lane_channel(at.g, k), shift[k], mean.d[k], invstd, lane_seen(seen, k));
-        out.center[k] = co.x;
+        let co = coef_of(lane_channel(at.g, k), shift[k], mean.d[k], invstd, lane_seen(mean.seen, k));
         out.scale[k] = co.y;
         out.shift[k] = co.z;
     }
     if lanes() == 1u {
-        out = Coefs(vec4(out.center.x), vec4(out.scale.x), vec4(out.shift.x));
+        out = Coefs(vec4(0.0), vec4(out.scale.x), vec4(out.shift.x));
     }
     return out;
 }

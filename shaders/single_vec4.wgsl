@@ -5,7 +5,7 @@
 // whose lanes may belong to different channels of the group: their
 // channels, `r`, are kept per item as a packed word (`item_of`), values of
 // the group's channels are spread onto an item's lanes (`spread`) and an
-// item's lanes added into its channels' sums (`Acc`, `collect_seen`).
+// item's lanes added into its channels' sums (`Acc`, `Seen`).
 
 // Items of a channel (four_lanes(): of the group's four channels).
 fn items_per_channel() -> u32 {
@@ -110,6 +110,35 @@ fn collect_seen(s: vec4<u32>, r: u32) -> vec4<u32> {
         c2.x | c2.y | c2.z | c2.w,
         c3.x | c3.y | c3.z | c3.w,
     );
+}
+
+// The non-finite values a thread met, by channel of the group: for
+// ITEMS_QUADS, whose lanes change channel from item to item, their SEEN_*
+// bits (collect_seen); for the other items each lane's largest bits
+// (Extremes, special.wgsl), two integer maxima an element.
+struct Seen {
+    bits: vec4<u32>,
+    ext: Extremes,
+}
+
+fn seen_new() -> Seen {
+    return Seen(vec4(0u), extremes_new());
+}
+
+// `s` plus the values `v` of an item of channels `r` (item_of).
+fn seen_add(s: Seen, v: vec4<f32>, r: u32) -> Seen {
+    if ITEMS == ITEMS_QUADS {
+        return Seen(s.bits | collect_seen(non_finite(bitcast<vec4<u32>>(v)), r), s.ext);
+    }
+    return Seen(s.bits, extremes_add(s.ext, v));
+}
+
+// The SEEN_* bits of `s`, per lane as collect_seen's.
+fn seen_total(s: Seen) -> vec4<u32> {
+    if ITEMS == ITEMS_QUADS {
+        return s.bits;
+    }
+    return extremes_seen(s.ext);
 }
 
 // The shift K of each channel of the group: a value of the channel, the

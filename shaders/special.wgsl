@@ -13,6 +13,33 @@ const NAN_BITS: u32 = 0x7fc00000u;
 const POS_INF_BITS: u32 = 0x7f800000u;
 const NEG_INF_BITS: u32 = 0xff800000u;
 
+// The largest bits of the values of each lane, read as i32 (`hi`: only
+// positive NaNs lie past +inf's bits) and as u32 (`top`: only negative NaNs
+// lie past -inf's): what non-finite values a lane met, for two integer
+// maxima a value where non_finite takes ten operations (extremes_seen).
+struct Extremes {
+    hi: vec4<i32>,
+    top: vec4<u32>,
+}
+
+fn extremes_new() -> Extremes {
+    return Extremes(vec4(bitcast<i32>(0x80000000u)), vec4(0u));
+}
+
+fn extremes_add(e: Extremes, v: vec4<f32>) -> Extremes {
+    let bits = bitcast<vec4<u32>>(v);
+    return Extremes(max(e.hi, bitcast<vec4<i32>>(bits)), max(e.top, bits));
+}
+
+// Per lane: the SEEN_* bits of the values `e` met. With a NaN the
+// infinities are not told apart: the channel's statistics are NaN then.
+fn extremes_seen(e: Extremes) -> vec4<u32> {
+    let nan = (e.hi > vec4(bitcast<i32>(POS_INF_BITS))) | (e.top > vec4(NEG_INF_BITS));
+    let pos = select(vec4(0u), vec4(SEEN_POS_INF), e.hi == vec4(bitcast<i32>(POS_INF_BITS)));
+    let neg = select(vec4(0u), vec4(SEEN_NEG_INF), e.top == vec4(NEG_INF_BITS));
+    return select(pos | neg, vec4(SEEN_NAN), nan);
+}
+
 // Per lane: 0 for a finite value, else its SEEN_* bit.
 fn non_finite(bits: vec4<u32>) -> vec4<u32> {
     let special = (bits & vec4(EXP_BITS)) == vec4(EXP_BITS);

@@ -194,7 +194,9 @@ pub const COMMON: &str = include_str!("../shaders/common.wgsl");
 /// `stats_io` before the statistics passes, `upstream` (plain),
 /// `upstream_gated` (the reductions' gated variants) or `upstream_in_place`
 /// (the dx pass's in-place variants) before the backward passes: how they
-/// read `dy`.
+/// read `dy`; `single` then `single_merge` (through workgroup memory) or
+/// `single_merge_subgroup` (in subgroups: wgpu's `SUBGROUP` feature) before
+/// the single passes.
 pub const PARTS: &[(&str, &str)] = &[
     ("common", COMMON),
     ("items", include_str!("../shaders/items.wgsl")),
@@ -204,6 +206,11 @@ pub const PARTS: &[(&str, &str)] = &[
     ("counter", include_str!("../shaders/counter.wgsl")),
     ("finish", include_str!("../shaders/finish.wgsl")),
     ("single", include_str!("../shaders/single.wgsl")),
+    ("single_merge", include_str!("../shaders/single_merge.wgsl")),
+    (
+        "single_merge_subgroup",
+        include_str!("../shaders/single_merge_subgroup.wgsl"),
+    ),
     ("single_vec4", include_str!("../shaders/single_vec4.wgsl")),
     ("stats_io", include_str!("../shaders/stats_io.wgsl")),
     ("upstream", include_str!("../shaders/upstream.wgsl")),
@@ -406,26 +413,60 @@ variants!(
      and y in one dispatch; pipelines per `ITEMS`, `T`, `K` override)",
     FORWARD_SINGLE, FORWARD_SINGLE_F16, FORWARD_SINGLE_F16_PACKED =
     "forward_single", uses "special", uses "counter", uses "finish", uses "single",
-    uses "single_vec4"
+    uses "single_merge", uses "single_vec4"
 );
 variants!(
     "Single-pass backward with batch statistics, vec4 items (sums, dweight, \
      dbias and dx in one dispatch; pipelines per `ITEMS`, `T`, `K`, `FUSED` override)",
     BACKWARD_SINGLE, BACKWARD_SINGLE_F16, BACKWARD_SINGLE_F16_PACKED =
     "backward_single", uses "special", uses "counter", uses "finish", uses "single",
-    uses "single_vec4"
+    uses "single_merge", uses "single_vec4"
+);
+variants!(
+    "Single-pass training forward, vec4 items, merging in subgroups (`SG` \
+     override; needs `SUBGROUP`)",
+    FORWARD_SINGLE_SUBGROUP, FORWARD_SINGLE_SUBGROUP_F16, FORWARD_SINGLE_SUBGROUP_F16_PACKED =
+    "forward_single" as "forward_single_subgroup", uses "special", uses "counter",
+    uses "finish", uses "single", uses "single_merge_subgroup", uses "single_vec4"
+);
+variants!(
+    "Single-pass backward, vec4 items, merging in subgroups (`SG` override; \
+     needs `SUBGROUP`)",
+    BACKWARD_SINGLE_SUBGROUP, BACKWARD_SINGLE_SUBGROUP_F16, BACKWARD_SINGLE_SUBGROUP_F16_PACKED =
+    "backward_single" as "backward_single_subgroup", uses "special", uses "counter",
+    uses "finish", uses "single", uses "single_merge_subgroup", uses "single_vec4"
 );
 /// Single-pass training forward, items of four single elements.
 pub const FORWARD_SINGLE_SCALAR: Shader = shader!(
-    "forward_single_scalar", uses "special", uses "counter", uses "finish", uses "single"
+    "forward_single_scalar", uses "special", uses "counter", uses "finish", uses "single",
+    uses "single_merge"
 );
 /// Single-pass training forward, items of four single elements, f16
 /// storage. It writes single elements, so it has no packed variant
 /// ([`NO_PACKED`]).
 pub const FORWARD_SINGLE_SCALAR_F16: Shader = shader!(
     @ "forward_single_scalar_f16", "forward_single_scalar", prelude_f16!();
-    "special", "counter", "finish", "single"
+    "special", "counter", "finish", "single", "single_merge"
 );
+/// Single-pass training forward, items of four single elements, merging in
+/// subgroups (`SG` override; needs `SUBGROUP`).
+pub const FORWARD_SINGLE_SCALAR_SUBGROUP: Shader = shader!(
+    "forward_single_scalar" as "forward_single_scalar_subgroup", uses "special",
+    uses "counter", uses "finish", uses "single", uses "single_merge_subgroup"
+);
+/// Single-pass training forward, items of four single elements, merging in
+/// subgroups, f16 storage (no packed variant: [`NO_PACKED`]).
+pub const FORWARD_SINGLE_SCALAR_SUBGROUP_F16: Shader = shader!(
+    @ "forward_single_scalar_subgroup_f16", "forward_single_scalar", prelude_f16!();
+    "special", "counter", "finish", "single", "single_merge_subgroup"
+);
+/// The shaders that merge in subgroups: they build only on a device with
+/// wgpu's `SUBGROUP` feature.
+pub const SUBGROUP: &[&str] = &[
+    "forward_single_subgroup",
+    "forward_single_scalar_subgroup",
+    "backward_single_subgroup",
+];
 /// The files whose kernels write single elements of the big tensors one
 /// thread each, which packed f16 (two elements per word) cannot do: they
 /// have an f16 variant but no packed one, and the host never picks them
@@ -466,6 +507,9 @@ pub const ALL: &[Shader] = &[
     FORWARD_SINGLE,
     FORWARD_SINGLE_SCALAR,
     BACKWARD_SINGLE,
+    FORWARD_SINGLE_SUBGROUP,
+    FORWARD_SINGLE_SCALAR_SUBGROUP,
+    BACKWARD_SINGLE_SUBGROUP,
     STATS_PARTIAL_F16,
     STATS_PARTIAL_VEC4_F16,
     NORMALIZE_F16,
@@ -481,6 +525,9 @@ pub const ALL: &[Shader] = &[
     FORWARD_SINGLE_F16,
     FORWARD_SINGLE_SCALAR_F16,
     BACKWARD_SINGLE_F16,
+    FORWARD_SINGLE_SUBGROUP_F16,
+    FORWARD_SINGLE_SCALAR_SUBGROUP_F16,
+    BACKWARD_SINGLE_SUBGROUP_F16,
     STATS_PARTIAL_F16_PACKED,
     STATS_PARTIAL_VEC4_F16_PACKED,
     NORMALIZE_F16_PACKED,
@@ -495,4 +542,6 @@ pub const ALL: &[Shader] = &[
     BACKWARD_DX_VEC4_IN_PLACE_F16_PACKED,
     FORWARD_SINGLE_F16_PACKED,
     BACKWARD_SINGLE_F16_PACKED,
+    FORWARD_SINGLE_SUBGROUP_F16_PACKED,
+    BACKWARD_SINGLE_SUBGROUP_F16_PACKED,
 ];

@@ -150,9 +150,20 @@ fn only_the_native_f16_variants_need_shader_f16() {
     let mut packed = 0;
     for shader in shaders::ALL {
         let name = shader.name;
+        // the subgroup merges need naga's SUBGROUP (wgpu's SUBGROUP), the others nothing
+        let base = if shaders::SUBGROUP.iter().any(|n| name.starts_with(n)) {
+            let without = Caps::all().difference(Caps::SUBGROUP);
+            assert!(
+                validates(shader, without).is_err(),
+                "{name} validated without subgroups"
+            );
+            Caps::SUBGROUP
+        } else {
+            Caps::empty()
+        };
         let (core, in_f32) = (
-            validates(shader, Caps::empty()),
-            validates(shader, Caps::SHADER_FLOAT16_IN_FLOAT32),
+            validates(shader, base),
+            validates(shader, base | Caps::SHADER_FLOAT16_IN_FLOAT32),
         );
         match storage_of(shader) {
             Storage::F32 => core.unwrap_or_else(|e| panic!("{name}: {e}")),
@@ -165,8 +176,8 @@ fn only_the_native_f16_variants_need_shader_f16() {
         }
     }
     assert_eq!(
-        packed, 14,
-        "every element kernel and fused variant, packed, but NO_PACKED's"
+        packed, 16,
+        "every element kernel, fused and subgroup variant, packed, but NO_PACKED's"
     );
 }
 
@@ -201,12 +212,22 @@ fn every_variant_is_its_file_after_its_parts() {
             _ => [backward, false, false],
         };
         assert_eq!(uses, want, "{}", s.name);
+        // the single passes merge through one of two parts
+        let merges = ["single_merge", "single_merge_subgroup"].map(part);
+        let uses = merges.map(|m| s.source.contains(m));
+        let want = match s.name {
+            n if n.contains("_subgroup") => [false, true],
+            _ if s.stem.contains("_single") => [true, false],
+            _ => [false, false],
+        };
+        assert_eq!(uses, want, "{}", s.name);
         if s.name.strip_suffix(storage_of(s).suffix()) != Some(s.stem) {
             variants += 1;
         }
     }
     assert_eq!(
-        variants, 12,
-        "gated and in place, scalar and vec4, f32, f16 and packed f16"
+        variants, 20,
+        "gated and in place, scalar and vec4, f32, f16 and packed f16; the single \
+         passes merging in subgroups, f32, f16 and (vec4 items) packed f16"
     );
 }

@@ -63,7 +63,9 @@ fn kernels(bn: &GpuBatchNorm) -> Vec<&'static str> {
         .iter()
         .map(|d| {
             let k = d.kernel.strip_suffix("_f16_packed").unwrap_or(d.kernel);
-            k.strip_suffix("_f16").unwrap_or(k)
+            let k = k.strip_suffix("_f16").unwrap_or(k);
+            // how the single passes merge: subgroup_merges_match_workgroup_memory
+            k.strip_suffix("_subgroup").unwrap_or(k)
         })
         .collect()
 }
@@ -386,6 +388,7 @@ fn non_finite_values_stay_in_their_channel() {
                 (1, 0) => *v = f32::NAN,
                 (2, 0) if c > 3 => *v = f32::INFINITY,
                 (2, 1) if c > 3 => *v = f32::NEG_INFINITY,
+                (3, 1) if c > 4 => *v = f32::NEG_INFINITY,
                 _ => {}
             }
         }
@@ -403,6 +406,7 @@ fn non_finite_values_stay_in_their_channel() {
         };
         let want = outputs(&mut CpuReference::new(config.clone()).unwrap());
         assert!(want[3][0].is_infinite() && want[3][1].is_nan(), "{name}");
+        assert!(c <= 4 || want[3][3] == f32::NEG_INFINITY, "{name}");
         for ctx in gpu_contexts() {
             let mut bn = GpuBatchNorm::new(ctx, config.clone()).unwrap();
             bn.set_single_pass(Some(true));
@@ -486,4 +490,75 @@ fn fused_backwards_in_one_pass_match_those_in_passes() {
             }
         }
     }
+}
+
+/// The single passes merge their threads' sums in subgroups by default on
+/// lavapipe (a device with SUBGROUP and subgroups of 8) and through
+/// workgroup memory elsewhere or when told (`set_subgroup_merges`), seen
+/// in the pipelines' names; both merges give the same results.
+#[test]
+fn subgroup_merges_match_workgroup_memory() {
+    use wgpu_batchnorm::wgpu::Features;
+    let mut in_subgroups = 0;
+    for (i, (name, dims, layout, _)) in cases().into_iter().enumerate() {
+        let config = config_of(&dims, layout);
+        let mut r = rng(700 + i as u64);
+        let x = normal(&mut r, &dims, 3.0, 2.0);
+        let dy = normal(&mut r, &dims, 0.0, 1.0);
+        for ctx in gpu_contexts() {
+            let on = format!("{name} on {}", ctx.label());
+            let names = |bn: &GpuBatchNorm| -> Vec<&'static str> {
+                bn.last_dispatches().iter().map(|d| d.kernel).collect()
+            };
+            let run = |subgroups: Option<bool>| {
+                let mut bn = GpuBatchNorm::new(ctx, config.clone()).unwrap();
+                bn.set_single_pass(Some(true));
+                bn.set_subgroup_merges(subgroups);
+                let y = flat(&bn.forward_train(x.view()).unwrap());
+                let forward = names(&bn);
+                let g = bn.backward(x.view(), dy.view(), Mode::Train).unwrap();
+                let backward = names(&bn);
+                let s = bn.state().unwrap();
+                let out = vec![
+                    y,
+                    s.running_mean.unwrap(),
+                    s.running_var.unwrap(),
+                    flat(&g.dx),
+                    g.dweight.unwrap(),
+                    g.dbias.unwrap(),
+                ];
+                (out, forward, backward)
+            };
+            let merged_in_subgroups = |ran: &[&str]| {
+                let single: Vec<_> = ran.iter().filter(|k| k.contains("_single")).collect();
+                assert!(!single.is_empty(), "{on}: {ran:?}");
+                let sub = single.iter().filter(|k| k.contains("_subgroup")).count();
+                assert!(sub == 0 || sub == single.len(), "{on}: {ran:?}");
+                sub > 0
+            };
+            let (default, forward, backward) = run(None);
+            let (memory, forward_m, backward_m) = run(Some(false));
+            let (_, forward_s, _) = run(Some(true));
+            let lavapipe = is_lavapipe(ctx);
+            assert_eq!(merged_in_subgroups(&forward), lavapipe, "{on}: {forward:?}");
+            assert!(!merged_in_subgroups(&forward_m), "{on}: {forward_m:?}");
+            let has = ctx.features().contains(Features::SUBGROUP);
+            assert_eq!(merged_in_subgroups(&forward_s), has, "{on}: {forward_s:?}");
+            if backward.iter().any(|k| k.starts_with("backward_single")) {
+                assert_eq!(
+                    merged_in_subgroups(&backward),
+                    lavapipe,
+                    "{on}: {backward:?}"
+                );
+                assert!(!merged_in_subgroups(&backward_m), "{on}: {backward_m:?}");
+            }
+            in_subgroups += usize::from(merged_in_subgroups(&forward));
+            let what = ["y", "running_mean", "running_var", "dx", "dweight", "dbias"];
+            for (what, (a, b)) in what.iter().zip(default.iter().zip(&memory)) {
+                all_close(what, a, b, TOL, TOL).unwrap_or_else(|e| panic!("{on}: {e}"));
+            }
+        }
+    }
+    let lavapipe = gpu_contexts().iter().filter(|c| is_lavapipe(c)).count();
+    assert_eq!(in_subgroups, lavapipe * cases().len());
 }

@@ -112,6 +112,20 @@ pub(crate) fn cpu_vulkan(info: &wgpu::AdapterInfo) -> bool {
     info.device_type == wgpu::DeviceType::Cpu && info.backend == wgpu::Backend::Vulkan
 }
 
+/// The subgroup size of a device with wgpu's `SUBGROUP` feature (in
+/// `features`) whose adapter runs compute shaders in subgroups of one fixed
+/// size (lavapipe: 8), else `None`.
+pub(crate) fn fixed_subgroup_size(
+    info: &wgpu::AdapterInfo,
+    features: wgpu::Features,
+) -> Option<u32> {
+    let fixed = info.subgroup_min_size == info.subgroup_max_size;
+    (features.contains(wgpu::Features::SUBGROUP)
+        && fixed
+        && info.subgroup_min_size.is_power_of_two())
+    .then_some(info.subgroup_min_size)
+}
+
 /// Adapters that match `selection` and can run compute shaders, best first.
 pub(crate) fn matching_adapters(selection: &AdapterSelection) -> Vec<wgpu::Adapter> {
     let instance = instance(selection.backends);

@@ -173,9 +173,10 @@ impl GpuContext {
     }
 
     /// The optional features this crate uses when the device has them:
-    /// `SHADER_F16` (f16 in WGSL's `f16`, else packed) and `TIMESTAMP_QUERY`.
+    /// `SHADER_F16` (f16 in WGSL's `f16`, else packed), `TIMESTAMP_QUERY`
+    /// and `SUBGROUP` (the single passes' merges in subgroups).
     pub fn optional_features() -> wgpu::Features {
-        wgpu::Features::SHADER_F16 | wgpu::Features::TIMESTAMP_QUERY
+        wgpu::Features::SHADER_F16 | wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP
     }
 
     /// Opens a device on `adapter` with the adapter's own limits.

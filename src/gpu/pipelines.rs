@@ -63,6 +63,10 @@ pub(crate) struct SingleKey {
     pub fused: u32,
     /// A forward of one workgroup, with no `single_finalize` after it.
     pub alone: bool,
+    /// The subgroup size the merges run in (`SG` of
+    /// shaders/single_merge_subgroup.wgsl), or 0 for merges through
+    /// workgroup memory (shaders/single_merge.wgsl).
+    pub subgroup: u32,
 }
 
 impl SingleKey {
@@ -81,9 +85,9 @@ pub(crate) const SINGLE_STORAGE_BUFFERS: u32 = 5;
 /// `y` and `dz` (stand-ins where unfused).
 pub(crate) const SINGLE_BACKWARD_STORAGE_BUFFERS: u32 = 7;
 
-/// Bytes of workgroup memory of the single passes (shaders/single.wgsl;
-/// the backward's, 16 bytes a partial more than the forward's).
-pub(crate) const SINGLE_WORKGROUP_BYTES: u32 = 20 * shaders::WG + 56 * (shaders::WG / 16);
+/// Bytes of workgroup memory of the single passes (shaders/single.wgsl:
+/// a vec4 and a word for each of `WG` threads and twice `WG / 16` partials).
+pub(crate) const SINGLE_WORKGROUP_BYTES: u32 = 20 * (shaders::WG + 2 * (shaders::WG / 16));
 
 /// Whether `device` can run the single-pass forward (or, `backward`, the
 /// single-pass backward).
@@ -229,17 +233,26 @@ impl ElementKernels {
         use shaders::*;
         let scalar = key.items == SingleKey::SCALAR;
         let backward = key.op == SingleOp::Backward;
-        let shader = match (scalar, self.storage) {
-            (true, _) if key.op != SingleOp::Train => return Ok(None),
-            (false, Storage::F32) if backward => BACKWARD_SINGLE,
-            (false, Storage::F16) if backward => BACKWARD_SINGLE_F16,
-            (false, Storage::F16Packed) if backward => BACKWARD_SINGLE_F16_PACKED,
-            (false, Storage::F32) => FORWARD_SINGLE,
-            (false, Storage::F16) => FORWARD_SINGLE_F16,
-            (false, Storage::F16Packed) => FORWARD_SINGLE_F16_PACKED,
-            (true, Storage::F32) => FORWARD_SINGLE_SCALAR,
-            (true, Storage::F16) => FORWARD_SINGLE_SCALAR_F16,
-            (true, Storage::F16Packed) => return Ok(None),
+        let sub = key.subgroup != 0;
+        let shader = match (scalar, self.storage, sub) {
+            (true, _, _) if key.op != SingleOp::Train => return Ok(None),
+            (false, Storage::F32, false) if backward => BACKWARD_SINGLE,
+            (false, Storage::F16, false) if backward => BACKWARD_SINGLE_F16,
+            (false, Storage::F16Packed, false) if backward => BACKWARD_SINGLE_F16_PACKED,
+            (false, Storage::F32, true) if backward => BACKWARD_SINGLE_SUBGROUP,
+            (false, Storage::F16, true) if backward => BACKWARD_SINGLE_SUBGROUP_F16,
+            (false, Storage::F16Packed, true) if backward => BACKWARD_SINGLE_SUBGROUP_F16_PACKED,
+            (false, Storage::F32, false) => FORWARD_SINGLE,
+            (false, Storage::F16, false) => FORWARD_SINGLE_F16,
+            (false, Storage::F16Packed, false) => FORWARD_SINGLE_F16_PACKED,
+            (false, Storage::F32, true) => FORWARD_SINGLE_SUBGROUP,
+            (false, Storage::F16, true) => FORWARD_SINGLE_SUBGROUP_F16,
+            (false, Storage::F16Packed, true) => FORWARD_SINGLE_SUBGROUP_F16_PACKED,
+            (true, Storage::F32, false) => FORWARD_SINGLE_SCALAR,
+            (true, Storage::F16, false) => FORWARD_SINGLE_SCALAR_F16,
+            (true, Storage::F32, true) => FORWARD_SINGLE_SCALAR_SUBGROUP,
+            (true, Storage::F16, true) => FORWARD_SINGLE_SCALAR_SUBGROUP_F16,
+            (true, Storage::F16Packed, _) => return Ok(None),
         };
         let mut built = self.single.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(k) = built.get(&key) {
@@ -252,19 +265,18 @@ impl ElementKernels {
         } else {
             &[U, R, W, W, W, R]
         };
-        let kernel = Kernel::with_constants(
-            device,
-            shader,
-            slots,
-            &[
-                ("ITEMS", f64::from(key.items)),
-                ("T", f64::from(key.t)),
-                ("K", f64::from(key.k)),
-                ("FUSED", f64::from(key.fused)),
-                ("ALONE", f64::from(u8::from(key.alone))),
-                ("EVAL", f64::from(u8::from(key.op == SingleOp::Eval))),
-            ],
-        );
+        let mut constants = vec![
+            ("ITEMS", f64::from(key.items)),
+            ("T", f64::from(key.t)),
+            ("K", f64::from(key.k)),
+            ("FUSED", f64::from(key.fused)),
+            ("ALONE", f64::from(u8::from(key.alone))),
+            ("EVAL", f64::from(u8::from(key.op == SingleOp::Eval))),
+        ];
+        if sub {
+            constants.push(("SG", f64::from(key.subgroup)));
+        }
+        let kernel = Kernel::with_constants(device, shader, slots, &constants);
         scope.pop(&format!("building the pipeline {}", kernel.label))?;
         let kernel = Arc::new(kernel);
         built.insert(key, kernel.clone());

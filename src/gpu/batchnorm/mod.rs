@@ -190,6 +190,9 @@ pub struct GpuBatchNorm {
     max_per_dim: Option<u32>,
     /// Training forwards in one pass ([`GpuBatchNorm::set_single_pass`]).
     single_pass: Option<bool>,
+    /// The single passes' merges in subgroups
+    /// ([`GpuBatchNorm::set_subgroup_merges`]).
+    subgroup_merges: Option<bool>,
     /// Storage type used for ndarray inputs of the [`crate::BatchNormBackend`] methods.
     storage: DType,
     /// f16 tensors go through the packed f16 kernels even where the device
@@ -255,6 +258,7 @@ impl GpuBatchNorm {
             max_binding: None,
             max_per_dim: None,
             single_pass: None,
+            subgroup_merges: None,
             storage: DType::F32,
             packed_f16: None,
             own_saved: None,

@@ -21,7 +21,7 @@
 use super::plan::Plan;
 use super::{GpuBatchNorm, Pass};
 use crate::error::{Error, Result};
-use crate::gpu::adapter::cpu_vulkan;
+use crate::gpu::adapter::{cpu_vulkan, fixed_subgroup_size};
 use crate::gpu::kernels::Kernel;
 use crate::gpu::pipelines::{ElementKernels, SingleKey, SingleOp, binds_single};
 use crate::gpu::tensor::GpuTensor;
@@ -83,6 +83,7 @@ impl SingleGrid {
                 k,
                 fused: 0,
                 alone: false,
+                subgroup: 0,
             },
             workgroups: groups.div_ceil(WG / t),
         })
@@ -130,6 +131,40 @@ impl GpuBatchNorm {
         self.single_pass = single;
     }
 
+    /// Chooses how the single passes of the training forward and the
+    /// backward merge their threads' sums: in subgroups (`subgroupAdd`, one
+    /// barrier a merge) or through workgroup memory (three barriers).
+    /// Subgroup merges take a device with wgpu's `SUBGROUP` feature
+    /// ([`crate::GpuContext`] asks for it where the adapter has it) whose
+    /// adapter runs compute shaders in subgroups of one fixed size that
+    /// divides the threads of a channel group, and they take invocation
+    /// `i` of a workgroup to be lane `i % size` of subgroup `i / size`.
+    ///
+    /// - `None`, the default: in subgroups on a CPU adapter on Vulkan
+    ///   (lavapipe: subgroups of 8, tested there), where they ran the
+    ///   single-pass training forward 1.2x faster (BENCHMARKS.md); through
+    ///   workgroup memory elsewhere.
+    /// - `Some(true)`: in subgroups wherever the device can.
+    /// - `Some(false)`: through workgroup memory.
+    ///
+    /// [`GpuBatchNorm::last_dispatches`] names the pipeline that ran:
+    /// `forward_single_subgroup`, `backward_single_subgroup`.
+    pub fn set_subgroup_merges(&mut self, subgroups: Option<bool>) {
+        self.subgroup_merges = subgroups;
+    }
+
+    /// The subgroup size the merges of a single pass with groups of `t`
+    /// threads run in ([`GpuBatchNorm::set_subgroup_merges`]), or 0 for
+    /// merges through workgroup memory.
+    fn subgroup_merge(&self, t: u32) -> u32 {
+        let info = self.ctx.adapter_info();
+        let wanted = self.subgroup_merges.unwrap_or_else(|| cpu_vulkan(info));
+        match fixed_subgroup_size(info, self.ctx.features()) {
+            Some(sg) if wanted && t.is_multiple_of(sg) => sg,
+            _ => 0,
+        }
+    }
+
     /// The grid of the single pass `op` of `plan` with the kernels `e`,
     /// when it runs in one pass. The key's fusion is the plan's
     /// `FLAG_RESIDUAL` and `FLAG_RELU`.
@@ -151,6 +186,9 @@ impl GpuBatchNorm {
         grid.key.op = op;
         // one workgroup counts the batch and finishes its channels itself
         grid.key.alone = op == SingleOp::Train && grid.workgroups == 1;
+        if op != SingleOp::Eval {
+            grid.key.subgroup = self.subgroup_merge(grid.key.t);
+        }
         let scalar = grid.key.items == SingleKey::SCALAR;
         if op != SingleOp::Train && scalar {
             // the single-pass evaluation and backward have vec4 items only
@@ -284,6 +322,7 @@ mod tests {
             k,
             fused: 0,
             alone: false,
+            subgroup: 0,
         }
     }
 
