@@ -31,8 +31,13 @@ use crate::shaders::{FLAG_BATCH_STATS, FLAG_RELU, FLAG_RESIDUAL, WG};
 const GROUP_THREADS: [u32; 5] = [16, 32, 64, 128, 256];
 /// Items (vec4s) per thread the choice of `T` aims at most for: fewer
 /// threads per channel means fewer merge steps, more items per thread more
-/// registers. On lavapipe 12 to 25 ran best (BENCHMARKS.md).
+/// registers. On a GPU, whose threads share a register file, 16.
 const K_AIM: u64 = 16;
+/// [`K_AIM`] on a CPU adapter, which keeps a thread's items in its stack:
+/// on lavapipe, with subgroup merges, 32 ran the training forward and the
+/// backward at most shapes as fast or faster than 16 (1.1 to 1.2x at
+/// 32x7x7x2048 NHWC and 32x2048x7x7 NCHW), and 8 slower (BENCHMARKS.md).
+const K_AIM_CPU: u64 = 32;
 /// The most items a thread holds (`K_MAX` of single.wgsl).
 const K_MAX: u64 = 32;
 /// Tensors of at most this many elements take the single passes by
@@ -53,9 +58,10 @@ pub(crate) struct SingleGrid {
 
 impl SingleGrid {
     /// The grid for `outer` runs of `inner` elements of each of `channels`
-    /// channels, or `None` when a channel has more than `K_MAX * 4 * WG`
-    /// elements.
-    pub fn new(outer: u32, channels: u32, inner: u32) -> Option<Self> {
+    /// channels, with at most about `aim` items a thread ([`K_AIM`],
+    /// [`K_AIM_CPU`]), or `None` when a channel has more than `K_MAX * 4 *
+    /// WG` elements.
+    pub fn new(outer: u32, channels: u32, inner: u32, aim: u64) -> Option<Self> {
         let m = u64::from(outer) * u64::from(inner);
         // (ITEMS, items per channel group, channel groups)
         let (items, per, groups) = if inner.is_multiple_of(4) {
@@ -68,7 +74,7 @@ impl SingleGrid {
         } else {
             (SingleKey::SCALAR, m.div_ceil(4), channels)
         };
-        let fits = |t: &&u32| per.div_ceil(u64::from(**t)) <= K_AIM;
+        let fits = |t: &&u32| per.div_ceil(u64::from(**t)) <= aim;
         let t = match GROUP_THREADS.iter().find(fits) {
             Some(&t) => t,
             None if per.div_ceil(u64::from(WG)) <= K_MAX => WG,
@@ -181,7 +187,9 @@ impl GpuBatchNorm {
             return None;
         }
         let p = &plan.chunks[0].p;
-        let mut grid = SingleGrid::new(p.outer, p.channels, p.inner)?;
+        let cpu = self.ctx.adapter_info().device_type == wgpu::DeviceType::Cpu;
+        let aim = if cpu { K_AIM_CPU } else { K_AIM };
+        let mut grid = SingleGrid::new(p.outer, p.channels, p.inner, aim)?;
         grid.key.fused = p.flags & (FLAG_RESIDUAL | FLAG_RELU);
         grid.key.op = op;
         // one workgroup counts the batch and finishes its channels itself
@@ -329,39 +337,43 @@ mod tests {
     #[test]
     fn groups_take_about_k_aim_items_per_thread() {
         // 32x1024x14x14 NCHW: 1568 vec4s a channel, 128 threads of 13
-        let g = SingleGrid::new(32, 1024, 196).unwrap();
+        let g = SingleGrid::new(32, 1024, 196, K_AIM).unwrap();
         assert_eq!(g.key, key(0, 128, 13));
         assert_eq!(g.workgroups, 512);
         // 32x512x28x28: 6272 vec4s, past 16 * 256: 256 threads of 25
-        let g = SingleGrid::new(32, 512, 784).unwrap();
+        let g = SingleGrid::new(32, 512, 784, K_AIM).unwrap();
         assert_eq!(g.key, key(0, 256, 25));
         // 32x2048x7x7 NCHW: four channels' runs of 49, 1568 vec4s a group of
         // four channels, 128 threads of 13
-        let g = SingleGrid::new(32, 2048, 49).unwrap();
+        let g = SingleGrid::new(32, 2048, 49, K_AIM).unwrap();
         assert_eq!(g.key, key(3, 128, 13));
         assert_eq!(g.workgroups, 256);
         // C not a multiple of 4: single elements, 392 items of four, 32 threads of 13
-        let g = SingleGrid::new(32, 2047, 49).unwrap();
+        let g = SingleGrid::new(32, 2047, 49, K_AIM).unwrap();
         assert_eq!(g.key, key(2, 32, 13));
         assert_eq!(g.workgroups, 256);
         // runs of 2: single elements
-        assert_eq!(SingleGrid::new(32, 8, 2).unwrap().key.items, 2);
+        assert_eq!(SingleGrid::new(32, 8, 2, K_AIM).unwrap().key.items, 2);
         // (N, C) = 4096x1024: four channels a lane, 4096 items, 256 threads of 16
-        let g = SingleGrid::new(4096, 1024, 1).unwrap();
+        let g = SingleGrid::new(4096, 1024, 1, K_AIM).unwrap();
         assert_eq!(g.key, key(1, 256, 16));
         assert_eq!(g.workgroups, 256);
         // tiny channels: 16 threads of one item, 16 channels a workgroup
-        let g = SingleGrid::new(2, 3, 2).unwrap();
+        let g = SingleGrid::new(2, 3, 2, K_AIM).unwrap();
         assert_eq!(g.key, key(2, 16, 1));
         assert_eq!(g.workgroups, 1);
+        // on a CPU adapter about 32: 32x1024x14x14 in 64 threads of 25
+        let g = SingleGrid::new(32, 1024, 196, K_AIM_CPU).unwrap();
+        assert_eq!(g.key, key(0, 64, 25));
+        assert_eq!(g.workgroups, 256);
     }
 
     #[test]
     fn channels_past_what_registers_hold_take_the_passes() {
         // 32x64x56x56: 100352 elements a channel
-        assert_eq!(SingleGrid::new(32, 64, 3136), None);
+        assert_eq!(SingleGrid::new(32, 64, 3136, K_AIM_CPU), None);
         // the largest channel that fits, and one vec4 more
-        assert!(SingleGrid::new(1, 1, 32 * 4 * 256).is_some());
-        assert_eq!(SingleGrid::new(1, 1, 32 * 4 * 256 + 4), None);
+        assert!(SingleGrid::new(1, 1, 32 * 4 * 256, K_AIM).is_some());
+        assert_eq!(SingleGrid::new(1, 1, 32 * 4 * 256 + 4, K_AIM), None);
     }
 }
