@@ -193,6 +193,27 @@ fn it_runs_where_it_applies_and_not_elsewhere() {
         bn.run_backward(&gx, &gx, &eval.saved).unwrap();
         assert_eq!(kernels(&bn), ["backward_single"], "{on}");
     }
+    // four channels' runs (of 4225) past 2^17 elements: in one pass on lavapipe
+    let x = normal(&mut rng(12), &[4, 8, 65, 65], 0.0, 1.0);
+    for ctx in gpu_contexts() {
+        let gx = GpuTensor::from_array(ctx, x.view(), Layout::ChannelsFirst).unwrap();
+        let mut bn = GpuBatchNorm::new(ctx, BatchNormConfig::new(8)).unwrap();
+        let fwd = bn.run_forward_train(&gx).unwrap();
+        let lavapipe = is_lavapipe(ctx);
+        assert_eq!(
+            kernels(&bn)[0] == "forward_single",
+            lavapipe,
+            "{}",
+            ctx.label()
+        );
+        bn.run_backward(&gx, &gx, &fwd.saved).unwrap();
+        assert_eq!(
+            kernels(&bn) == ["backward_single"],
+            lavapipe,
+            "{}",
+            ctx.label()
+        );
+    }
     // an evaluation-mode backward from the running statistics: one pass for
     // a small tensor by default
     let x = normal(&mut rng(10), &[4, 6, 8, 8], 0.0, 1.0);

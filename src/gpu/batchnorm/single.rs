@@ -113,9 +113,9 @@ impl GpuBatchNorm {
     ///   - on a CPU adapter on Vulkan (lavapipe) also for larger tensors,
     ///     the training forward and the backward with batch statistics,
     ///     with vec4 items (runs a multiple of 4 long; one element per run
-    ///     and C a multiple of 4; for the backward also four channels' runs
-    ///     one after the other). On llvmpipe's GL, and for the evaluation
-    ///     forward on lavapipe, the passes ran faster there.
+    ///     and C a multiple of 4; four channels' runs one after the other).
+    ///     On llvmpipe's GL, and for the evaluation forward on lavapipe,
+    ///     the passes ran faster there.
     /// - `Some(true)`: in one pass wherever it applies, on any adapter.
     /// - `Some(false)`: never in one pass.
     ///
@@ -207,13 +207,12 @@ impl GpuBatchNorm {
             return None;
         }
         let elements = u64::from(p.outer) * u64::from(p.channels) * u64::from(p.inner);
-        let quads = grid.key.items == SingleKey::QUADS;
         // measured on lavapipe (a CPU adapter on Vulkan): the training
-        // forward of single elements or of four channels' runs, and the
-        // evaluation forward, ran slower in one pass than in passes
+        // forward of single elements and the evaluation forward ran slower
+        // in one pass than in passes
         let large_pays = cpu_vulkan(self.ctx.adapter_info())
             && match op {
-                SingleOp::Train => !(scalar || quads),
+                SingleOp::Train => !scalar,
                 SingleOp::Eval => false,
                 // from the running statistics the passes may skip the sums
                 // and need no x (no affine, no fusion): one pass only where
