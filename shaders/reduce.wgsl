@@ -160,32 +160,30 @@ fn chan(a: Moments, b: Moments) -> Moments {
 }
 
 // Four Welford streams that take their values together: `steps` values each,
-// of which `kept` per lane are finite values inside the slice. A lane leaves
-// out a value by taking its own mean (no change), which keeps the shared
-// count right while the values it leaves out are the slice's tail; a
-// non-finite value puts its lane off (its channel's statistics come from its
-// SEEN_* bits).
+// of which `kept` per lane are values inside the slice. A lane leaves out a
+// value by taking its own mean (no change), which keeps the shared count
+// right while the values it leaves out are the slice's tail. Non-finite
+// values enter their lane's stream like the others: the largest bits of
+// each lane (`ext`, special.wgsl) tell which ones a lane met, and its
+// channel's statistics then come from its SEEN_* bits, whatever the stream
+// holds. Two integer maxima a value: telling each value apart as it comes
+// cost the statistics pass more than its Welford step (BENCHMARKS.md).
 struct Lanes {
     steps: f32,
     kept: vec4<f32>,
     mean: vec4<f32>,
     m2: vec4<f32>,
-    seen: vec4<u32>,
+    ext: Extremes,
 }
 
 fn lanes_new() -> Lanes {
-    return Lanes(0.0, vec4(0.0), vec4(0.0), vec4(0.0), vec4(0u));
+    return Lanes(0.0, vec4(0.0), vec4(0.0), vec4(0.0), extremes_new());
 }
 
 // One step of the four streams: `raw` where `live`, shifted by `shift`.
 fn lanes_step(st: ptr<function, Lanes>, raw: vec4<f32>, live: vec4<bool>, shift: vec4<f32>) {
-    let bits = bitcast<vec4<u32>>(raw);
-    var keep = live;
-    if any(((bits & vec4(EXP_BITS)) == vec4(EXP_BITS)) & live) {
-        let seen = select(vec4(0u), non_finite(bits), live);
-        (*st).seen |= seen;
-        keep &= seen == vec4(0u);
-    }
+    let keep = live;
+    (*st).ext = extremes_add((*st).ext, select(vec4(0.0), raw, live));
     (*st).steps += 1.0;
     let inv = 1.0 / (*st).steps;
     let mean = (*st).mean;
@@ -199,7 +197,7 @@ fn lanes_step(st: ptr<function, Lanes>, raw: vec4<f32>, live: vec4<bool>, shift:
 
 // Lane `k` of the streams on its own.
 fn lane(st: Lanes, k: u32) -> Moments {
-    return Moments(st.kept[k], st.mean[k], st.m2[k], st.seen[k]);
+    return Moments(st.kept[k], st.mean[k], st.m2[k], extremes_seen(st.ext)[k]);
 }
 
 // The four lanes merged (they hold values of one channel).
