@@ -5,7 +5,8 @@
 //! channels, single elements: the forward only), the fused forward and
 //! backward and f16 storage. The parity, property and fixture tests run
 //! them too: by default on every adapter for tensors of at most 2^17
-//! elements, and on lavapipe (a CPU adapter on Vulkan) for larger ones.
+//! elements, on the CPU adapters up to 2^19, and on lavapipe (a CPU adapter
+//! on Vulkan) for larger ones.
 
 mod common;
 use common::*;
@@ -169,8 +170,9 @@ fn it_runs_where_it_applies_and_not_elsewhere() {
     if !gpu_contexts().is_empty() {
         assert!(alone[0] > 0 && alone[1] > 0, "{alone:?}");
     }
-    // past 2^17 elements, the default on lavapipe only, and not for the
-    // evaluation forward or a backward from the running statistics
+    // past 2^17 elements, up to 2^19: the default on CPU adapters (lavapipe,
+    // llvmpipe's GL) only, and not for the evaluation forward or a backward
+    // from the running statistics
     let dims = [4, 8, 64, 65];
     let x = normal(&mut rng(11), &dims, 0.0, 1.0);
     for ctx in gpu_contexts() {
@@ -178,10 +180,10 @@ fn it_runs_where_it_applies_and_not_elsewhere() {
         let gx = GpuTensor::from_array(ctx, x.view(), Layout::ChannelsFirst).unwrap();
         let mut bn = GpuBatchNorm::new(ctx, BatchNormConfig::new(8)).unwrap();
         let fwd = bn.run_forward_train(&gx).unwrap();
-        let lavapipe = is_lavapipe(ctx);
-        assert_eq!(kernels(&bn)[0] == "forward_single", lavapipe, "{on}");
+        let cpu = ctx.adapter_info().device_type == wgpu_batchnorm::wgpu::DeviceType::Cpu;
+        assert_eq!(kernels(&bn)[0] == "forward_single", cpu, "{on}");
         bn.run_backward(&gx, &gx, &fwd.saved).unwrap();
-        assert_eq!(kernels(&bn) == ["backward_single"], lavapipe, "{on}");
+        assert_eq!(kernels(&bn) == ["backward_single"], cpu, "{on}");
         let eval = bn.run_forward_eval(&gx).unwrap();
         assert_eq!(kernels(&bn)[0], "eval_coeffs", "{on}");
         // from the running statistics: the passes on every adapter
@@ -193,26 +195,20 @@ fn it_runs_where_it_applies_and_not_elsewhere() {
         bn.run_backward(&gx, &gx, &eval.saved).unwrap();
         assert_eq!(kernels(&bn), ["backward_single"], "{on}");
     }
-    // four channels' runs (of 2025) past 2^17 elements: in one pass on lavapipe
-    let x = normal(&mut rng(12), &[2, 40, 45, 45], 0.0, 1.0);
-    for ctx in gpu_contexts() {
-        let gx = GpuTensor::from_array(ctx, x.view(), Layout::ChannelsFirst).unwrap();
-        let mut bn = GpuBatchNorm::new(ctx, BatchNormConfig::new(40)).unwrap();
-        let fwd = bn.run_forward_train(&gx).unwrap();
-        let lavapipe = is_lavapipe(ctx);
-        assert_eq!(
-            kernels(&bn)[0] == "forward_single",
-            lavapipe,
-            "{}",
-            ctx.label()
-        );
-        bn.run_backward(&gx, &gx, &fwd.saved).unwrap();
-        assert_eq!(
-            kernels(&bn) == ["backward_single"],
-            lavapipe,
-            "{}",
-            ctx.label()
-        );
+    // past 2^19 elements, in vec4 runs (64x65) and four channels' runs (of
+    // 2025): in one pass on lavapipe only
+    for (seed, dims) in [(11, [4, 32, 64, 65]), (12, [2, 132, 45, 45])] {
+        let x = normal(&mut rng(seed), &dims, 0.0, 1.0);
+        for ctx in gpu_contexts() {
+            let gx = GpuTensor::from_array(ctx, x.view(), Layout::ChannelsFirst).unwrap();
+            let mut bn = GpuBatchNorm::new(ctx, BatchNormConfig::new(dims[1])).unwrap();
+            let fwd = bn.run_forward_train(&gx).unwrap();
+            let on = format!("{dims:?} on {}", ctx.label());
+            let lavapipe = is_lavapipe(ctx);
+            assert_eq!(kernels(&bn)[0] == "forward_single", lavapipe, "{on}");
+            bn.run_backward(&gx, &gx, &fwd.saved).unwrap();
+            assert_eq!(kernels(&bn) == ["backward_single"], lavapipe, "{on}");
+        }
     }
     // an evaluation-mode backward from the running statistics: one pass for
     // a small tensor by default

@@ -46,6 +46,12 @@ const K_MAX: u64 = 32;
 /// backward in one pass were faster up to 2^17 elements and slower from
 /// 2^18, on lavapipe faster at both (BENCHMARKS.md).
 const SMALL_TENSOR: u64 = 1 << 17;
+/// On a CPU adapter the training forward and the backward with batch
+/// statistics take one pass up to this many elements: on llvmpipe's GL,
+/// with about 32 items a thread ([`K_AIM_CPU`]), they ran 1.05-1.2x faster
+/// in one pass at 2^18 and 2^19 elements, and the training forward slower
+/// at 32x1024x14x14 (BENCHMARKS.md).
+const MID_TENSOR_CPU: u64 = 1 << 19;
 
 /// The grid of a single-pass forward: its pipeline's overrides and its
 /// workgroups (each `WG / T` groups of `T` threads, a group per channel or
@@ -110,6 +116,8 @@ impl GpuBatchNorm {
     ///     the dispatches saved weigh more than the traffic (on lavapipe
     ///     and llvmpipe's GL each dispatch cost 190 to 250 µs, the
     ///     training forward of a 32x64 tensor ran 2.4x faster in one pass);
+    ///   - on a CPU adapter (lavapipe, llvmpipe's GL), the training forward
+    ///     and the backward with batch statistics up to 2^19 elements;
     ///   - on a CPU adapter on Vulkan (lavapipe) also for larger tensors,
     ///     the training forward and the backward with batch statistics,
     ///     with vec4 items (runs a multiple of 4 long; one element per run
@@ -207,19 +215,21 @@ impl GpuBatchNorm {
             return None;
         }
         let elements = u64::from(p.outer) * u64::from(p.channels) * u64::from(p.inner);
-        // measured on lavapipe (a CPU adapter on Vulkan): the training
-        // forward of single elements and the evaluation forward ran slower
-        // in one pass than in passes
-        let large_pays = cpu_vulkan(self.ctx.adapter_info())
+        // measured on the CPU adapters: the training forward of single
+        // elements and the evaluation forward ran slower in one pass than in
+        // passes; from the running statistics the backward's passes may skip
+        // the sums and need no x (no affine, no fusion): one pass only where
+        // it saves dispatches
+        let batch_op = !scalar
             && match op {
-                SingleOp::Train => !scalar,
+                SingleOp::Train => true,
                 SingleOp::Eval => false,
-                // from the running statistics the passes may skip the sums
-                // and need no x (no affine, no fusion): one pass only where
-                // it saves dispatches
                 SingleOp::Backward => p.flags & FLAG_BATCH_STATS != 0,
             };
-        let chosen = self.single_pass == Some(true) || elements <= SMALL_TENSOR || large_pays;
+        let large_pays = batch_op && cpu_vulkan(self.ctx.adapter_info());
+        let mid_pays = batch_op && cpu && elements <= MID_TENSOR_CPU;
+        let chosen =
+            self.single_pass == Some(true) || elements <= SMALL_TENSOR || mid_pays || large_pays;
         chosen.then_some(grid)
     }
 
