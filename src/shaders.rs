@@ -161,6 +161,15 @@ impl Storage {
             Self::F16Packed => "_f16_packed",
         }
     }
+
+    /// The variant of a shader for this storage, from `[f32, f16, packed f16]`.
+    pub(crate) fn pick<T: Copy>(self, variants: [T; 3]) -> T {
+        match self {
+            Self::F32 => variants[0],
+            Self::F16 => variants[1],
+            Self::F16Packed => variants[2],
+        }
+    }
 }
 /// The workgroup sizes and flag bits above, as WGSL constants; every shader
 /// has them after its storage prelude.

@@ -127,14 +127,9 @@ impl ElementKernels {
     fn new(device: &wgpu::Device, storage: Storage) -> Self {
         use Slot::{Read as R, Uniform as U, Write as W};
         use shaders::*;
-        // the variant of each shader for `storage`: [f32, f16, packed f16]
-        let pick = |variants: [Shader; 3]| match storage {
-            Storage::F32 => variants[0],
-            Storage::F16 => variants[1],
-            Storage::F16Packed => variants[2],
+        let kernel = |variants: [Shader; 3], slots: &[Slot]| {
+            Kernel::new(device, storage.pick(variants), slots)
         };
-        let kernel =
-            |variants: [Shader; 3], slots: &[Slot]| Kernel::new(device, pick(variants), slots);
         let fused = binds_gated(&device.limits()).then(|| FusedKernels {
             backward_partial_gated: [
                 [
@@ -234,25 +229,42 @@ impl ElementKernels {
         let scalar = key.items == SingleKey::SCALAR;
         let backward = key.op == SingleOp::Backward;
         let sub = key.subgroup != 0;
-        let shader = match (scalar, self.storage, sub) {
+        // [f32, f16, packed f16]; items of single elements have no packed variant
+        let variants = match (scalar, backward, sub) {
             (true, _, _) if key.op != SingleOp::Train => return Ok(None),
-            (false, Storage::F32, false) if backward => BACKWARD_SINGLE,
-            (false, Storage::F16, false) if backward => BACKWARD_SINGLE_F16,
-            (false, Storage::F16Packed, false) if backward => BACKWARD_SINGLE_F16_PACKED,
-            (false, Storage::F32, true) if backward => BACKWARD_SINGLE_SUBGROUP,
-            (false, Storage::F16, true) if backward => BACKWARD_SINGLE_SUBGROUP_F16,
-            (false, Storage::F16Packed, true) if backward => BACKWARD_SINGLE_SUBGROUP_F16_PACKED,
-            (false, Storage::F32, false) => FORWARD_SINGLE,
-            (false, Storage::F16, false) => FORWARD_SINGLE_F16,
-            (false, Storage::F16Packed, false) => FORWARD_SINGLE_F16_PACKED,
-            (false, Storage::F32, true) => FORWARD_SINGLE_SUBGROUP,
-            (false, Storage::F16, true) => FORWARD_SINGLE_SUBGROUP_F16,
-            (false, Storage::F16Packed, true) => FORWARD_SINGLE_SUBGROUP_F16_PACKED,
-            (true, Storage::F32, false) => FORWARD_SINGLE_SCALAR,
-            (true, Storage::F16, false) => FORWARD_SINGLE_SCALAR_F16,
-            (true, Storage::F32, true) => FORWARD_SINGLE_SCALAR_SUBGROUP,
-            (true, Storage::F16, true) => FORWARD_SINGLE_SCALAR_SUBGROUP_F16,
-            (true, Storage::F16Packed, _) => return Ok(None),
+            (false, true, false) => [
+                Some(BACKWARD_SINGLE),
+                Some(BACKWARD_SINGLE_F16),
+                Some(BACKWARD_SINGLE_F16_PACKED),
+            ],
+            (false, true, true) => [
+                Some(BACKWARD_SINGLE_SUBGROUP),
+                Some(BACKWARD_SINGLE_SUBGROUP_F16),
+                Some(BACKWARD_SINGLE_SUBGROUP_F16_PACKED),
+            ],
+            (false, false, false) => [
+                Some(FORWARD_SINGLE),
+                Some(FORWARD_SINGLE_F16),
+                Some(FORWARD_SINGLE_F16_PACKED),
+            ],
+            (false, false, true) => [
+                Some(FORWARD_SINGLE_SUBGROUP),
+                Some(FORWARD_SINGLE_SUBGROUP_F16),
+                Some(FORWARD_SINGLE_SUBGROUP_F16_PACKED),
+            ],
+            (true, _, false) => [
+                Some(FORWARD_SINGLE_SCALAR),
+                Some(FORWARD_SINGLE_SCALAR_F16),
+                None,
+            ],
+            (true, _, true) => [
+                Some(FORWARD_SINGLE_SCALAR_SUBGROUP),
+                Some(FORWARD_SINGLE_SCALAR_SUBGROUP_F16),
+                None,
+            ],
+        };
+        let Some(shader) = self.storage.pick(variants) else {
+            return Ok(None);
         };
         let mut built = self.single.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(k) = built.get(&key) {
