@@ -296,15 +296,15 @@ fn cap_for(dims: &[usize], layout: Layout, size: u64) -> u64 {
     (len * size / 3).max(fewest)
 }
 
-/// The kernels of the last call, `_f16`, `_f16_packed`, `_gated` and
-/// `_in_place` taken off.
+/// The kernels of the last call, `_f16`, `_f16_packed`, `_subgroup`,
+/// `_gated` and `_in_place` taken off.
 fn kernels(bn: &GpuBatchNorm) -> Vec<String> {
     bn.last_dispatches()
         .iter()
         .map(|d| {
-            let k = d.kernel.strip_suffix("_f16_packed").unwrap_or(d.kernel);
-            let k = k.trim_end_matches("_f16");
-            k.replace("_gated", "").replace("_in_place", "")
+            kernel_name(d.kernel)
+                .replace("_gated", "")
+                .replace("_in_place", "")
         })
         .collect()
 }

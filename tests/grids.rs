@@ -49,12 +49,7 @@ fn cap_for(dims: &[usize], layout: Layout, size: u64) -> u64 {
 /// The dispatches of `kernel` (any storage type, any merges) in `d`.
 fn of<'a>(d: &'a [GpuDispatch], kernel: &str) -> Vec<&'a GpuDispatch> {
     d.iter()
-        .filter(|d| {
-            let k = d.kernel.strip_suffix("_f16_packed").unwrap_or(d.kernel);
-            // the single passes' merges, in subgroups or not, are the same pass
-            let k = k.trim_end_matches("_f16");
-            k.strip_suffix("_subgroup").unwrap_or(k) == kernel
-        })
+        .filter(|d| kernel_name(d.kernel) == kernel)
         .collect()
 }
 

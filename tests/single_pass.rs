@@ -58,16 +58,11 @@ fn config_of(dims: &[usize], layout: Layout) -> BatchNormConfig {
     BatchNormConfig::new(c).with_layout(layout)
 }
 
-/// The kernels of the last call of `bn`, without their storage suffixes.
+/// The kernels of the last call of `bn`, as `kernel_name` gives them.
 fn kernels(bn: &GpuBatchNorm) -> Vec<&'static str> {
     bn.last_dispatches()
         .iter()
-        .map(|d| {
-            let k = d.kernel.strip_suffix("_f16_packed").unwrap_or(d.kernel);
-            let k = k.strip_suffix("_f16").unwrap_or(k);
-            // how the single passes merge: subgroup_merges_match_workgroup_memory
-            k.strip_suffix("_subgroup").unwrap_or(k)
-        })
+        .map(|d| kernel_name(d.kernel))
         .collect()
 }
 

@@ -14,6 +14,15 @@ use wgpu_batchnorm::{
 /// f32 tolerance of shared/FIXTURES.md.
 pub const TOL: f32 = 1e-4;
 
+/// The name of a dispatch's kernel without its storage suffix (`_f16`,
+/// `_f16_packed`) and, for the single passes, without `_subgroup` (how
+/// they merge: `single_pass.rs`, `subgroup_merges_match_workgroup_memory`).
+pub fn kernel_name(kernel: &str) -> &str {
+    let k = kernel.strip_suffix("_f16_packed").unwrap_or(kernel);
+    let k = k.strip_suffix("_f16").unwrap_or(k);
+    k.strip_suffix("_subgroup").unwrap_or(k)
+}
+
 /// Whether a missing adapter must fail the test (CI, or BNORM_REQUIRE_GPU=1).
 pub fn gpu_required() -> bool {
     let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.is_empty() && v != "0" && v != "false");
