@@ -10,9 +10,9 @@
 @group(0) @binding(4) var<storage, read_write> y: array<Elem4>;
 @group(0) @binding(5) var<storage, read> z: array<Elem4>;
 
-// Stores item `w` of `y` from its values `v` of `x`, with the group's
-// coefficients spread onto the lanes by `quad` (single_vec4.wgsl) and `z`
-// added with FLAG_RESIDUAL in FUSED.
+// Stores item `w` of `y` from its values `v` (of `x` with EVAL, else of
+// `x - K`), with the group's coefficients spread onto the lanes by `quad`
+// (single_vec4.wgsl) and `z` added with FLAG_RESIDUAL in FUSED.
 fn store_y(w: u32, quad: u32, v: vec4<f32>, co: Coefs) {
     var zv = vec4(0.0);
     if (FUSED & FLAG_RESIDUAL) != 0u {

@@ -182,17 +182,16 @@ fn lanes_new() -> Lanes {
 
 // One step of the four streams: `raw` where `live`, shifted by `shift`.
 fn lanes_step(st: ptr<function, Lanes>, raw: vec4<f32>, live: vec4<bool>, shift: vec4<f32>) {
-    let keep = live;
     (*st).ext = extremes_add((*st).ext, select(vec4(0.0), raw, live));
     (*st).steps += 1.0;
     let inv = 1.0 / (*st).steps;
     let mean = (*st).mean;
-    let v = select(mean, raw - shift, keep);
+    let v = select(mean, raw - shift, live);
     let d = v - mean;
     let next = mean + d * inv;
     (*st).mean = next;
     (*st).m2 += d * (v - next);
-    (*st).kept += select(vec4(0.0), vec4(1.0), keep);
+    (*st).kept += select(vec4(0.0), vec4(1.0), live);
 }
 
 // Lane `k` of the streams on its own.

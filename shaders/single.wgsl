@@ -1,6 +1,7 @@
 // Shared by the single-pass training forward (forward_single,
 // forward_single_scalar) and backward (backward_single), after common.wgsl,
-// special.wgsl and finish.wgsl. What follows describes the forward; the
+// special.wgsl and finish.wgsl, before single_merge.wgsl or
+// single_merge_subgroup.wgsl (the merges). What follows describes the forward; the
 // backward holds x and dy the same way and merges its two sums the same way.
 //
 // One dispatch does what stats_partial, stats_finalize and normalize do in
@@ -14,20 +15,21 @@
 //   2. sum of (x - K - d)^2 from the registers -> the biased variance, an
 //      exact two-pass variance,
 //   3. y from the registers.
-// The group's first thread leaves (K, d, var, SEEN_* bits) in `saved`, and
-// single_finalize.wgsl, dispatched after, counts the batch, turns them into
-// the saved statistics and moves the running statistics; a grid of one
-// workgroup (ALONE) does both itself, in one dispatch. A group merges its
-// threads' sums in two steps through workgroup memory (T values into T / 16
-// partials, then those), few barriers: on a CPU adapter each barrier
-// switches every invocation of the workgroup.
+// Thread k of a group leaves (K, d, var, SEEN_* bits) of its lane k's
+// channel in `saved`, and single_finalize.wgsl, dispatched after, counts the
+// batch, turns them into the saved statistics and moves the running
+// statistics; a grid of one workgroup (ALONE) does both itself, in one
+// dispatch. A group merges its threads' sums (group_total) through
+// workgroup memory in three barriers, or in subgroups in one: few
+// barriers, since on a CPU adapter each switches every invocation of the
+// workgroup.
 //
 // Indices are worked out once per item and kept: a cursor moved on from
 // item to item ran the pass 1.2 to 1.3 times slower on lavapipe.
 //
 // The host picks T and K from the shape (src/gpu/batchnorm/single.rs) and
-// builds one pipeline per (ITEMS, T, K, FUSED, ALONE, EVAL) with these
-// overrides.
+// builds one pipeline per (ITEMS, T, K, FUSED, ALONE, EVAL; SG of
+// single_merge_subgroup.wgsl) with these overrides.
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(2) var<storage, read_write> state: array<u32>;        // sections: see common.wgsl
