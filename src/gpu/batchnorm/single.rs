@@ -156,8 +156,9 @@ impl GpuBatchNorm {
     ///
     /// - `None`, the default: in subgroups on a CPU adapter on Vulkan
     ///   (lavapipe: subgroups of 8, tested there), where they ran the
-    ///   single-pass training forward 1.2x faster (BENCHMARKS.md); through
-    ///   workgroup memory elsewhere.
+    ///   single-pass training forward 1.03-1.11x faster end to end (its
+    ///   kernel alone 1.1-1.2x; BENCHMARKS.md); through workgroup memory
+    ///   elsewhere.
     /// - `Some(true)`: in subgroups wherever the device can.
     /// - `Some(false)`: through workgroup memory.
     ///
